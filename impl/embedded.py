@@ -1,0 +1,112 @@
+"""The embedded default: tiny deterministic text encoders and the tokenizer files shipped in ``impl/embedded/``.
+
+Weights come from a counter-based generator (SplitMix64 over the tensor name and element index, mapped to
+float32 with exact arithmetic), so the bytes are the same on any torch or numpy version; ``manifest.json`` records
+their sha256 and ``verify`` checks it. CLIP-L and CLIP-G differ in width, heads, depth, activation and pad id so a
+swap is caught. Shipped data: OpenAI's CLIP BPE table (``bpe_simple_vocab_16e6.txt.gz``, MIT licence, copied from
+the clip-anytorch 2.6.0 wheel, byte-identical to OpenAI's) and a tiny T5 Unigram ``spiece.model`` trained by
+``parity/make_spiece.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from impl.clip import ClipConfig
+from impl.t5 import T5Config
+
+DATA = Path(__file__).resolve().parent / "embedded"
+BPE_GZ = DATA / "bpe_simple_vocab_16e6.txt.gz"
+SPIECE = DATA / "spiece.model"
+
+CLIP_L = ClipConfig(width=32, heads=4, layers=3, intermediate=64, activation="quick_gelu", projection_dim=32)
+CLIP_G = ClipConfig(width=48, heads=3, layers=4, intermediate=96, activation="gelu", projection_dim=48)
+T5 = T5Config(vocab_size=448, d_model=96, d_kv=16, heads=4, d_ff=160, layers=3)  # spiece: 320 pieces + 100 extra ids
+
+_MASK = (1 << 64) - 1
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK)
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(_MASK)
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(_MASK)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform(name: str, shape: tuple[int, ...], scale: float, offset: float = 0.0) -> torch.Tensor:
+    """offset + scale * U[-1, 1) on a 2**-23 grid, float32, a pure function of (name, shape)."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    n = int(np.prod(shape)) if shape else 1
+    with np.errstate(over="ignore"):
+        bits = _splitmix(np.arange(n, dtype=np.uint64) + np.uint64(seed))
+    unit = (bits >> np.uint64(40)).astype(np.float64) / float(1 << 23) - 1.0  # exact: 24-bit integers / 2**23
+    values = (offset + scale * unit).astype(np.float32)  # one rounding, IEEE-defined
+    return torch.from_numpy(values.reshape(shape))
+
+
+def _init(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name and leaf == "weight":
+        return uniform(name, shape, 0.1, 1.0)
+    if leaf == "bias":
+        return uniform(name, shape, 0.02)
+    if "embedding" in name or name.startswith("shared"):
+        return uniform(name, shape, 0.5)
+    if "relative_attention_bias" in name:
+        return uniform(name, shape, 1.0)
+    return uniform(name, shape, 3.0 ** 0.5 / shape[-1] ** 0.5)  # unit variance through a Linear
+
+
+def text_weights() -> dict[str, dict[str, torch.Tensor]]:
+    """State dicts of the tiny ``clip_l``, ``clip_g`` and ``t5`` encoders (impl / checkpoint key names)."""
+    from impl.clip import ClipTextEncoder
+    from impl.t5 import T5Encoder
+
+    out = {}
+    for key, model in (("clip_l", ClipTextEncoder(CLIP_L)), ("clip_g", ClipTextEncoder(CLIP_G)), ("t5", T5Encoder(T5))):
+        out[key] = {k: _init(f"{key}.{k}", tuple(v.shape)) for k, v in sorted(model.state_dict().items())}
+    return out
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, little-endian bytes) of every tensor, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
+def manifest() -> dict:
+    return json.loads((DATA / "manifest.json").read_text())
+
+
+def verify(weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Raise if generated weights or shipped files differ from the recorded sha256."""
+    m = manifest()
+    for key, state in weights.items():
+        got, want = digest(state), m["weights"][key]
+        if got != want:
+            raise RuntimeError(f"embedded {key} weights sha256 {got} != recorded {want}: the generator changed")
+    for name, want in m["files"].items():
+        got = hashlib.sha256((DATA / name).read_bytes()).hexdigest()
+        if got != want:
+            raise RuntimeError(f"impl/embedded/{name}: sha256 {got} != recorded {want}")
+
+
+if __name__ == "__main__":  # developer tool: print the manifest for the current generator and shipped files
+    print(json.dumps({
+        "weights": {k: digest(v) for k, v in text_weights().items()},
+        "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (BPE_GZ, SPIECE)},
+        "provenance": {
+            BPE_GZ.name: "OpenAI CLIP BPE merges (MIT licence, (c) 2021 OpenAI), copied unchanged from the "
+                         "clip-anytorch 2.6.0 wheel (clip/bpe_simple_vocab_16e6.txt.gz)",
+            SPIECE.name: "tiny T5 Unigram model (320 pieces, nmt_nfkc) trained by parity/make_spiece.py with "
+                         "sentencepiece 0.2.3",
+        },
+    }, indent=2))

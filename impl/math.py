@@ -1,0 +1,35 @@
+"""Small shared maths: attention and activations. Shapes: B batch, H heads, L tokens, D head dim."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, mask: Tensor | None = None, causal: bool = False,
+              scale: float | None = None) -> Tensor:
+    """(B, L, H*D) x3 -> (B, L, H*D). ``mask`` is additive (broadcast to (B, H, L, L)); ``scale`` defaults to D**-0.5."""
+    b, n, _ = q.shape
+    q, k, v = (t.view(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)  # (B, H, L, D)
+    return out.transpose(1, 2).reshape(b, n, -1)  # (B, L, H*D)
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's approximation, x * sigmoid(1.702 x) (CLIP-L)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh_formula(x: Tensor) -> Tensor:
+    """The tanh GELU written out term by term (transformers ``gelu_new``); differs from ``F.gelu(tanh)`` by ulps."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,  # exact erf GELU (CLIP-G)
+    "gelu_new": gelu_tanh_formula,  # transformers T5 v1.1
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # the SD3.5 reference's T5
+}

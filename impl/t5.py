@@ -1,0 +1,161 @@
+"""T5 v1.1 encoder (the T5-XXL text encoder of SD3).
+
+Reproduces transformers' ``T5EncoderModel`` (5.x): RMS LayerNorm without bias or mean, self-attention without
+1/sqrt(d) scaling, bidirectional relative position bias computed in block 0 and reused by every block, gated
+GELU feed-forward. Options cover the references' numerical differences: the activation (``gelu_new``, a hand-
+written tanh formula, vs torch's tanh GELU), ``wo`` kept in float32 when the model runs in float16, and an optional
+attention mask (diffusers and the SD3.5 reference pass none). Module names follow the checkpoint keys
+(``encoder.block.{i}.layer.0.SelfAttention.q.weight``, ...).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from impl.math import ACTIVATIONS, attention
+
+
+@dataclass(frozen=True, kw_only=True)
+class T5Config:
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    heads: int
+    d_ff: int
+    layers: int
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+    activation: str = "gelu_new"
+
+
+class RMSNorm(nn.Module):
+    """T5LayerNorm: variance in float32, result cast to a half-precision weight's dtype before the multiply."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def relative_bucket(rel: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """Bidirectional T5 bucketing of ``memory - query`` positions: exact below 8, logarithmic up to max_distance."""
+    num_buckets //= 2
+    buckets = (rel > 0).to(torch.long) * num_buckets
+    rel = torch.abs(rel)
+    max_exact = num_buckets // 2
+    large = max_exact + (
+        torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: T5Config, has_bias: bool):
+        super().__init__()
+        inner = c.heads * c.d_kv
+        self.heads, self.c = c.heads, c
+        self.q, self.k, self.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, c.d_model, bias=False)
+        if has_bias:
+            self.relative_attention_bias = nn.Embedding(c.num_buckets, c.heads)
+
+    def position_bias(self, n: int) -> Tensor:  # -> (1, H, L, L)
+        pos = torch.arange(n, dtype=torch.long)
+        bucket = relative_bucket(pos[None, :] - pos[:, None], self.c.num_buckets, self.c.max_distance)
+        return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:  # bias: additive (1 or B, H, L, L)
+        return self.o(attention(self.q(x), self.k(x), self.v(x), self.heads, mask=bias, scale=1.0))
+
+
+class AttentionSublayer(nn.Module):
+    def __init__(self, c: T5Config, has_bias: bool):
+        super().__init__()
+        self.SelfAttention, self.layer_norm = SelfAttention(c, has_bias), RMSNorm(c.d_model, c.eps)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        return x + self.SelfAttention(self.layer_norm(x), bias)
+
+
+class GatedFF(nn.Module):
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.act = ACTIVATIONS[c.activation]
+        self.wi_0, self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False), nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.wi_0(x)) * self.wi_1(x)
+        return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in float32 (transformers, float16 only)
+
+
+class FFSublayer(nn.Module):
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.DenseReluDense, self.layer_norm = GatedFF(c), RMSNorm(c.d_model, c.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: T5Config, has_bias: bool):
+        super().__init__()
+        self.layer = nn.ModuleList([AttentionSublayer(c, has_bias), FFSublayer(c)])
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        x = _clamp_fp16(self.layer[0](x, bias))
+        return _clamp_fp16(self.layer[1](x))
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    """transformers clamps float16 activations to +-(max - 1000) when any is infinite, else to +-max."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+class Stack(nn.Module):
+    def __init__(self, c: T5Config):
+        super().__init__()
+        self.block = nn.ModuleList(Block(c, has_bias=i == 0) for i in range(c.layers))
+        self.final_layer_norm = RMSNorm(c.d_model, c.eps)
+
+
+class T5Encoder(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config)
+
+    def half_keep_wo_fp32(self) -> "T5Encoder":
+        """``.to(float16)`` the way transformers loads T5 in float16: ``wo`` stays float32 (_keep_in_fp32_modules)."""
+        self.to(torch.float16)
+        for block in self.encoder.block:
+            block.layer[1].DenseReluDense.wo.float()
+        return self
+
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``ids`` (B, L) -> last hidden state (B, L, d_model). ``attention_mask`` (B, L) bool: True = attend."""
+        x = self.shared(ids)
+        bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(ids.shape[1])  # (1, H, L, L)
+        if attention_mask is not None:
+            bias = torch.where(attention_mask[:, None, None, :].bool(), bias, torch.finfo(bias.dtype).min)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)

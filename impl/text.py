@@ -1,0 +1,157 @@
+"""SD3 prompt encoding: three tokenizers, three encoders, and the conditioning assembly (QUIRKS C1/C2, T1-T10).
+
+Every behaviour that differs between references is a plain value in ``TextSettings``; named profiles live in
+``parity.flags``. ``encode_prompt`` returns the context (B, 77 + L_t5, joint) and pooled (B, 2048-like) tensors
+plus the token ids each encoder received.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from impl import sai_tokenize
+from impl.clip import ClipOutput, ClipTextEncoder
+from impl.clip_tokenizer import BPEVocab, ClipTokenizer
+from impl.t5 import T5Encoder
+from impl.t5_tokenizer import SentencePieceModel, T5Tokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextSettings:
+    clip_l_mode: str = "hf"  # base CLIP tokenizer mode (impl.clip_tokenizer.MODES)
+    clip_g_mode: str = "hf-bang-pad"
+    clip_l_pad: int = 49407
+    clip_g_pad: int = 0
+    sai_wordwise: bool = False  # weight parser + word-wise tokenization + 77-slot chunking, chunk 0 only (T1-T3)
+    t5_mode: str = "hf"
+    t5_length_rule: str = "max_length"  # "max_length": pad/truncate to t5_max_length; "sai": 226 chars, >= 77
+    t5_max_length: int = 256
+    t5_mask: bool = False  # pass the padding mask to T5 (no reference does: T9)
+    t5_absent: str | None = None  # None: T5 runs; "zeros": zero rows of t5_absent_length; "none": no rows (T10)
+    t5_absent_length: int = 256
+    clip_pool: str = "argmax"  # T6
+    clip_l_pooled_projected: bool = True  # diffusers projects CLIP-L's pooled vector, SAI does not (T6)
+    encoder_dtype: torch.dtype | None = None  # None: run encoders in the pipeline dtype (diffusers); else e.g. fp32 (T7)
+
+
+SAI_T5_CHARS = 226  # sd3_infer / other_impls: text[:226]
+SAI_T5_MIN = 77
+
+
+@dataclass
+class TextStack:
+    """Tokenizer files and encoder modules of one model."""
+
+    vocab: BPEVocab
+    spiece: SentencePieceModel
+    clip_l: ClipTextEncoder
+    clip_g: ClipTextEncoder
+    t5: T5Encoder | None
+    _tok_cache: dict = field(default_factory=dict)
+
+    def clip_tokenizer(self, mode: str, pad: int) -> ClipTokenizer:
+        key = ("clip", mode, pad)
+        if key not in self._tok_cache:
+            self._tok_cache[key] = ClipTokenizer(self.vocab, mode, pad)
+        return self._tok_cache[key]
+
+    def t5_tokenizer(self, mode: str) -> T5Tokenizer:
+        key = ("t5", mode)
+        if key not in self._tok_cache:
+            self._tok_cache[key] = T5Tokenizer(self.spiece, mode)
+        return self._tok_cache[key]
+
+
+def clip_ids(stack: TextStack, prompt: str, mode: str, pad: int, sai: bool) -> list[int]:
+    tok = stack.clip_tokenizer(mode, pad)
+    if not sai:
+        return tok(prompt).ids
+    v = stack.vocab
+    return sai_tokenize.sai_tokenize(prompt, tok.encode, start=v.bos_id, end=v.eos_id, pad=pad)[0]
+
+
+def t5_ids(stack: TextStack, prompt: str, s: TextSettings) -> list[int]:
+    tok = stack.t5_tokenizer(s.t5_mode)
+    if s.t5_length_rule == "max_length":
+        return tok.pad_to(tok.encode(prompt), s.t5_max_length).ids
+    if s.t5_length_rule == "sai":
+        return sai_tokenize.sai_tokenize(prompt[:SAI_T5_CHARS], tok.encode, start=None, end=tok.eos_id,
+                                         pad=tok.pad_id, max_length=99999999, min_length=SAI_T5_MIN,
+                                         pad_to_max_length=False, parse_weights=s.sai_wordwise)[0]
+    raise ValueError(f"unknown T5 length rule {s.t5_length_rule!r}; expected 'max_length' or 'sai'")
+
+
+@dataclass
+class Conditioning:
+    context: Tensor  # (B, 77 + L_t5, joint)
+    pooled: Tensor  # (B, W_l + W_g)
+    ids: dict[str, list[int]]
+    clip_l: ClipOutput
+    clip_g: ClipOutput
+    t5: Tensor | None
+
+
+def assemble(l_hidden: Tensor, g_hidden: Tensor, t5_hidden: Tensor, l_pooled: Tensor, g_pooled: Tensor) -> tuple[Tensor, Tensor]:
+    """C1: [L | G] zero-padded on the right to the T5 width, then the T5 rows after it along the sequence.
+
+    Padding is ``F.pad`` by ``t5_width - clip_width`` exactly as diffusers does: a negative amount *truncates*
+    the CLIP features silently (diffusers' own tiny test config hits this).
+    """
+    clip = torch.cat([l_hidden, g_hidden], dim=-1)  # (B, 77, W_l + W_g)
+    clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))  # (B, 77, joint)
+    return torch.cat([clip, t5_hidden], dim=-2), torch.cat([l_pooled, g_pooled], dim=-1)
+
+
+def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.dtype = torch.float32,
+                  joint_dim: int | None = None) -> Conditioning:
+    """Run the three encoders on one prompt; outputs are cast to ``dtype`` (the pipeline dtype)."""
+    ids = {
+        "clip-l": clip_ids(stack, prompt, s.clip_l_mode, s.clip_l_pad, s.sai_wordwise),
+        "clip-g": clip_ids(stack, prompt, s.clip_g_mode, s.clip_g_pad, s.sai_wordwise),
+    }
+    run_dtype = s.encoder_dtype or dtype
+    outs = {}
+    for key, enc in (("clip-l", stack.clip_l), ("clip-g", stack.clip_g)):
+        outs[key] = enc.to(run_dtype)(torch.tensor([ids[key]]), pool=s.clip_pool)
+    l_out, g_out = outs["clip-l"], outs["clip-g"]
+    t5_hidden = None
+    if s.t5_absent is None:
+        if stack.t5 is None:
+            raise ValueError("this model has no T5 encoder; choose a t5_absent rule")
+        ids["t5"] = t5_ids(stack, prompt, s)
+        t5_in = torch.tensor([ids["t5"]])
+        mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None
+        if mask is not None:
+            mask[0, len(ids["t5"]) - ids["t5"][::-1].index(stack.t5_tokenizer(s.t5_mode).eos_id) - 1] = True
+        t5_hidden = stack.t5.to(run_dtype)(t5_in, attention_mask=mask).to(dtype)
+        t5_rows = t5_hidden
+    else:
+        width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
+        if width is None:
+            raise ValueError("t5_absent needs the joint width (joint_dim) when the model has no T5")
+        n = s.t5_absent_length if s.t5_absent == "zeros" else 0
+        t5_rows = torch.zeros(1, n, width, dtype=dtype)
+    l_pool = l_out.projected if s.clip_l_pooled_projected else l_out.pooled
+    context, pooled = assemble(l_out.penultimate.to(dtype), g_out.penultimate.to(dtype), t5_rows,
+                               l_pool.to(dtype), g_out.projected.to(dtype))
+    return Conditioning(context, pooled, ids, l_out, g_out, t5_hidden)
+
+
+def load_text_stack(directory: str | Path | None = None) -> TextStack:
+    """The embedded default when ``directory`` is None; else a diffusers-layout model directory."""
+    from impl import embedded
+    from impl.clip import ClipTextEncoder
+    from impl.weights import load_strict
+
+    if directory is None:
+        w = embedded.text_weights()
+        embedded.verify(w)
+        l, g, t = ClipTextEncoder(embedded.CLIP_L), ClipTextEncoder(embedded.CLIP_G), T5Encoder(embedded.T5)
+        for model, key in ((l, "clip_l"), (g, "clip_g"), (t, "t5")):
+            load_strict(model, w[key], f"embedded {key}")
+        return TextStack(BPEVocab.from_openai_gz(embedded.BPE_GZ), SentencePieceModel.load(embedded.SPIECE), l, g, t)
+    raise NotImplementedError("loading a model directory goes through parity.models.load_text_stack_dir")
