@@ -1,0 +1,58 @@
+"""``sd3parity`` command line. Exit codes: 0 ok, 1 a layer exceeds the tolerance, 2 bad input or usage."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _check(args) -> int:
+    from parity import flags as F
+    from parity.check import DEFAULT_PROMPTS, format_table, run_check
+
+    overrides = dict(F.parse_override(f) for f in args.flag)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    report = run_check(args.model, prompts, args.profile, args.dtype, overrides, args.threads, args.max_ulp)
+    if args.json:
+        print(json.dumps({**report.to_json(), "prompts": prompts}, indent=1))
+    else:
+        print(format_table(report, prompts))
+    return 1 if report.failures else 0
+
+
+def _tokens(args) -> int:
+    from parity.tokens import format_tokens, tokens_report
+
+    report = tokens_report(args.prompt, args.model)
+    print(json.dumps(report, ensure_ascii=True) if args.json else format_tokens(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sd3parity", description="SD3/SD3.5 reference-parity harness")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="impl vs the reference text stack, layer by layer")
+    c.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
+    c.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
+    c.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    c.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE", help="override one flag of the profile")
+    c.add_argument("--threads", type=int, default=1, help="intra-op threads for both sides (default 1)")
+    c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=_check)
+    t = sub.add_parser("tokens", help="token ids of a prompt under every tokenizer mode and profile")
+    t.add_argument("prompt")
+    t.add_argument("--model", help="directory with tokenizer/, tokenizer_2/, tokenizer_3/")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=_tokens)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"sd3parity {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

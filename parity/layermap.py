@@ -1,0 +1,119 @@
+"""Declared layer maps impl <-> transformers, and hook-based capture of the mapped points.
+
+Each entry names a record (``layers.{i}.self_attn``), the impl module, the reference module and what to read there:
+its output, or its first input (for residual streams that no reference module returns). No name heuristics: maps are
+expanded over the layer count and checked for coverage; a module on either side that is neither mapped nor listed
+as deliberately skipped (with the reason) is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Point:
+    layer: str
+    impl: str
+    ref: str
+    ref_reads: str = "output"  # or "input"
+
+
+def _expand(rows, n: int) -> list[Point]:
+    out = []
+    for layer, impl, ref, *reads in rows:
+        for i in (range(n) if "{i}" in layer else [None]):
+            f = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
+            out.append(Point(f(layer), f(impl), f(ref), *reads))
+    return out
+
+
+def clip_map(n_layers: int) -> list[Point]:
+    L, R = "text_model.encoder.layers.{i}", "text_model.encoder.layers.{i}"
+    rows = [("token_embedding", "text_model.embeddings.token_embedding", "text_model.embeddings.token_embedding"),
+            ("embeddings", "text_model.embeddings", "text_model.embeddings")]
+    for sub in ("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "self_attn"):
+        rows.append((f"layers.{{i}}.{sub}", f"{L}.{sub}", f"{R}.{sub}"))
+    rows.append(("layers.{i}.resid_attn", f"{L}.resid_attn", f"{R}.layer_norm2", "input"))
+    for sub in ("layer_norm2", "mlp.fc1", "mlp.fc2", "mlp"):
+        rows.append((f"layers.{{i}}.{sub}", f"{L}.{sub}", f"{R}.{sub}"))
+    rows += [("layers.{i}", L, R), ("final_layer_norm", "text_model.final_layer_norm", "text_model.final_layer_norm"),
+             ("text_projection", "text_projection", "text_projection")]
+    return _expand(rows, n_layers)
+
+
+_POS = r"text_model\.embeddings\.position_embedding"
+CLIP_SKIP_IMPL = {r"": "the whole model (outputs compared separately)", r"text_model(\.encoder(\.layers)?)?":
+                  "containers, never called as modules", _POS: "impl reads the weight rows directly; "
+                  "token_embedding and embeddings bracket it"}
+CLIP_SKIP_REF = {r"": "the whole model", r"text_model": "its outputs are compared as final_layer_norm/pooled",
+                 r"text_model\.encoder(\.layers)?": "containers (encoder output = last layer output)",
+                 r"text_model\.encoder\.layers\.\d+\.mlp\.activation_fn": "elementwise; fc1 and fc2 bracket it",
+                 _POS: "token_embedding and embeddings bracket it"}
+
+
+def t5_map(n_layers: int) -> list[Point]:
+    B = "encoder.block.{i}"
+    rows = [("embed", "shared", "encoder.embed_tokens"),
+            ("relative_attention_bias", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias")]
+    for sub in ("layer.0.layer_norm", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
+                "layer.0.SelfAttention.o", "layer.0.SelfAttention", "layer.0", "layer.1.layer_norm",
+                "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo",
+                "layer.1.DenseReluDense", "layer.1"):
+        rows.append((f"block.{{i}}.{sub}", f"{B}.{sub}", f"{B}.{sub}"))
+    rows += [("block.{i}", B, B), ("final_layer_norm", "encoder.final_layer_norm", "encoder.final_layer_norm")]
+    return _expand(rows, n_layers)
+
+
+T5_SKIP_IMPL = {r"": "the whole model", r"encoder(\.block(\.\d+\.layer)?)?": "containers, never called as modules"}
+T5_SKIP_REF = {r"": "the whole model", r"encoder": "its output = final_layer_norm output",
+               r"shared": "the tied input embedding; the encoder calls encoder.embed_tokens",
+               r"encoder\.block(\.\d+\.layer)?": "container",
+               r"(encoder\.)?dropout|encoder\.block\.\d+\.layer\.\d+\.(dropout|DenseReluDense\.(dropout|act))":
+                   "identity at inference (dropout) or elementwise (act) between captured points"}
+
+
+class CoverageError(ValueError):
+    pass
+
+
+def check_coverage(points: list[Point], impl_model: nn.Module, ref_model: nn.Module, skip_impl: dict, skip_ref: dict,
+                   what: str) -> None:
+    for side, model, names, skip in (("impl", impl_model, {p.impl for p in points}, skip_impl),
+                                     ("reference", ref_model, {p.ref for p in points}, skip_ref)):
+        present = dict(model.named_modules())
+        absent = sorted(names - set(present))
+        unmatched = sorted(n for n in present if n not in names and not any(re.fullmatch(p, n) for p in skip))
+        if absent or unmatched:
+            raise CoverageError(f"{what} layer map vs {side} modules: mapped but absent {absent[:10]}, "
+                                f"present but neither mapped nor skipped {unmatched[:10]}")
+
+
+def _first_tensor(x):
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
+        return x[0]
+    raise TypeError(f"capture point returned {type(x).__name__}, not a tensor")
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, where: dict[str, tuple[str, str]], store: dict[str, list[Tensor]]):
+    """Hook ``model``: for each record ``name -> (module name, 'output'|'input')`` append the tensor to store[name]
+    at every call (a module called twice, e.g. for two prompts, gives two entries)."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name, (mod, reads) in where.items():
+        def hook(_m, args, out, name=name, reads=reads):
+            store.setdefault(name, []).append(_first_tensor(args if reads == "input" else out).detach().clone())
+        handles.append(modules[mod].register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
