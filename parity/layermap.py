@@ -23,12 +23,17 @@ class Point:
 
 
 def _expand(rows, n: int) -> list[Point]:
-    out = []
-    for layer, impl, ref, *reads in rows:
-        for i in (range(n) if "{i}" in layer else [None]):
-            f = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-            out.append(Point(f(layer), f(impl), f(ref), *reads))
-    return out
+    """Rows with ``{i}`` are repeated per layer, layer by layer, so the list is in execution order."""
+    def point(row, i=None):
+        layer, impl, ref, *reads = row
+        f = (lambda t: t.format(i=i)) if i is not None else (lambda t: t)
+        return Point(f(layer), f(impl), f(ref), *reads)
+
+    per_layer = [r for r in rows if "{i}" in r[0]]
+    first = next(k for k, r in enumerate(rows) if "{i}" in r[0])
+    last = max(k for k, r in enumerate(rows) if "{i}" in r[0])
+    return ([point(r) for r in rows[:first]] + [point(r, i) for i in range(n) for r in per_layer]
+            + [point(r) for r in rows[last + 1 :]])
 
 
 def clip_map(n_layers: int) -> list[Point]:

@@ -1,0 +1,37 @@
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# the embedded model directory is built once per test session in a private cache
+os.environ.setdefault("SD3PARITY_CACHE", str(Path(tempfile.gettempdir()) / "sd3parity-test-cache"))
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    from parity.embedded import model_dir as build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def stack():
+    from impl.text import load_text_stack
+
+    return load_text_stack()
+
+
+@pytest.fixture(scope="session")
+def openai_tokenizer():
+    """OpenAI's own SimpleTokenizer from the clip-anytorch package files (importing the package pulls torchvision)."""
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("clip-anytorch is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
+    s = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod.SimpleTokenizer()

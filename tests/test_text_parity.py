@@ -1,0 +1,190 @@
+"""impl text encoders against transformers / diffusers, layer by layer, and the compatibility flags."""
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity import flags as F
+from parity.check import run_check
+from parity.cli import main
+
+pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a photo of a cat", "wow!! amazing! so cool!!!", "(masterpiece:1.2), a (red) cat, ((blue eyes))",
+           " ".join(["cat"] * 74) + " photorealistic"]
+
+
+@pytest.mark.parametrize("profile,dtype", [("diffusers", "float32"), ("sai", "float32"), ("diffusers", "bfloat16")])
+def test_every_layer_bitwise(model_dir, profile, dtype):
+    report = run_check(None, PROMPTS, profile, dtype, {})
+    comps = {r["component"] for r in report.records}
+    assert comps == {"clip-l", "clip-g", "t5", "conditioning"}
+    layers = {r["layer"] for r in report.records if r["component"] == "clip-g"}
+    assert {"layers.3.self_attn", "layers.3.resid_attn", "layers.3.mlp", "final_layer_norm", "input_ids"} <= layers
+    assert report.first_divergence is None, report.first_divergence
+
+
+def test_injected_change_is_caught_and_located(model_dir):
+    """A one-ulp change in one weight must show up as the first divergence at that layer."""
+    import impl.text as T
+
+    orig = T.load_text_stack
+
+    def patched(d=None):
+        s = orig(d)
+        with torch.no_grad():
+            p = s.clip_g.text_model.encoder.layers[2].mlp.fc1.weight
+            p[0, 0] = torch.nextafter(p[0, 0], torch.tensor(10.0))
+        return s
+
+    T.load_text_stack = patched
+    try:
+        report = run_check(None, ["a photo of a cat"], "diffusers", "float32", {})
+    finally:
+        T.load_text_stack = orig
+    fd = report.first_divergence
+    assert (fd["component"], fd["layer"]) == ("clip-g", "layers.2.mlp.fc1")
+    assert len(report.failures) > 0
+
+
+# each flag flipped away from the profile value changes what it says it changes
+FLIPS = [
+    ("clip_g_tokenizer", "hf", "wow!! so cool!", "clip-g", "input_ids"),
+    ("clip_l_tokenizer", "openai", "salt &amp; pepper", "clip-l", "input_ids"),
+    ("clip_l_pad", 0, "a cat", "clip-l", "input_ids"),
+    ("clip_g_pad", 49407, "a cat", "clip-g", "input_ids"),
+    ("sai_wordwise", True, "(red:1.3) cat", "clip-l", "input_ids"),
+    ("t5_length_rule", "sai", "a cat", "t5", "input_ids"),
+    ("t5_mask", True, "a cat", "t5", "block.0.layer.0.SelfAttention.o"),  # q/k/v equal; the mask acts inside
+    ("clip_l_pooled_projected", False, "a cat", "conditioning", "pooled"),
+    ("encoder_dtype", "float32", "a cat", "conditioning", "context"),
+]
+
+
+@pytest.mark.parametrize("name,value,prompt,component,layer", FLIPS)
+def test_flag_flip_changes_output(model_dir, name, value, prompt, component, layer):
+    dtype = "bfloat16" if name == "encoder_dtype" else "float32"
+    report = run_check(None, [prompt], "diffusers", dtype, {name: value})
+    fd = report.first_divergence
+    assert fd is not None and (fd["component"], fd["layer"]) == (component, layer)
+
+
+def test_every_flag_is_flipped_or_has_a_reason():
+    untested = {f.name for f in F.FLAGS} - {row[0] for row in FLIPS}
+    # clip_pool: argmax == first EOS for every CLIP vocabulary id (EOS 49407 is the largest), tested on raw ids below
+    # t5_absent: changes the context length, tested below
+    # t5_max_length: a diffusers argument both sides receive, tested on impl below
+    assert untested == {"clip_pool", "t5_absent", "t5_max_length"}
+
+
+def test_t5_padding_length_changes_real_token_states_without_mask(stack):
+    """QUIRKS T9: without a mask the T5 states of the real tokens depend on the padding length."""
+    from impl.text import encode_prompt
+
+    base = F.profile_values("diffusers")
+    out = {}
+    for mask in (False, True):
+        for n in (77, 256):
+            out[mask, n] = encode_prompt(stack, "a photo of a cat", F.settings({**base, "t5_max_length": n,
+                                                                                 "t5_mask": mask})).t5[0, :6]
+    unmasked = (out[False, 77] - out[False, 256]).norm() / out[False, 256].norm()
+    assert out[False, 77].shape == (6, 96) and unmasked > 1e-2
+    assert torch.allclose(out[True, 77], out[True, 256], rtol=0, atol=1e-6)
+
+
+def test_clip_pool_rule(stack):
+    ids = torch.tensor([[49406, 320, 49407, 49408 - 1, 5] + [49407] * 72])
+    ids[0, 3] = 49407
+    ids[0, 1] = 49407  # a literal EOS early: both rules pick position 1
+    a, b = stack.clip_l(ids, pool="argmax"), stack.clip_l(ids, pool="first_eos")
+    assert torch.equal(a.pooled, b.pooled)
+    fake = stack.clip_l.config.eos_id
+    from impl.clip import pooled_index
+
+    assert pooled_index(torch.tensor([[5, fake, fake + 1]]), "argmax", fake).item() == 2
+    assert pooled_index(torch.tensor([[5, fake, fake + 1]]), "first_eos", fake).item() == 1
+
+
+def test_t5_absent(stack):
+    from impl.text import encode_prompt
+
+    base = F.profile_values("diffusers")
+    zeros = encode_prompt(stack, "a cat", F.settings({**base, "t5_absent": "zeros"}))
+    none = encode_prompt(stack, "a cat", F.settings({**base, "t5_absent": "none"}))
+    assert zeros.context.shape == (1, 77 + 256, 96) and none.context.shape == (1, 77, 96)
+    assert torch.count_nonzero(zeros.context[:, 77:]) == 0
+
+
+def test_sai_tokenization_examples_from_quirks(stack):
+    from impl.text import clip_ids, t5_ids
+
+    s = F.settings(F.profile_values("sai"))
+    ids = clip_ids(stack, "(masterpiece:1.2), a (red) cat, ((blue eyes))", "hf", 49407, True)
+    # words masterpiece , a red cat, blue eyes -> 8 content ids (10 with BOS/EOS; QUIRKS T2 says "10"), HF 17
+    assert ids.index(49407) - 1 == 8
+    assert clip_ids(stack, "(masterpiece:1.2), a (red) cat, ((blue eyes))", "hf", 49407, False).index(49407) - 1 == 17
+    long = " ".join(["cat"] * 74) + " photorealistic"
+    assert clip_ids(stack, long, "hf", 49407, True).index(49407) - 1 == 74  # T3: the word moves to chunk 1
+    assert clip_ids(stack, long, "hf", 49407, False).index(49407) - 1 == 75
+    assert len(t5_ids(stack, "a cat", s)) == 77 and len(t5_ids(stack, "a " * 200, s)) > 77
+
+
+def test_cli_json_and_exit_codes(model_dir, capsys):
+    assert main(["check", "--json", "--prompt", "a cat"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rec = out["records"][0]
+    assert {"component", "layer", "shape", "dtype", "max_abs_err", "max_ulp", "bitwise_equal"} <= set(rec)
+    assert main(["check", "--prompt", "a cat", "--flag", "clip_l_pad=0"]) == 1
+    assert "first divergence: prompt 0 clip-l input_ids" in capsys.readouterr().out
+    assert main(["check", "--flag", "nope=1"]) == 2
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "x" * 10000, "\x00\x01\x1b[31m", "a\ud800b", "<|endoftext|></s><pad>!",
+                                    "<extra_id_0>(((("])
+def test_tokens_never_crashes(prompt, capsys):
+    assert main(["tokens", prompt, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for enc in ("clip-l", "clip-g", "t5"):
+        for mode, e in out["encoders"][enc].items():
+            assert "error" in e or (e["ids"] and (enc == "t5" or len(e["ids"]) == 77)), (enc, mode)
+
+
+def test_tokens_reports_bang_difference(capsys):
+    main(["tokens", "wow!! amazing!", "--json"])
+    g = json.loads(capsys.readouterr().out)["encoders"]["clip-g"]
+    assert g["diffusers"]["ids"][1:6] == [2781, 0, 0, 1370, 0] and g["sai"]["ids"][1:4] == [2781, 748, 1370]
+
+
+def test_impl_never_imports_a_reference_library():
+    banned = {"diffusers", "transformers", "tokenizers", "sentencepiece", "huggingface_hub", "google", "accelerate",
+              "open_clip", "clip"}
+    for path in (ROOT / "impl").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for n in names:
+                assert n.split(".")[0] not in banned, f"{path.name} imports {n}"
+
+
+def test_wrong_weights_never_load_silently(stack, tmp_path):
+    from impl.clip import ClipTextEncoder
+    from impl.embedded import CLIP_G
+    from impl.weights import WeightError, load_strict, read_safetensors
+
+    sd = dict(stack.clip_l.state_dict())
+    with pytest.raises(WeightError, match=r"mis-shaped .*text_model.embeddings.token_embedding.weight"):
+        load_strict(ClipTextEncoder(CLIP_G), sd, "clip_l file into CLIP-G")
+    sd.pop("text_projection.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(WeightError, match=r"missing \(1\): text_projection.weight"):
+        load_strict(stack.clip_l.__class__(stack.clip_l.config), sd, "x")
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    with pytest.raises(WeightError, match="header"):
+        read_safetensors(bad)
+    pk = tmp_path / "model.ckpt"
+    pk.write_bytes(b"PK\x03\x04" + b"\x00" * 20)
+    with pytest.raises(WeightError, match="pickle"):
+        read_safetensors(pk)
