@@ -221,8 +221,7 @@ class ClipTokenizer:
         self.vocab, self.mode, self.max_length = vocab, mode, max_length
         self.pad_id = vocab.eos_id if pad_id is None else pad_id
         specials = [BOS, EOS] + (["!"] if mode == "hf-bang-pad" else [])
-        # added tokens are matched in the raw text before any cleaning (longest first, like the Rust trie)
-        self._special_re = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
+        self._special_re = special_pattern(specials)
         self._special_ids = {BOS: vocab.bos_id, EOS: vocab.eos_id, "!": 0}
 
     def encode(self, text: str) -> list[int]:
@@ -230,13 +229,7 @@ class ClipTokenizer:
         _check_text(text)
         if self.mode == "openai":
             return self._bpe_pieces(_clean_openai(text), _PAT_ICASE, lowered_specials=True)
-        ids: list[int] = []
-        pos = 0
-        for m in self._special_re.finditer(text):
-            ids += self._segment(text[pos : m.start()])
-            ids.append(self._special_ids[m.group()])
-            pos = m.end()
-        return ids + self._segment(text[pos:])
+        return split_specials(text, self._special_re, self._special_ids, self._segment)
 
     def _segment(self, text: str) -> list[int]:
         if not text:
@@ -271,6 +264,22 @@ class ClipTokenizer:
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.vocab.decoder.get(i, f"<{i}>") for i in ids]
+
+
+def special_pattern(specials: list[str]) -> regex.Pattern:
+    """Added tokens matched in the raw text, longest first (like the Rust added-vocabulary trie)."""
+    return regex.compile("|".join(regex.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+
+def split_specials(text: str, pattern: regex.Pattern, special_ids: dict[str, int], segment) -> list[int]:
+    """Ids of ``text`` with added tokens split out first and every other run passed to ``segment``."""
+    ids: list[int] = []
+    pos = 0
+    for m in pattern.finditer(text):
+        ids += segment(text[pos : m.start()])
+        ids.append(special_ids[m.group()])
+        pos = m.end()
+    return ids + segment(text[pos:])
 
 
 def _check_text(text: str) -> None:

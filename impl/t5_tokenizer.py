@@ -20,7 +20,7 @@ from pathlib import Path
 
 import regex
 
-from impl.clip_tokenizer import _check_text
+from impl.clip_tokenizer import _check_text, special_pattern, split_specials
 
 MODES = ("sentencepiece", "hf")
 SPACE = "\u2581"
@@ -190,7 +190,7 @@ class T5Tokenizer:
         self._pieces = {p.encode("utf-8"): v for p, v in scores.items()}
         self._max_len = max(map(len, self._pieces))
         specials = [self.id_to_piece[i] for i in kinds[CONTROL] + [self.unk_id]] + vocab[len(model.pieces) :]
-        self._special_re = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
+        self._special_re = special_pattern(specials)
         self._special_ids = {s: self._id_of(s) for s in specials}
 
     def _id_of(self, piece: str) -> int:
@@ -293,13 +293,7 @@ class T5Tokenizer:
         _check_text(text)
         if self.mode == "sentencepiece":
             return self._viterbi(self.normalize_spm(text), f32=True)
-        ids: list[int] = []
-        pos = 0
-        for m in self._special_re.finditer(text):
-            ids += self._hf_segment(text[pos : m.start()])
-            ids.append(self._special_ids[m.group()])
-            pos = m.end()
-        return ids + self._hf_segment(text[pos:])
+        return split_specials(text, self._special_re, self._special_ids, self._hf_segment)
 
     def _hf_segment(self, text: str) -> list[int]:
         ids: list[int] = []

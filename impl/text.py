@@ -124,9 +124,7 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
             raise ValueError("this model has no T5 encoder; choose a t5_absent rule")
         ids["t5"] = t5_ids(stack, prompt, s)
         t5_in = torch.tensor([ids["t5"]])
-        mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None
-        if mask is not None:
-            mask[0, len(ids["t5"]) - ids["t5"][::-1].index(stack.t5_tokenizer(s.t5_mode).eos_id) - 1] = True
+        mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None  # EOS (1) is never pad (0)
         t5_hidden = stack.t5.to(run_dtype)(t5_in, attention_mask=mask).to(dtype)
         t5_rows = t5_hidden
     else:
