@@ -28,6 +28,21 @@ class ClipConfig:
     eps: float = 1e-5
     eos_id: int = 49407
 
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str) -> "ClipConfig":
+        """From a transformers ``CLIPTextConfig`` ``config.json`` (the text_encoder/ folders of SD3 repositories)."""
+        from impl.weights import config_value as v
+
+        act = v(cfg, source, "hidden_act", str, "quick_gelu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        return cls(vocab_size=v(cfg, source, "vocab_size"), width=v(cfg, source, "hidden_size"),
+                   heads=v(cfg, source, "num_attention_heads"), layers=v(cfg, source, "num_hidden_layers"),
+                   intermediate=v(cfg, source, "intermediate_size"), activation=act,
+                   projection_dim=v(cfg, source, "projection_dim"),
+                   max_positions=v(cfg, source, "max_position_embeddings", int, 77),
+                   eps=v(cfg, source, "layer_norm_eps", float, 1e-5))
+
 
 @dataclass
 class ClipOutput:

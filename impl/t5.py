@@ -31,6 +31,24 @@ class T5Config:
     eps: float = 1e-6
     activation: str = "gelu_new"
 
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str) -> "T5Config":
+        """From a transformers ``T5Config`` ``config.json`` (text_encoder_3/ of SD3 repositories); v1.1 gated only."""
+        from impl.weights import config_value as v
+
+        proj = v(cfg, source, "feed_forward_proj", str, "relu")
+        if not proj.startswith("gated-"):
+            raise ValueError(f"{source}: feed_forward_proj {proj!r}; only the gated T5 v1.1 feed-forward is supported")
+        act = "gelu_new" if proj == "gated-gelu" else proj.removeprefix("gated-")  # transformers ignores dense_act_fn
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: dense_act_fn {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        return cls(vocab_size=v(cfg, source, "vocab_size"), d_model=v(cfg, source, "d_model"),
+                   d_kv=v(cfg, source, "d_kv"), heads=v(cfg, source, "num_heads"), d_ff=v(cfg, source, "d_ff"),
+                   layers=v(cfg, source, "num_layers"),
+                   num_buckets=v(cfg, source, "relative_attention_num_buckets", int, 32),
+                   max_distance=v(cfg, source, "relative_attention_max_distance", int, 128),
+                   eps=v(cfg, source, "layer_norm_epsilon", float, 1e-6), activation=act)
+
 
 class RMSNorm(nn.Module):
     """T5LayerNorm: variance in float32, result cast to a half-precision weight's dtype before the multiply."""

@@ -139,11 +139,18 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
     return Conditioning(context, pooled, ids, l_out, g_out, t5_hidden)
 
 
+# checkpoint keys that are known and not parameters of impl: each with the reason it is dropped
+CLIP_DROP = ("text_model.embeddings.position_ids",)  # a buffer (arange) older transformers versions saved
+T5_TIED = {"shared.weight": "encoder.embed_tokens.weight"}  # transformers ties them; either key may be stored
+
+
 def load_text_stack(directory: str | Path | None = None) -> TextStack:
-    """The embedded default when ``directory`` is None; else a diffusers-layout model directory."""
+    """The embedded default when ``directory`` is None; else a diffusers-layout model directory (``text_encoder/``,
+    ``text_encoder_2/``, optional ``text_encoder_3/``, ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``)."""
     from impl import embedded
-    from impl.clip import ClipTextEncoder
-    from impl.weights import load_strict
+    from impl.clip import ClipConfig
+    from impl.t5 import T5Config
+    from impl.weights import load_strict, read_config, read_weights_dir
 
     if directory is None:
         w = embedded.text_weights()
@@ -152,4 +159,25 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
         for model, key in ((l, "clip_l"), (g, "clip_g"), (t, "t5")):
             load_strict(model, w[key], f"embedded {key}")
         return TextStack(BPEVocab.from_openai_gz(embedded.BPE_GZ), SentencePieceModel.load(embedded.SPIECE), l, g, t)
-    raise NotImplementedError("loading a model directory goes through parity.models.load_text_stack_dir")
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: not a directory (expected a diffusers-layout SD3/SD3.5 model)")
+    encoders = []
+    for sub in ("text_encoder", "text_encoder_2"):
+        cfg = ClipConfig.from_hf(read_config(d / sub / "config.json"), str(d / sub / "config.json"))
+        model = ClipTextEncoder(cfg)
+        load_strict(model, read_weights_dir(d / sub), str(d / sub), drop=CLIP_DROP)
+        encoders.append(model)
+    t5 = None
+    if (d / "text_encoder_3").is_dir():
+        cfg = T5Config.from_hf(read_config(d / "text_encoder_3" / "config.json"), str(d / "text_encoder_3" / "config.json"))
+        t5 = T5Encoder(cfg)
+        load_strict(t5, read_weights_dir(d / "text_encoder_3"), str(d / "text_encoder_3"), tied=T5_TIED)
+    spiece = d / "tokenizer_3" / "spiece.model"
+    if not spiece.is_file():
+        raise FileNotFoundError(f"{spiece}: missing (the T5 tokenizer is read from its sentencepiece model)")
+    for name in ("vocab.json", "merges.txt"):  # impl holds one BPE table for both CLIP tokenizers
+        a, b = d / "tokenizer" / name, d / "tokenizer_2" / name
+        if b.is_file() and a.is_file() and a.read_bytes() != b.read_bytes():
+            raise ValueError(f"{b} differs from {a}; SD3 models share one CLIP BPE table")
+    return TextStack(BPEVocab.from_dir(d / "tokenizer"), SentencePieceModel.load(spiece), *encoders, t5)

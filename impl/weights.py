@@ -42,12 +42,73 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         raise WeightError(f"{path}: {e}") from None
 
 
-def load_strict(module: nn.Module, state: dict[str, Tensor], source: str, tied: dict[str, str] | None = None) -> None:
-    """Copy ``state`` into ``module``. ``tied`` maps a parameter name to the key that may stand in for it."""
-    state = dict(state)
+def read_weights_dir(directory: str | Path) -> dict[str, Tensor]:
+    """All tensors of a transformers/diffusers component folder: ``model.safetensors`` or a sharded set named by
+    ``model.safetensors.index.json``. Pickle-only folders are refused by name."""
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            part = read_safetensors(d / shard)
+            extra = sorted(k for k in part if weight_map.get(k) != shard)
+            if extra:
+                raise WeightError(f"{d / shard}: keys not listed for this shard in {index.name}: {', '.join(extra[:10])}")
+            state.update(part)
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise WeightError(f"{index}: keys listed but absent from their shards: {', '.join(missing[:10])}")
+        return state
+    if (d / "model.safetensors").is_file():
+        return read_safetensors(d / "model.safetensors")
+    pickles = sorted(p.name for p in d.glob("*.bin")) if d.is_dir() else []
+    if pickles:
+        raise WeightError(f"{d}: only pickle weights ({', '.join(pickles)}); only .safetensors files are loaded")
+    raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def config_value(cfg: dict, source: str | Path, key: str, kind: type = int, default=None):
+    """``cfg[key]`` checked for type; a missing key without a default is an error naming file and key."""
+    if key not in cfg:
+        if default is not None:
+            return default
+        raise ValueError(f"{source}: config key {key!r} is missing")
+    value = cfg[key]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{source}: config key {key!r} is {value!r}; expected {kind.__name__}")
+    return value
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], source: str, tied: dict[str, str] | None = None,
+                drop: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``module``. ``tied`` maps a parameter name to the key that may stand in for it;
+    ``drop`` names checkpoint keys that are known and deliberately unused (each with its reason at the caller)."""
+    state = {k: v for k, v in state.items() if k not in drop}
     for name, alias in (tied or {}).items():
         if name not in state and alias in state:
             state[name] = state[alias]
+        elif name in state and alias in state and not torch.equal(state[name], state[alias]):
+            raise WeightError(f"{source}: tied keys {name} and {alias} hold different values")
         if alias in state and alias not in dict(module.named_parameters()):
             state.pop(alias)  # consumed through the tie
     own = module.state_dict()

@@ -53,6 +53,8 @@ def _maps(stack, ref) -> dict[str, tuple[list, Any, Any]]:
     out = {}
     for comp, ref_attr, impl_attr in COMPONENTS:
         impl_model, ref_model = getattr(stack, impl_attr), getattr(ref, ref_attr)
+        if impl_model is None and ref_model is None:  # a model without T5
+            continue
         if comp == "t5":
             points = LM.t5_map(impl_model.config.layers)
             LM.check_coverage(points, impl_model, ref_model, LM.T5_SKIP_IMPL, LM.T5_SKIP_REF, comp)
@@ -75,10 +77,18 @@ def run_check(model_dir: str | None, prompts: list[str], profile: str, dtype: st
     from parity import reference
     from parity.embedded import model_dir as embedded_dir
 
+    directory = Path(model_dir) if model_dir else embedded_dir()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--model {directory}: not a directory")
     values = {**F.profile_values(profile), **overrides}
+    joint_dim = None
+    if not (directory / "text_encoder_3").is_dir():
+        if profile == "sai":
+            raise ValueError(f"{directory}: no text_encoder_3/; the sai profile (sd3.5 reference) requires T5")
+        joint_dim = reference.joint_attention_dim(directory)
+        values = {**values, "t5_absent": values["t5_absent"] or "zeros", **overrides}
     settings = F.settings(values)
     torch_dtype = DTYPES[dtype]
-    directory = Path(model_dir) if model_dir else embedded_dir()
     report = Report(str(model_dir or "embedded-default"), profile, dtype, values, threads, max_ulp)
     with pinned(threads):
         stack = load_text_stack(model_dir)
@@ -87,20 +97,20 @@ def run_check(model_dir: str | None, prompts: list[str], profile: str, dtype: st
         maps = _maps(stack, ref)
         impl_store: dict[str, list] = {}
         ref_store: dict[str, list] = {}
-        ids_store: dict[str, list] = {c: [] for c, _, _ in COMPONENTS}
+        ids_store: dict[str, list] = {c: [] for c in maps}
         outputs = []
-        handles = [_ids_hook(maps[c][2], ids_store[c]) for c, _, _ in COMPONENTS]
+        handles = [_ids_hook(maps[c][2], ids_store[c]) for c in maps]
         try:
             for prompt in prompts:
                 with contextlib.ExitStack() as es:
                     for comp, (points, impl_model, ref_model) in maps.items():
                         es.enter_context(LM.capture(impl_model, {f"{comp}|{p.layer}": (p.impl, "output") for p in points}, impl_store))
                         es.enter_context(LM.capture(ref_model, {f"{comp}|{p.layer}": (p.ref, p.ref_reads) for p in points}, ref_store))
-                    cond = encode_prompt(stack, prompt, settings, torch_dtype)
+                    cond = encode_prompt(stack, prompt, settings, torch_dtype, joint_dim)
                     if profile == "sai":
                         ref_ctx, ref_pooled = reference.sai_encode(ref, prompt, torch_dtype)
                     else:
-                        ref_ctx, ref_pooled = reference.diffusers_encode(ref, prompt, values["t5_max_length"])
+                        ref_ctx, ref_pooled = reference.diffusers_encode(ref, prompt, values["t5_max_length"], joint_dim)
                 outputs.append((cond, ref_ctx, ref_pooled))
         finally:
             for h in handles:

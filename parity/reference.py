@@ -8,12 +8,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from impl import sai_tokenize
+from parity.determinism import own_storage
 from impl.text import SAI_T5_CHARS, SAI_T5_MIN
 
 
@@ -43,14 +45,29 @@ def load(directory: Path, dtype: torch.dtype) -> RefStack:
     encoders = []
     for sub, cls in (("text_encoder", CLIPTextModelWithProjection), ("text_encoder_2", CLIPTextModelWithProjection),
                      ("text_encoder_3", T5EncoderModel)):
+        if sub == "text_encoder_3" and not (directory / sub).is_dir():
+            encoders.append(None)  # an SD3 model without T5 (T10)
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            encoders.append(cls.from_pretrained(directory / sub, dtype=dtype).eval())
+            encoders.append(own_storage(cls.from_pretrained(directory / sub, dtype=dtype).eval()))
     return RefStack(*load_tokenizers(directory), *encoders)
 
 
-def diffusers_encode(ref: RefStack, prompt: str, max_sequence_length: int):
-    """diffusers' own encode_prompt on a pipeline holding only the text components."""
+def joint_attention_dim(directory: Path) -> int:
+    """The transformer's ``joint_attention_dim``: the width of diffusers' zero T5 rows when T5 is absent."""
+    import json
+
+    path = directory / "transformer" / "config.json"
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["joint_attention_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: needed for the T5-absent context width (joint_attention_dim): {e!r}") from None
+
+
+def diffusers_encode(ref: RefStack, prompt: str, max_sequence_length: int, joint_dim: int | None = None):
+    """diffusers' own encode_prompt on a pipeline holding only the text components. Without T5, diffusers reads
+    the zero rows' width from ``transformer.config``: a stand-in object carries just that value."""
     from diffusers import StableDiffusion3Pipeline
     from diffusers.utils import logging as d_logging
 
@@ -59,6 +76,8 @@ def diffusers_encode(ref: RefStack, prompt: str, max_sequence_length: int):
                                     tokenizer=ref.tokenizer, text_encoder_2=ref.text_encoder_2,
                                     tokenizer_2=ref.tokenizer_2, text_encoder_3=ref.text_encoder_3,
                                     tokenizer_3=ref.tokenizer_3)
+    if ref.text_encoder_3 is None:
+        pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=joint_dim))
     context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
                                                max_sequence_length=max_sequence_length)
     return context, pooled

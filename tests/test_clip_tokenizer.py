@@ -113,3 +113,51 @@ def test_malformed_vocab_and_merges(tmp_path, model_dir):
 def test_unpaired_surrogate_is_a_clear_error():
     with pytest.raises(ValueError, match="unpaired surrogate U\\+D800 at index 1"):
         ClipTokenizer(VOCAB, "hf").encode("a\ud800")
+
+
+# --- transformers 4.x (tox env tf4; .ci/run runs these in a second environment) -----------------------------
+
+@pytest.fixture(scope="module")
+def tf4(model_dir):
+    """transformers 4.x: the slow CLIPTokenizer with ftfy hidden (its BasicTokenizer fallback) and the fast one."""
+    if int(transformers.__version__.split(".")[0]) != 4:
+        pytest.skip(f"needs transformers 4.x (have {transformers.__version__}); run by the tox env tf4")
+    import sys
+
+    saved = sys.modules.get("ftfy")
+    sys.modules["ftfy"] = None  # makes `import ftfy` fail inside CLIPTokenizer.__init__
+    try:
+        slow = transformers.CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    finally:
+        if saved is None:
+            sys.modules.pop("ftfy")
+        else:
+            sys.modules["ftfy"] = saved
+    assert slow.fix_text is None, "ftfy was used; the hf-slow-noftfy reference is the BasicTokenizer fallback"
+    return slow, transformers.CLIPTokenizerFast.from_pretrained(model_dir / "tokenizer")
+
+
+SLOW_CLASSES = CLASSES + ["東京タワー", "a\x00b\x7fc", "tab\there", "e\u0301", "ﬁne", "don't STOP", "x<|endoftext|>y",
+                          "<|startoftext|>"]
+
+
+@pytest.mark.tf4
+@pytest.mark.parametrize("text", SLOW_CLASSES)
+def test_tf4_pinned(tf4, text):
+    assert ClipTokenizer(VOCAB, "hf-slow-noftfy").encode(text) == tf4[0](text, add_special_tokens=False).input_ids
+    assert ClipTokenizer(VOCAB, "hf").encode(text) == tf4[1](text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.tf4
+@given(text=st.one_of(PROMPTISH, ANY.filter(_unicode14)))
+@FUZZ
+def test_tf4_fuzz(tf4, text):
+    assert ClipTokenizer(VOCAB, "hf-slow-noftfy").encode(text) == tf4[0](text, add_special_tokens=False).input_ids
+    assert ClipTokenizer(VOCAB, "hf").encode(text) == tf4[1](text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.tf4
+def test_tf4_full_layout(tf4):
+    for text in ["a photo", " ".join(["cat"] * 90), "東京"]:
+        want = tf4[0](text, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ClipTokenizer(VOCAB, "hf-slow-noftfy", 49407)(text).ids == want
