@@ -34,10 +34,54 @@ N_MERGES = 49152 - 256 - 2  # OpenAI reads lines [1 : 49152-256-2+1] of the gz f
 
 _PAT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PAT_ICASE = regex.compile(_PAT, regex.IGNORECASE)  # OpenAI and transformers 4.x slow
-_PAT_RUST = regex.compile(_PAT)  # the Rust Split pre-tokenizer (Oniguruma, case-sensitive)
-# the Rust ByteLevel pre-tokenizer (use_regex=True) then re-splits every piece with GPT-2's pattern
-_PAT_GPT2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+# the Rust ByteLevel pre-tokenizer (use_regex=True) re-splits every piece of _PAT with GPT-2's pattern
+_GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _WS = regex.compile(r"\s+")
+UNICODE_DELTA = Path(__file__).resolve().parent / "embedded" / "unicode_delta.json"
+
+
+@dataclass(frozen=True)
+class _Patterns:
+    split: regex.Pattern  # _PAT, case-sensitive (Oniguruma)
+    gpt2: regex.Pattern  # the ByteLevel re-split
+    ws: regex.Pattern  # the normalizer's \s+
+
+
+@dataclass(frozen=True)
+class _RustUnicode:
+    """The Rust pipeline's character data: Python's for code points assigned in Unicode 14, the recorded table
+    (``parity/make_unicode_delta.py``) for the rest, so results do not follow the Python or ``regex`` version.
+    Texts without such code points take the plain patterns (same result, several times faster)."""
+
+    plain: _Patterns
+    delta: _Patterns
+    unassigned: regex.Pattern  # any code point unassigned in Unicode 14
+    normalize: dict[str, str]  # NFC + lower-case of those code points, where not the identity
+
+
+def _ranges(rs: list[list[int]]) -> str:
+    return "".join(f"\\U{a:08X}-\\U{b:08X}" for a, b in rs)
+
+
+@lru_cache(maxsize=None)
+def _rust_unicode() -> _RustUnicode:
+    try:
+        d = json.loads(UNICODE_DELTA.read_text(encoding="utf-8"))
+        u = _ranges(d["unassigned"])
+        sets = {prop: f"[[{prop}--[{u}]]{_ranges(d[key])}]" if d[key] else f"[{prop}--[{u}]]"
+                for prop, key in ((r"\p{L}", "letter"), (r"\p{N}", "number"), (r"\s", "space"))}
+        normalize = {chr(int(k, 16)): v for k, v in d["normalize"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{UNICODE_DELTA}: damaged Unicode delta table ({e!r})") from None
+
+    def with_delta(pattern: str) -> regex.Pattern:
+        for prop, body in sets.items():  # \p{L} -> [[\p{L}--[unassigned]][recorded letters]], same for \p{N}, \s
+            pattern = pattern.replace(prop, body)
+        return regex.compile("(?V1)" + pattern)
+
+    plain = _Patterns(regex.compile(_PAT), regex.compile(_GPT2), _WS)
+    delta = _Patterns(with_delta(_PAT), with_delta(_GPT2), with_delta(r"\s+"))
+    return _RustUnicode(plain, delta, regex.compile(f"[{u}]"), normalize)
 
 
 @lru_cache(maxsize=None)
@@ -194,10 +238,14 @@ def _clean_basic(text: str) -> str:
     return " ".join(" ".join(w.lower() for w in words).split())
 
 
-def _clean_rust(text: str) -> str:
+def _clean_rust(text: str, ru: _RustUnicode, p: _Patterns, delta: bool) -> str:
     """NFC, ``\\s+`` -> one space, per-character lower-casing (no Final_Sigma rule)."""
-    text = _WS.sub(" ", unicodedata.normalize("NFC", text))
-    return "".join(c.lower() for c in text)
+    text = p.ws.sub(" ", unicodedata.normalize("NFC", text))
+    if text.isascii():
+        return text.lower()
+    if not delta:
+        return "".join(c.lower() for c in text)
+    return "".join(ru.normalize.get(c, c) if ru.unassigned.match(c) else c.lower() for c in text)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -236,14 +284,18 @@ class ClipTokenizer:
             return []
         if self.mode == "hf-slow-noftfy":
             return self._bpe_pieces(_clean_basic(text), _PAT_ICASE, lowered_specials=True)
-        return self._bpe_pieces(_clean_rust(text), _PAT_RUST, lowered_specials=False)
+        ru = _rust_unicode()
+        delta = ru.unassigned.search(text) is not None
+        p = ru.delta if delta else ru.plain
+        return self._bpe_pieces(_clean_rust(text, ru, p, delta), p.split, lowered_specials=False, resplit=p.gpt2)
 
-    def _bpe_pieces(self, text: str, pat: regex.Pattern, lowered_specials: bool) -> list[int]:
+    def _bpe_pieces(self, text: str, pat: regex.Pattern, lowered_specials: bool,
+                    resplit: regex.Pattern | None = None) -> list[int]:
         b2u = bytes_to_unicode()
         ids: list[int] = []
         pieces = pat.findall(text)
-        if pat is _PAT_RUST:
-            pieces = [q for p in pieces for q in _PAT_GPT2.findall(p)]
+        if resplit is not None:
+            pieces = [q for p in pieces for q in resplit.findall(p)]
         for piece in pieces:
             if lowered_specials and piece in self._special_ids and piece != "!":
                 ids.append(self._special_ids[piece])  # OpenAI's pre-filled cache; matches after lower-casing

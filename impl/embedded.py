@@ -22,6 +22,7 @@ from impl.t5 import T5Config
 DATA = Path(__file__).resolve().parent / "embedded"
 BPE_GZ = DATA / "bpe_simple_vocab_16e6.txt.gz"
 SPIECE = DATA / "spiece.model"
+UNICODE_DELTA = DATA / "unicode_delta.json"
 
 CLIP_L = ClipConfig(width=32, heads=4, layers=3, intermediate=64, activation="quick_gelu", projection_dim=32)
 CLIP_G = ClipConfig(width=48, heads=3, layers=4, intermediate=96, activation="gelu", projection_dim=48)
@@ -102,11 +103,13 @@ def verify(weights: dict[str, dict[str, torch.Tensor]]) -> None:
 if __name__ == "__main__":  # developer tool: print the manifest for the current generator and shipped files
     print(json.dumps({
         "weights": {k: digest(v) for k, v in text_weights().items()},
-        "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (BPE_GZ, SPIECE)},
+        "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (BPE_GZ, SPIECE, UNICODE_DELTA)},
         "provenance": {
             BPE_GZ.name: "OpenAI CLIP BPE merges (MIT licence, (c) 2021 OpenAI), copied unchanged from the "
                          "clip-anytorch 2.6.0 wheel (clip/bpe_simple_vocab_16e6.txt.gz)",
             SPIECE.name: "tiny T5 Unigram model (320 pieces, nmt_nfkc) trained by parity/make_spiece.py with "
                          "sentencepiece 0.2.3",
+            UNICODE_DELTA.name: "the Rust CLIP tokenizer's classes and lower-casing of code points unassigned in "
+                                "Unicode 14, probed with tokenizers 0.23.3 by parity/make_unicode_delta.py",
         },
     }, indent=2))

@@ -1,0 +1,138 @@
+"""Side-by-side benchmarks: impl against the references, measured in one run on the same thread count.
+
+    python -m parity.bench text [--threads N] [--repeats N]
+
+Prints ratios (impl time / reference time; below 1.0 means impl is faster). Each pair is timed interleaved
+(impl, reference, impl, ...) after a warm-up, and the median of the repeats is reported, so drift of the
+machine affects both sides alike. Outputs are compared as well, so a fast but wrong impl cannot pass unnoticed.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from parity.determinism import pinned
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, calls interleaved, after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def prompt_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Prompt-like texts: words, weights, punctuation, a little non-ASCII; fixed by ``seed``."""
+    words = ("a photo of the cat dog astronaut riding horse on mars highly detailed cinematic lighting 8k "
+             "masterpiece (red:1.2) ((blue eyes)) trending artstation portrait of woman café naïve 東京 🐱 "
+             "wow!! amazing! so cool!!! don't it's 1024x1024 f/1.8 --ar 16:9 &amp; ").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+
+
+def _openai_simple_tokenizer():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
+    s = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod.SimpleTokenizer()
+
+
+def bench_tokenizers(repeats: int) -> list[str]:
+    from impl import embedded
+    from impl.clip_tokenizer import BPEVocab, ClipTokenizer
+    from parity.embedded import model_dir
+    from parity.reference import load_tokenizers
+
+    corpus = prompt_corpus()
+    vocab = BPEVocab.from_openai_gz(embedded.BPE_GZ)
+    rust = load_tokenizers(model_dir())[0]
+    lines = [f"CLIP tokenizer, {len(corpus)} prompts, {sum(map(len, corpus))} characters (median of {repeats}):"]
+    pairs = [("hf", "transformers CLIPTokenizer (Rust), one call per prompt",
+              lambda: [rust(p, add_special_tokens=False).input_ids for p in corpus]),
+             ("hf", "tokenizers encode_batch (Rust, batched)",
+              lambda: [e.ids[1:-1] for e in rust.backend_tokenizer.encode_batch(corpus)])]
+    openai = _openai_simple_tokenizer()
+    if openai is not None:
+        pairs.insert(0, ("openai", "OpenAI SimpleTokenizer", lambda: [openai.encode(p) for p in corpus]))
+    for mode, name, ref_fn in pairs:
+        tok = ClipTokenizer(vocab, mode)
+        impl_fn = lambda: [tok.encode(p) for p in corpus]  # noqa: E731
+        same = impl_fn() == ref_fn()
+        t = interleaved({"impl": impl_fn, "ref": ref_fn}, repeats)
+        lines.append(f"  impl {mode:<7} {len(corpus) / t['impl']:>9.0f} prompts/s   vs {name}: "
+                     f"{len(corpus) / t['ref']:>9.0f} prompts/s   impl/ref time {t['impl'] / t['ref']:.2f}x"
+                     f"   ids equal: {same}")
+    return lines
+
+
+MEDIUM_CLIP = dict(width=768, heads=12, layers=12, intermediate=3072, activation="quick_gelu", projection_dim=768)
+MEDIUM_T5 = dict(vocab_size=32128, d_model=1024, d_kv=64, heads=16, d_ff=2816, layers=8)
+
+
+def bench_encoders(repeats: int) -> list[str]:
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import CLIPTextConfig
+    from transformers import T5Config as HFT5Config
+
+    from impl.clip import ClipConfig, ClipTextEncoder
+    from impl.t5 import T5Config, T5Encoder
+    from parity.determinism import own_storage
+
+    c, t = ClipConfig(**MEDIUM_CLIP), T5Config(**MEDIUM_T5)
+    cases = [
+        ("CLIP 768w/12h/12L, 77 tokens", ClipTextEncoder(c), CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.intermediate, num_attention_heads=c.heads,
+            num_hidden_layers=c.layers, hidden_act=c.activation, projection_dim=c.projection_dim,
+            max_position_embeddings=77, eos_token_id=2)), torch.randint(0, 49407, (1, 77)),
+         lambda out: out.last, lambda out: out.last_hidden_state),
+        ("T5 1024d/16h/8L ff2816, 256 tokens", T5Encoder(t), T5EncoderModel(HFT5Config(
+            vocab_size=t.vocab_size, d_model=t.d_model, d_kv=t.d_kv, num_heads=t.heads, d_ff=t.d_ff,
+            num_layers=t.layers, feed_forward_proj="gated-gelu", dropout_rate=0.0)), torch.randint(0, 32000, (1, 256)),
+         lambda out: out, lambda out: out.last_hidden_state),
+    ]
+    lines = [f"Text encoders, float32, batch 1 (median of {repeats}):"]
+    for name, impl_model, ref_model, ids, impl_out, ref_out in cases:
+        ref_model = own_storage(ref_model.eval())
+        state = {k: v for k, v in ref_model.state_dict().items() if k in impl_model.state_dict()}
+        impl_model.load_state_dict(state, strict=True)
+        impl_model.eval()
+        same = torch.equal(impl_out(impl_model(ids)), ref_out(ref_model(ids)))
+        tm = interleaved({"impl": lambda: impl_model(ids), "ref": lambda: ref_model(ids)}, repeats)
+        lines.append(f"  {name:<36} impl {tm['impl'] * 1e3:8.1f} ms   transformers {tm['ref'] * 1e3:8.1f} ms   "
+                     f"impl/ref {tm['impl'] / tm['ref']:.2f}x   bitwise equal: {same}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("text",))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    with pinned(args.threads):
+        print(f"torch {torch.__version__}, {args.threads} thread(s)")
+        for line in bench_tokenizers(args.repeats) + bench_encoders(args.repeats):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
