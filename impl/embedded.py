@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from impl.clip import ClipConfig
+from impl.mmdit import MMDiTConfig
 from impl.t5 import T5Config
 
 DATA = Path(__file__).resolve().parent / "embedded"
@@ -27,6 +28,16 @@ UNICODE_DELTA = DATA / "unicode_delta.json"
 CLIP_L = ClipConfig(width=32, heads=4, layers=3, intermediate=64, activation="quick_gelu", projection_dim=32)
 CLIP_G = ClipConfig(width=48, heads=3, layers=4, intermediate=96, activation="gelu", projection_dim=48)
 T5 = T5Config(vocab_size=448, d_model=96, d_kv=16, heads=4, d_ff=160, layers=3)  # spiece: 320 pieces + 100 extra ids
+
+# Tiny transformers shaped like each family (SAI rule: hidden = 64 * depth, heads = depth). Context width is the
+# embedded T5 width, pooled width CLIP-L + CLIP-G projections (32 + 48).
+_TEXT = dict(context_dim=T5.d_model, pooled_dim=CLIP_L.projection_dim + CLIP_G.projection_dim)
+MMDIT = {
+    "sd3-medium": MMDiTConfig(depth=2, hidden=128, heads=2, pos_embed_max_size=16, **_TEXT),
+    "sd3.5-large": MMDiTConfig(depth=3, hidden=192, heads=3, pos_embed_max_size=16, qk_norm=True, **_TEXT),
+    "sd3.5-medium": MMDiTConfig(depth=3, hidden=192, heads=3, pos_embed_max_size=24, qk_norm=True,
+                                dual_attention_layers=(0, 1), **_TEXT),
+}
 
 _MASK = (1 << 64) - 1
 
@@ -55,8 +66,12 @@ def _init(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return uniform(name, shape, 0.1, 1.0)
     if leaf == "bias":
         return uniform(name, shape, 0.02)
-    if "embedding" in name or name.startswith("shared"):
+    if "embedding" in name or name.startswith("shared") or name.endswith(".pos_embed"):
         return uniform(name, shape, 0.5)
+    if ".ln_" in name:  # qk RMSNorm weights
+        return uniform(name, shape, 0.1, 1.0)
+    if len(shape) == 4:  # patch conv: unit variance over in_channels * k * k
+        return uniform(name, shape, 3.0 ** 0.5 / (shape[1] * shape[2] * shape[3]) ** 0.5)
     if "relative_attention_bias" in name:
         return uniform(name, shape, 1.0)
     return uniform(name, shape, 3.0 ** 0.5 / shape[-1] ** 0.5)  # unit variance through a Linear
@@ -71,6 +86,16 @@ def text_weights() -> dict[str, dict[str, torch.Tensor]]:
     for key, model in (("clip_l", ClipTextEncoder(CLIP_L)), ("clip_g", ClipTextEncoder(CLIP_G)), ("t5", T5Encoder(T5))):
         out[key] = {k: _init(f"{key}.{k}", tuple(v.shape)) for k, v in sorted(model.state_dict().items())}
     return out
+
+
+def mmdit_weights(family: str) -> dict[str, torch.Tensor]:
+    """State dict (SAI key names, no prefix) of the tiny transformer of ``family`` (a key of ``MMDIT``)."""
+    from impl.mmdit import MMDiT
+
+    if family not in MMDIT:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(MMDIT)}")
+    model = MMDiT(MMDIT[family])
+    return {k: _init(f"mmdit-{family}.{k}", tuple(v.shape)) for k, v in sorted(model.state_dict().items())}
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:
@@ -91,7 +116,7 @@ def verify(weights: dict[str, dict[str, torch.Tensor]]) -> None:
     """Raise if generated weights or shipped files differ from the recorded sha256."""
     m = manifest()
     for key, state in weights.items():
-        got, want = digest(state), m["weights"][key]
+        got, want = digest(state), m["weights"].get(key)
         if got != want:
             raise RuntimeError(f"embedded {key} weights sha256 {got} != recorded {want}: the generator changed")
     for name, want in m["files"].items():
@@ -102,7 +127,8 @@ def verify(weights: dict[str, dict[str, torch.Tensor]]) -> None:
 
 if __name__ == "__main__":  # developer tool: print the manifest for the current generator and shipped files
     print(json.dumps({
-        "weights": {k: digest(v) for k, v in text_weights().items()},
+        "weights": {**{k: digest(v) for k, v in text_weights().items()},
+                    **{f"mmdit-{f}": digest(mmdit_weights(f)) for f in MMDIT}},
         "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (BPE_GZ, SPIECE, UNICODE_DELTA)},
         "provenance": {
             BPE_GZ.name: "OpenAI CLIP BPE merges (MIT licence, (c) 2021 OpenAI), copied unchanged from the "

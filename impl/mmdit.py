@@ -1,0 +1,266 @@
+"""MMDiT (SD3-Medium), MMDiT with RMSNorm qk-norm (SD3.5-Large / Large-Turbo) and MMDiT-X (SD3.5-Medium).
+
+Module and parameter names are the SAI single-file checkpoint keys without the ``model.diffusion_model.`` prefix
+(``joint_blocks.{i}.x_block.attn.qkv.weight``, ...), so an SAI checkpoint loads by identity. The two references
+compute the same function with different op orders; ``MMDiTOptions`` picks one (plain values, no profile names):
+
+* ``attention_order`` (QUIRKS M3): ``image_first`` concatenates [image, context] tokens for the joint attention
+  (diffusers), ``context_first`` [context, image] (the SD3.5 reference). Softmax sums run in another order.
+* ``qkv`` (M4): ``split`` runs three GEMMs on the thirds of the fused weight (diffusers' to_q/to_k/to_v),
+  ``fused`` one GEMM then a reshape (the SD3.5 reference).
+
+Shapes: B batch, N image tokens, M context tokens, D hidden, H heads, E head dim (64 in every released model).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class MMDiTConfig:
+    depth: int
+    hidden: int
+    heads: int
+    pos_embed_max_size: int
+    context_dim: int  # joint_attention_dim: width of the text context (4096 = T5-XXL)
+    pooled_dim: int  # adm_in_channels / pooled_projection_dim (2048 = CLIP-L + CLIP-G)
+    qk_norm: bool = False  # RMSNorm on q and k per head (SD3.5)
+    dual_attention_layers: tuple[int, ...] = ()  # MMDiT-X blocks with a second, image-only attention
+    patch: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    mlp_ratio: int = 4
+    freq_dim: int = 256
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class MMDiTOptions:
+    attention_order: str = "image_first"  # "image_first" (diffusers) or "context_first" (SD3.5 reference)
+    qkv: str = "split"  # "split" (diffusers) or "fused" (SD3.5 reference)
+
+    def __post_init__(self):
+        if self.attention_order not in ("image_first", "context_first"):
+            raise ValueError(f"attention_order {self.attention_order!r}: expected 'image_first' or 'context_first'")
+        if self.qkv not in ("split", "fused"):
+            raise ValueError(f"qkv {self.qkv!r}: expected 'split' or 'fused'")
+
+
+class RMSNorm(nn.Module):
+    """qk-norm over the head dim: variance in float32, cast to a half-precision weight's dtype, times weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+class SelfAttention(nn.Module):
+    """Fused ``qkv`` projection, optional qk RMSNorm, output ``proj`` (absent in the pre-only context block).
+    Identity modules ``q``, ``k``, ``v`` (projections before the norm, (B, L, D)) are capture points."""
+
+    def __init__(self, c: MMDiTConfig, pre_only: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = c.heads, c.head_dim
+        self.qkv = nn.Linear(c.hidden, 3 * c.hidden)
+        if not pre_only:
+            self.proj = nn.Linear(c.hidden, c.hidden)
+        if c.qk_norm:
+            self.ln_q, self.ln_k = RMSNorm(c.head_dim, c.eps), RMSNorm(c.head_dim, c.eps)
+        self.q, self.k, self.v = nn.Identity(), nn.Identity(), nn.Identity()
+
+    def project(self, x: Tensor, qkv: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v as (B, H, L, E) views, q and k normed."""
+        if qkv == "split":
+            w, b = self.qkv.weight.chunk(3, dim=0), self.qkv.bias.chunk(3, dim=0)
+            q, k, v = (F.linear(x, w[i], b[i]) for i in range(3))
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self.q(q), self.k(k), self.v(v)
+        q, k, v = (t.view(t.shape[0], -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if hasattr(self, "ln_q"):
+            q, k = self.ln_q(q), self.ln_k(k)
+        return q, k, v
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, H, L, E) x3 -> (B, L, H*E)."""
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3]).to(q.dtype)
+
+
+class Mlp(nn.Module):
+    def __init__(self, c: MMDiTConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c.hidden, c.mlp_ratio * c.hidden), nn.Linear(c.mlp_ratio * c.hidden, c.hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DismantledBlock(nn.Module):
+    """One stream (image ``x_block`` or ``context_block``) of a joint block: adaLN modulation (6 chunks: shift,
+    scale, gate for attention and MLP; 9 with the MMDiT-X second attention; 2 (shift, scale) when pre-only)."""
+
+    def __init__(self, c: MMDiTConfig, pre_only: bool = False, dual: bool = False):
+        super().__init__()
+        self.pre_only, self.dual, self.eps = pre_only, dual, c.eps
+        n_mods = 2 if pre_only else (9 if dual else 6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, n_mods * c.hidden))
+        self.attn = SelfAttention(c, pre_only)
+        if dual:
+            self.attn2 = SelfAttention(c)
+        if not pre_only:
+            self.mlp = Mlp(c)
+
+    def norm(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def pre(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor | None, tuple]:
+        """Modulated input of the joint attention, of the second attention (MMDiT-X), and the later modulations."""
+        if self.pre_only:  # diffusers' AdaLayerNormContinuous: SiLU, cast to x's dtype, Linear; (shift, scale) here
+            shift, scale = self.adaLN_modulation[1](self.adaLN_modulation[0](c).to(x.dtype)).chunk(2, dim=1)
+            return modulate(self.norm(x), shift, scale), None, ()
+        mods = self.adaLN_modulation(c).chunk(9 if self.dual else 6, dim=1)
+        normed = self.norm(x)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        second = modulate(normed, mods[6], mods[7]) if self.dual else None
+        return modulate(normed, shift_msa, scale_msa), second, (gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods[8:])
+
+    def post(self, x: Tensor, attn: Tensor, mods: tuple, second: Tensor | None = None, qkv: str = "split") -> Tensor:
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:4]
+        x = x + gate_msa[:, None] * self.attn.proj(attn)
+        if self.dual:
+            x = x + mods[4][:, None] * self.attn2.proj(sdpa(*self.attn2.project(second, qkv)))
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
+
+
+class JointBlock(nn.Module):
+    def __init__(self, c: MMDiTConfig, pre_only: bool, dual: bool):
+        super().__init__()
+        self.context_block = DismantledBlock(c, pre_only=pre_only)
+        self.x_block = DismantledBlock(c, dual=dual)
+
+    def forward(self, context: Tensor, x: Tensor, c: Tensor, opt: MMDiTOptions) -> tuple[Tensor | None, Tensor]:
+        x_in, x_second, x_mods = self.x_block.pre(x, c)
+        ctx_in, _, ctx_mods = self.context_block.pre(context, c)
+        xq, xk, xv = self.x_block.attn.project(x_in, opt.qkv)
+        cq, ck, cv = self.context_block.attn.project(ctx_in, opt.qkv)
+        n = x.shape[1]
+        if opt.attention_order == "image_first":
+            attn = sdpa(torch.cat([xq, cq], 2), torch.cat([xk, ck], 2), torch.cat([xv, cv], 2))
+            x_attn, ctx_attn = attn[:, :n], attn[:, n:]
+        else:
+            attn = sdpa(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2))
+            ctx_attn, x_attn = attn[:, : attn.shape[1] - n], attn[:, attn.shape[1] - n:]
+        x = self.x_block.post(x, x_attn, x_mods, x_second, opt.qkv)
+        if self.context_block.pre_only:
+            return None, x
+        return self.context_block.post(context, ctx_attn, ctx_mods), x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, c: MMDiTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(c.in_channels, c.hidden, kernel_size=c.patch, stride=c.patch)
+
+
+class Embedder(nn.Module):
+    """Linear, SiLU, Linear (``mlp.0`` / ``mlp.2``): the timestep and pooled-text embedders."""
+
+    def __init__(self, dim_in: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, c: MMDiTConfig):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, 2 * c.hidden))
+        self.linear = nn.Linear(c.hidden, c.patch * c.patch * c.out_channels)
+        self.eps = c.eps
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation[1](self.adaLN_modulation[0](c).to(x.dtype)).chunk(2, dim=1)  # QUIRKS M2
+        return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale))
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """(B,) float timesteps (0..1000) -> (B, dim) float32 [cos | sin] features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MMDiT(nn.Module):
+    def __init__(self, config: MMDiTConfig, options: MMDiTOptions = MMDiTOptions()):
+        super().__init__()
+        c = self.config = config
+        self.options = options
+        self.x_embedder = PatchEmbed(c)
+        self.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size ** 2, c.hidden))
+        self.t_embedder = Embedder(c.freq_dim, c.hidden)
+        self.y_embedder = Embedder(c.pooled_dim, c.hidden)
+        self.context_embedder = nn.Linear(c.context_dim, c.hidden)
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(c, pre_only=i == c.depth - 1, dual=i in c.dual_attention_layers) for i in range(c.depth))
+        self.final_layer = FinalLayer(c)
+
+    def cropped_pos_embed(self, h: int, w: int) -> Tensor:
+        """The centre crop of the learned (M x M) table for an h x w patch grid (QUIRKS M1)."""
+        m = self.config.pos_embed_max_size
+        top, left = (m - h) // 2, (m - w) // 2
+        grid = self.pos_embed.reshape(1, m, m, -1)[:, top: top + h, left: left + w, :]
+        return grid.reshape(1, h * w, -1)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Latent height/width: multiples of the patch size, within the position table."""
+        p, m = self.config.patch, self.config.pos_embed_max_size
+        for name, v in (("height", height), ("width", width)):
+            if v % p:
+                raise ValueError(f"latent {name} {v} is not a multiple of the patch size {p} "
+                                 f"(image {name} {v * 8} must be a multiple of {8 * p})")
+            if v // p > m:
+                raise ValueError(f"latent {name} {v} gives {v // p} patches; the position table holds {m} "
+                                 f"(image {name} at most {8 * p * m})")
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, context: Tensor, skip_layers: tuple[int, ...] = ()) -> Tensor:
+        """x (B, C, H, W) latents, t (B,) timesteps in [0, 1000], y (B, pooled_dim), context (B, M, context_dim)."""
+        b, _, height, width = x.shape
+        self.check_size(height, width)
+        p = self.config.patch
+        h, w = height // p, width // p
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = (tokens + self.cropped_pos_embed(h, w)).to(tokens.dtype).contiguous()
+        c = self.t_embedder(timestep_embedding(t, self.config.freq_dim).to(y.dtype)) + self.y_embedder(y)
+        ctx = self.context_embedder(context)
+        for i, block in enumerate(self.joint_blocks):
+            if i not in skip_layers:
+                ctx, tokens = block(ctx, tokens, c, self.options)
+        out = self.final_layer(tokens, c)  # (B, N, p*p*C)
+        out = out.reshape(b, h, w, p, p, self.config.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(b, self.config.out_channels, height, width)

@@ -1,0 +1,148 @@
+"""Declared key maps between the SAI single-file layout (impl's names) and diffusers, with their transforms.
+
+Every rule names one SAI key and the diffusers key(s) it becomes:
+
+* ``copy``  the same tensor under another name;
+* ``split3`` a fused ``qkv`` weight/bias cut into to_q / to_k / to_v along dim 0 (QUIRKS M4);
+* ``swap``  a 2-way adaLN Linear whose output halves are (shift, scale) in SAI and (scale, shift) in diffusers'
+  ``AdaLayerNormContinuous`` (the last context block and the final layer, QUIRKS M2): rows swapped.
+
+Conversions are strict: every source key is consumed by a rule, every rule finds its keys with the shapes the
+config implies, and errors list the missing, unexpected and mis-shaped keys by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from impl.mmdit import MMDiTConfig
+from impl.weights import WeightError
+
+
+@dataclass(frozen=True)
+class Rule:
+    sai: str
+    diffusers: tuple[str, ...]
+    transform: str  # "copy" | "split3" | "swap"
+
+
+def _linear(rules: list, sai: str, dif: str, transform: str = "copy", bias: bool = True) -> None:
+    for leaf in ("weight", "bias") if bias else ("weight",):
+        names = tuple(f"{d}.{leaf}" for d in dif.split("|"))
+        rules.append(Rule(f"{sai}.{leaf}", names, transform))
+
+
+def mmdit_rules(c: MMDiTConfig) -> list[Rule]:
+    r: list[Rule] = []
+    _linear(r, "x_embedder.proj", "pos_embed.proj")
+    r.append(Rule("pos_embed", ("pos_embed.pos_embed",), "copy"))
+    _linear(r, "t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
+    _linear(r, "t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
+    _linear(r, "y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
+    _linear(r, "y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
+    _linear(r, "context_embedder", "context_embedder")
+    for i in range(c.depth):
+        s, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        last = i == c.depth - 1
+        _linear(r, f"{s}.x_block.adaLN_modulation.1", f"{d}.norm1.linear")
+        _linear(r, f"{s}.context_block.adaLN_modulation.1", f"{d}.norm1_context.linear", "swap" if last else "copy")
+        _linear(r, f"{s}.x_block.attn.qkv", f"{d}.attn.to_q|{d}.attn.to_k|{d}.attn.to_v", "split3")
+        _linear(r, f"{s}.context_block.attn.qkv", f"{d}.attn.add_q_proj|{d}.attn.add_k_proj|{d}.attn.add_v_proj",
+                "split3")
+        _linear(r, f"{s}.x_block.attn.proj", f"{d}.attn.to_out.0")
+        _linear(r, f"{s}.x_block.mlp.fc1", f"{d}.ff.net.0.proj")
+        _linear(r, f"{s}.x_block.mlp.fc2", f"{d}.ff.net.2")
+        if not last:
+            _linear(r, f"{s}.context_block.attn.proj", f"{d}.attn.to_add_out")
+            _linear(r, f"{s}.context_block.mlp.fc1", f"{d}.ff_context.net.0.proj")
+            _linear(r, f"{s}.context_block.mlp.fc2", f"{d}.ff_context.net.2")
+        if c.qk_norm:
+            for sai, dif in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+                             ("context_block.attn.ln_q", "attn.norm_added_q"),
+                             ("context_block.attn.ln_k", "attn.norm_added_k")):
+                _linear(r, f"{s}.{sai}", f"{d}.{dif}", bias=False)
+        if i in c.dual_attention_layers:
+            _linear(r, f"{s}.x_block.attn2.qkv", f"{d}.attn2.to_q|{d}.attn2.to_k|{d}.attn2.to_v", "split3")
+            _linear(r, f"{s}.x_block.attn2.proj", f"{d}.attn2.to_out.0")
+            if c.qk_norm:
+                _linear(r, f"{s}.x_block.attn2.ln_q", f"{d}.attn2.norm_q", bias=False)
+                _linear(r, f"{s}.x_block.attn2.ln_k", f"{d}.attn2.norm_k", bias=False)
+    _linear(r, "final_layer.adaLN_modulation.1", "norm_out.linear", "swap")
+    _linear(r, "final_layer.linear", "proj_out")
+    return r
+
+
+def _swap(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _check_keys(state: dict, wanted: set, source: str) -> None:
+    missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or unexpected:
+        parts = [f"{source}: keys do not match the model"]
+        for title, items in (("missing", missing), ("unexpected", unexpected)):
+            if items:
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise WeightError("\n".join(parts))
+
+
+def sai_to_diffusers(state: dict[str, Tensor], c: MMDiTConfig, source: str = "SAI state") -> dict[str, Tensor]:
+    rules = mmdit_rules(c)
+    _check_keys(state, {r.sai for r in rules}, source)
+    out: dict[str, Tensor] = {}
+    for r in rules:
+        t = state[r.sai]
+        if r.transform == "split3":
+            if t.shape[0] % 3:
+                raise WeightError(f"{source}: {r.sai} has {t.shape[0]} rows, not a multiple of 3 (fused q, k, v)")
+            out.update(zip(r.diffusers, (p.clone() for p in t.chunk(3, dim=0))))
+        else:
+            out[r.diffusers[0]] = _swap(t) if r.transform == "swap" else t
+    return out
+
+
+def diffusers_to_sai(state: dict[str, Tensor], c: MMDiTConfig, source: str = "diffusers state") -> dict[str, Tensor]:
+    rules = mmdit_rules(c)
+    _check_keys(state, {k for r in rules for k in r.diffusers}, source)
+    out: dict[str, Tensor] = {}
+    for r in rules:
+        parts = [state[k] for k in r.diffusers]
+        if r.transform == "split3":
+            shapes = {tuple(p.shape) for p in parts}
+            if len(shapes) != 1:
+                raise WeightError(f"{source}: {', '.join(r.diffusers)} differ in shape ({sorted(shapes)})")
+            out[r.sai] = torch.cat(parts, dim=0)
+        else:
+            out[r.sai] = _swap(parts[0]) if r.transform == "swap" else parts[0]
+    return out
+
+
+def diffusers_config(c: MMDiTConfig) -> dict:
+    """``transformer/config.json`` of ``SD3Transformer2DModel`` for this config."""
+    return {"_class_name": "SD3Transformer2DModel", "sample_size": c.pos_embed_max_size * c.patch // 2,
+            "patch_size": c.patch, "in_channels": c.in_channels, "out_channels": c.out_channels,
+            "num_layers": c.depth, "attention_head_dim": c.head_dim, "num_attention_heads": c.heads,
+            "joint_attention_dim": c.context_dim, "caption_projection_dim": c.hidden,
+            "pooled_projection_dim": c.pooled_dim, "pos_embed_max_size": c.pos_embed_max_size,
+            "dual_attention_layers": list(c.dual_attention_layers), "qk_norm": "rms_norm" if c.qk_norm else None}
+
+
+def config_from_diffusers(cfg: dict, source: str) -> MMDiTConfig:
+    from impl.weights import config_value as v
+
+    heads, head_dim = v(cfg, source, "num_attention_heads"), v(cfg, source, "attention_head_dim")
+    qk = cfg.get("qk_norm")
+    if qk not in (None, "rms_norm"):
+        raise ValueError(f"{source}: qk_norm {qk!r} is not supported (expected null or 'rms_norm')")
+    if v(cfg, source, "caption_projection_dim", int, heads * head_dim) != heads * head_dim:
+        raise ValueError(f"{source}: caption_projection_dim must equal num_attention_heads * attention_head_dim")
+    return MMDiTConfig(depth=v(cfg, source, "num_layers"), hidden=heads * head_dim, heads=heads,
+                       pos_embed_max_size=v(cfg, source, "pos_embed_max_size"),
+                       context_dim=v(cfg, source, "joint_attention_dim"),
+                       pooled_dim=v(cfg, source, "pooled_projection_dim"), qk_norm=qk == "rms_norm",
+                       dual_attention_layers=tuple(v(cfg, source, "dual_attention_layers", list, [])) or (),
+                       patch=v(cfg, source, "patch_size", int, 2), in_channels=v(cfg, source, "in_channels", int, 16),
+                       out_channels=v(cfg, source, "out_channels", int, 16))
