@@ -229,6 +229,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(
             JointBlock(c, pre_only=i == c.depth - 1, dual=i in c.dual_attention_layers) for i in range(c.depth))
         self.final_layer = FinalLayer(c)
+        self.tokens, self.cond = nn.Identity(), nn.Identity()  # capture points: embedded image tokens, c = t + y
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre crop of the learned (M x M) table for an h x w patch grid (QUIRKS M1)."""
@@ -255,8 +256,8 @@ class MMDiT(nn.Module):
         p = self.config.patch
         h, w = height // p, width // p
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        tokens = (tokens + self.cropped_pos_embed(h, w)).to(tokens.dtype).contiguous()
-        c = self.t_embedder(timestep_embedding(t, self.config.freq_dim).to(y.dtype)) + self.y_embedder(y)
+        tokens = self.tokens((tokens + self.cropped_pos_embed(h, w)).to(tokens.dtype).contiguous())
+        c = self.cond(self.t_embedder(timestep_embedding(t, self.config.freq_dim).to(y.dtype)) + self.y_embedder(y))
         ctx = self.context_embedder(context)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip_layers:

@@ -19,7 +19,9 @@ class Point:
     layer: str
     impl: str
     ref: str
-    ref_reads: str = "output"  # or "input"
+    ref_reads: str = "output"  # "input" (first argument), or "output.K" (element K of a tuple output)
+    transform: str = ""  # applied to the reference tensor before comparing: "swap_halves" (QUIRKS M2)
+    impl_reads: str = "output"
 
 
 def _expand(rows, n: int) -> list[Point]:
@@ -83,6 +85,74 @@ T5_SKIP_REF = {r"": "the whole model", r"encoder": "its output = final_layer_nor
                    "identity at inference (dropout) or elementwise (act) between captured points"}
 
 
+def mmdit_map(depth: int, qk_norm: bool, dual: tuple[int, ...]) -> list[Point]:
+    """impl (SAI names) <-> diffusers ``SD3Transformer2DModel``, in execution order. Layers are named
+    ``block.{i}.{stream}.{sub-op}`` with stream ``x`` (image) or ``context``."""
+    pts = [Point("patch_embed", "x_embedder.proj", "pos_embed.proj"),
+           Point("tokens", "tokens", "pos_embed"),
+           Point("t_embedder", "t_embedder", "time_text_embed.timestep_embedder"),
+           Point("y_embedder", "y_embedder", "time_text_embed.text_embedder"),
+           Point("c", "cond", "time_text_embed"),
+           Point("context_embedder", "context_embedder", "context_embedder")]
+    for i in range(depth):
+        s, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        last = i == depth - 1
+        xs, cs = [], []
+        xs.append(Point(f"block.{i}.x.modulation", f"{s}.x_block.adaLN_modulation.1", f"{d}.norm1.linear"))
+        cs.append(Point(f"block.{i}.context.modulation", f"{s}.context_block.adaLN_modulation.1",
+                        f"{d}.norm1_context.linear", transform="swap_halves" if last else ""))
+        for n in "qkv":
+            xs.append(Point(f"block.{i}.x.attn.{n}", f"{s}.x_block.attn.{n}", f"{d}.attn.to_{n}"))
+            cs.append(Point(f"block.{i}.context.attn.{n}", f"{s}.context_block.attn.{n}", f"{d}.attn.add_{n}_proj"))
+        if qk_norm:
+            for n in "qk":
+                xs.append(Point(f"block.{i}.x.attn.ln_{n}", f"{s}.x_block.attn.ln_{n}", f"{d}.attn.norm_{n}"))
+                cs.append(Point(f"block.{i}.context.attn.ln_{n}", f"{s}.context_block.attn.ln_{n}",
+                                f"{d}.attn.norm_added_{n}"))
+        xs.append(Point(f"block.{i}.x.attn.proj", f"{s}.x_block.attn.proj", f"{d}.attn.to_out.0"))
+        if i in dual:
+            for n in "qkv":
+                xs.append(Point(f"block.{i}.x.attn2.{n}", f"{s}.x_block.attn2.{n}", f"{d}.attn2.to_{n}"))
+            if qk_norm:
+                for n in "qk":
+                    xs.append(Point(f"block.{i}.x.attn2.ln_{n}", f"{s}.x_block.attn2.ln_{n}", f"{d}.attn2.norm_{n}"))
+            xs.append(Point(f"block.{i}.x.attn2.proj", f"{s}.x_block.attn2.proj", f"{d}.attn2.to_out.0"))
+        xs += [Point(f"block.{i}.x.mlp.fc1", f"{s}.x_block.mlp.fc1", f"{d}.ff.net.0.proj"),
+               Point(f"block.{i}.x.mlp.fc2", f"{s}.x_block.mlp.fc2", f"{d}.ff.net.2")]
+        if not last:
+            cs += [Point(f"block.{i}.context.attn.proj", f"{s}.context_block.attn.proj", f"{d}.attn.to_add_out"),
+                   Point(f"block.{i}.context.mlp.fc1", f"{s}.context_block.mlp.fc1", f"{d}.ff_context.net.0.proj"),
+                   Point(f"block.{i}.context.mlp.fc2", f"{s}.context_block.mlp.fc2", f"{d}.ff_context.net.2")]
+        pts += xs + cs + [Point(f"block.{i}.x", s, d, "output.1", impl_reads="output.1")]
+        if not last:
+            pts.append(Point(f"block.{i}.context", s, d, "output.0", impl_reads="output.0"))
+    pts += [Point("final.modulation", "final_layer.adaLN_modulation.1", "norm_out.linear", transform="swap_halves"),
+            Point("final", "final_layer", "proj_out")]
+    return pts
+
+
+_ELEMENTWISE = "elementwise (SiLU / GELU / dropout) between captured points"
+MMDIT_SKIP_IMPL = {
+    r"": "the whole model (its output is compared as 'output')",
+    r"joint_blocks(\.\d+(\.(x|context)_block(\.(attn2?|mlp))?)?)?": "containers, or called only through parts",
+    r"joint_blocks\.\d+\.(x|context)_block\.adaLN_modulation(\.0)?": "Sequential / SiLU; the Linear is captured",
+    r"final_layer\.(adaLN_modulation(\.0)?|linear)": "final_layer output and its modulation Linear are captured",
+    r"joint_blocks\.\d+\.(x|context)_block\.attn2?\.qkv": "fused projection; its thirds are captured as q, k, v",
+    r"x_embedder": "container of proj", r"(t|y)_embedder\.mlp(\.\d)?": "inside the captured embedder",
+}
+MMDIT_SKIP_REF = {
+    r"": "the whole model", r"transformer_blocks": "container",
+    r"transformer_blocks\.\d+\.(norm1|norm1_context)(\.(norm|silu))?": "adaLN wrappers; their Linear is captured",
+    r"transformer_blocks\.\d+\.(norm2|norm2_context)": "parameter-free LayerNorm inside the block",
+    r"transformer_blocks\.\d+\.attn2?(\.to_out)?": "attention wrapper; its projections are captured",
+    r"transformer_blocks\.\d+\.attn2?\.to_out\.1": "dropout (identity at inference)",
+    r"transformer_blocks\.\d+\.(ff|ff_context)(\.net(\.0|\.1)?)?": _ELEMENTWISE,
+    r"time_text_embed\.(timestep_embedder|text_embedder)\.(act_1|act|linear_1|linear_2)": "inside a captured embedder",
+    r"time_text_embed\.time_proj": "parameter-free sinusoid; the embedder output is captured",
+    r"norm_out(\.norm|\.silu)?": "final adaLN wrapper; norm_out.linear and proj_out are captured",
+}
+
+
 class CoverageError(ValueError):
     pass
 
@@ -115,7 +185,11 @@ def capture(model: nn.Module, where: dict[str, tuple[str, str]], store: dict[str
     handles = []
     for name, (mod, reads) in where.items():
         def hook(_m, args, out, name=name, reads=reads):
-            store.setdefault(name, []).append(_first_tensor(args if reads == "input" else out).detach().clone())
+            if reads.startswith("output."):
+                t = out[int(reads.split(".")[1])]
+            else:
+                t = _first_tensor(args if reads == "input" else out)
+            store.setdefault(name, []).append(t.detach().clone())
         handles.append(modules[mod].register_forward_hook(hook))
     try:
         yield store
