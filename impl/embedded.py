@@ -19,6 +19,7 @@ import torch
 from impl.clip import ClipConfig
 from impl.mmdit import MMDiTConfig
 from impl.t5 import T5Config
+from impl.vae import VAEConfig
 
 DATA = Path(__file__).resolve().parent / "embedded"
 BPE_GZ = DATA / "bpe_simple_vocab_16e6.txt.gz"
@@ -38,6 +39,8 @@ MMDIT = {
     "sd3.5-medium": MMDiTConfig(depth=3, hidden=192, heads=3, pos_embed_max_size=24, qk_norm=True,
                                 dual_attention_layers=(0, 1), **_TEXT),
 }
+
+VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)  # 8x downscale like the real one, 32-64 channels
 
 _MASK = (1 << 64) - 1
 
@@ -98,6 +101,13 @@ def mmdit_weights(family: str) -> dict[str, torch.Tensor]:
     return {k: _init(f"mmdit-{family}.{k}", tuple(v.shape)) for k, v in sorted(model.state_dict().items())}
 
 
+def vae_weights() -> dict[str, torch.Tensor]:
+    """State dict (SAI key names under ``first_stage_model.``, no prefix) of the tiny VAE."""
+    from impl.vae import VAE as Model
+
+    return {k: _init(f"vae.{k}", tuple(v.shape)) for k, v in sorted(Model(VAE).state_dict().items())}
+
+
 def digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, little-endian bytes) of every tensor, in key order."""
     h = hashlib.sha256()
@@ -128,7 +138,7 @@ def verify(weights: dict[str, dict[str, torch.Tensor]]) -> None:
 if __name__ == "__main__":  # developer tool: print the manifest for the current generator and shipped files
     print(json.dumps({
         "weights": {**{k: digest(v) for k, v in text_weights().items()},
-                    **{f"mmdit-{f}": digest(mmdit_weights(f)) for f in MMDIT}},
+                    **{f"mmdit-{f}": digest(mmdit_weights(f)) for f in MMDIT}, "vae": digest(vae_weights())},
         "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (BPE_GZ, SPIECE, UNICODE_DELTA)},
         "provenance": {
             BPE_GZ.name: "OpenAI CLIP BPE merges (MIT licence, (c) 2021 OpenAI), copied unchanged from the "

@@ -4,6 +4,7 @@ Every rule names one SAI key and the diffusers key(s) it becomes:
 
 * ``copy``  the same tensor under another name;
 * ``split3`` a fused ``qkv`` weight/bias cut into to_q / to_k / to_v along dim 0 (QUIRKS M4);
+* ``squeeze`` a 1x1 convolution weight (SAI VAE attention) as a Linear weight (diffusers), (C, C, 1, 1) <-> (C, C);
 * ``swap``  a 2-way adaLN Linear whose output halves are (shift, scale) in SAI and (scale, shift) in diffusers'
   ``AdaLayerNormContinuous`` (the last context block and the final layer, QUIRKS M2): rows swapped.
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from impl.mmdit import MMDiTConfig
+from impl.vae import VAEConfig
 from impl.weights import WeightError
 
 
@@ -25,7 +27,7 @@ from impl.weights import WeightError
 class Rule:
     sai: str
     diffusers: tuple[str, ...]
-    transform: str  # "copy" | "split3" | "swap"
+    transform: str  # "copy" | "split3" | "swap" | "squeeze"
 
 
 def _linear(rules: list, sai: str, dif: str, transform: str = "copy", bias: bool = True) -> None:
@@ -74,6 +76,63 @@ def mmdit_rules(c: MMDiTConfig) -> list[Rule]:
     return r
 
 
+def _vae_resnet(r: list, sai: str, dif: str, shortcut: bool) -> None:
+    for n in ("norm1", "conv1", "norm2", "conv2"):
+        _linear(r, f"{sai}.{n}", f"{dif}.{n}")
+    if shortcut:
+        _linear(r, f"{sai}.nin_shortcut", f"{dif}.conv_shortcut")
+
+
+def _vae_mid(r: list, sai: str, dif: str) -> None:
+    _vae_resnet(r, f"{sai}.block_1", f"{dif}.resnets.0", False)
+    _linear(r, f"{sai}.attn_1.norm", f"{dif}.attentions.0.group_norm")
+    for s_name, d_name in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        r.append(Rule(f"{sai}.attn_1.{s_name}.weight", (f"{dif}.attentions.0.{d_name}.weight",), "squeeze"))
+        r.append(Rule(f"{sai}.attn_1.{s_name}.bias", (f"{dif}.attentions.0.{d_name}.bias",), "copy"))
+    _vae_resnet(r, f"{sai}.block_2", f"{dif}.resnets.1", False)
+
+
+def vae_rules(c: VAEConfig) -> list[Rule]:
+    r: list[Rule] = []
+    chans = [c.ch * m for m in c.ch_mult]
+    n = len(chans)
+    _linear(r, "encoder.conv_in", "encoder.conv_in")
+    cin = c.ch
+    for i, cout in enumerate(chans):
+        for j in range(c.num_res_blocks):
+            _vae_resnet(r, f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", j == 0 and cin != cout)
+        if i != n - 1:
+            _linear(r, f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
+        cin = cout
+    _vae_mid(r, "encoder.mid", "encoder.mid_block")
+    _linear(r, "encoder.norm_out", "encoder.conv_norm_out")
+    _linear(r, "encoder.conv_out", "encoder.conv_out")
+    _linear(r, "decoder.conv_in", "decoder.conv_in")
+    _vae_mid(r, "decoder.mid", "decoder.mid_block")
+    cin = chans[-1]
+    for i in reversed(range(n)):  # SAI up.{i} is diffusers up_blocks.{n-1-i}
+        for j in range(c.num_res_blocks + 1):
+            _vae_resnet(r, f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{n - 1 - i}.resnets.{j}",
+                        j == 0 and cin != chans[i])
+        cin = chans[i]
+        if i != 0:
+            _linear(r, f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{n - 1 - i}.upsamplers.0.conv")
+    _linear(r, "decoder.norm_out", "decoder.conv_norm_out")
+    _linear(r, "decoder.conv_out", "decoder.conv_out")
+    return r
+
+
+def diffusers_vae_config(c: VAEConfig) -> dict:
+    """``vae/config.json`` of diffusers' ``AutoencoderKL`` as SD3 uses it (no quant convs)."""
+    n = len(c.ch_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": c.in_channels, "out_channels": c.in_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": [c.ch * m for m in c.ch_mult], "layers_per_block": c.num_res_blocks,
+            "act_fn": "silu", "latent_channels": c.z_channels, "norm_num_groups": c.groups, "sample_size": 64,
+            "scaling_factor": c.scaling_factor, "shift_factor": c.shift_factor, "use_quant_conv": False,
+            "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True}
+
+
 def _swap(t: Tensor) -> Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -89,8 +148,13 @@ def _check_keys(state: dict, wanted: set, source: str) -> None:
         raise WeightError("\n".join(parts))
 
 
-def sai_to_diffusers(state: dict[str, Tensor], c: MMDiTConfig, source: str = "SAI state") -> dict[str, Tensor]:
-    rules = mmdit_rules(c)
+def _rules(c) -> list[Rule]:
+    return vae_rules(c) if isinstance(c, VAEConfig) else mmdit_rules(c)
+
+
+def sai_to_diffusers(state: dict[str, Tensor], c, source: str = "SAI state") -> dict[str, Tensor]:
+    """Convert one model's state dict (MMDiT or VAE, chosen by the config type), SAI names -> diffusers names."""
+    rules = _rules(c)
     _check_keys(state, {r.sai for r in rules}, source)
     out: dict[str, Tensor] = {}
     for r in rules:
@@ -99,13 +163,17 @@ def sai_to_diffusers(state: dict[str, Tensor], c: MMDiTConfig, source: str = "SA
             if t.shape[0] % 3:
                 raise WeightError(f"{source}: {r.sai} has {t.shape[0]} rows, not a multiple of 3 (fused q, k, v)")
             out.update(zip(r.diffusers, (p.clone() for p in t.chunk(3, dim=0))))
+        elif r.transform == "squeeze":
+            if t.shape[2:] != (1, 1):
+                raise WeightError(f"{source}: {r.sai} has shape {tuple(t.shape)}; expected a 1x1 convolution")
+            out[r.diffusers[0]] = t[:, :, 0, 0]
         else:
             out[r.diffusers[0]] = _swap(t) if r.transform == "swap" else t
     return out
 
 
-def diffusers_to_sai(state: dict[str, Tensor], c: MMDiTConfig, source: str = "diffusers state") -> dict[str, Tensor]:
-    rules = mmdit_rules(c)
+def diffusers_to_sai(state: dict[str, Tensor], c, source: str = "diffusers state") -> dict[str, Tensor]:
+    rules = _rules(c)
     _check_keys(state, {k for r in rules for k in r.diffusers}, source)
     out: dict[str, Tensor] = {}
     for r in rules:
@@ -115,6 +183,8 @@ def diffusers_to_sai(state: dict[str, Tensor], c: MMDiTConfig, source: str = "di
             if len(shapes) != 1:
                 raise WeightError(f"{source}: {', '.join(r.diffusers)} differ in shape ({sorted(shapes)})")
             out[r.sai] = torch.cat(parts, dim=0)
+        elif r.transform == "squeeze":
+            out[r.sai] = parts[0][:, :, None, None]
         else:
             out[r.sai] = _swap(parts[0]) if r.transform == "swap" else parts[0]
     return out
