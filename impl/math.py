@@ -5,7 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, mask: Tensor | None = None, causal: bool = False,
@@ -33,3 +33,21 @@ ACTIVATIONS = {
     "gelu_new": gelu_tanh_formula,  # transformers T5 v1.1
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # the SD3.5 reference's T5
 }
+
+
+class RMSNorm(nn.Module):
+    """RMS norm as transformers' T5LayerNorm and diffusers' RMSNorm compute it: variance in float32, the input
+    scaled by its rsqrt, cast to the weight's dtype when that is half precision, then times the weight. Used by
+    the T5 encoder and as the MMDiT qk-norm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from impl.math import RMSNorm
+
 
 @dataclass(frozen=True, kw_only=True)
 class MMDiTConfig:
@@ -53,22 +55,6 @@ class MMDiTOptions:
             raise ValueError(f"attention_order {self.attention_order!r}: expected 'image_first' or 'context_first'")
         if self.qkv not in ("split", "fused"):
             raise ValueError(f"qkv {self.qkv!r}: expected 'split' or 'fused'")
-
-
-class RMSNorm(nn.Module):
-    """qk-norm over the head dim: variance in float32, cast to a half-precision weight's dtype, times weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 class SelfAttention(nn.Module):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from impl.math import ACTIVATIONS, attention
+from impl.math import ACTIVATIONS, RMSNorm, attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,22 +48,6 @@ class T5Config:
                    num_buckets=v(cfg, source, "relative_attention_num_buckets", int, 32),
                    max_distance=v(cfg, source, "relative_attention_max_distance", int, 128),
                    eps=v(cfg, source, "layer_norm_epsilon", float, 1e-6), activation=act)
-
-
-class RMSNorm(nn.Module):
-    """T5LayerNorm: variance in float32, result cast to a half-precision weight's dtype before the multiply."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
 
 
 def relative_bucket(rel: Tensor, num_buckets: int, max_distance: int) -> Tensor:

@@ -109,16 +109,51 @@ def build(target: Path) -> None:
     _write_json(d / "special_tokens_map.json", {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
 
 
-def model_dir() -> Path:
-    """The embedded default in diffusers layout; built on first use, atomically."""
+def model_index() -> dict:
+    t, d = "transformers", "diffusers"
+    return {"_class_name": "StableDiffusion3Pipeline", "scheduler": [d, "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": [t, "CLIPTextModelWithProjection"], "text_encoder_2": [t, "CLIPTextModelWithProjection"],
+            "text_encoder_3": [t, "T5EncoderModel"], "tokenizer": [t, "CLIPTokenizer"], "tokenizer_2": [t, "CLIPTokenizer"],
+            "tokenizer_3": [t, "T5Tokenizer"], "transformer": [d, "SD3Transformer2DModel"], "vae": [d, "AutoencoderKL"],
+            "image_encoder": [None, None], "feature_extractor": [None, None]}
+
+
+def build_pipeline(target: Path, family: str) -> None:
+    """The text parts plus ``transformer/`` (the tiny ``family`` MMDiT), ``vae/``, ``scheduler/`` and
+    ``model_index.json``: a directory ``StableDiffusion3Pipeline.from_pretrained`` loads offline."""
+    from safetensors.torch import save_file
+
+    from parity.convert import diffusers_config, diffusers_vae_config, sai_to_diffusers
+
+    build(target)
+    config = embedded.MMDIT[family]
+    weights = embedded.mmdit_weights(family)
+    vae = embedded.vae_weights()
+    embedded.verify({f"mmdit-{family}": weights, "vae": vae})
+    for sub, cfg, state in (("transformer", diffusers_config(config), sai_to_diffusers(weights, config)),
+                            ("vae", diffusers_vae_config(embedded.VAE), sai_to_diffusers(vae, embedded.VAE))):
+        (target / sub).mkdir()
+        _write_json(target / sub / "config.json", cfg)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target / sub / "diffusion_pytorch_model.safetensors"))
+    (target / "scheduler").mkdir()
+    _write_json(target / "scheduler" / "scheduler_config.json",
+                {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0})
+    _write_json(target / "model_index.json", model_index())
+
+
+def model_dir(family: str | None = None) -> Path:
+    """The embedded default in diffusers layout, built on first use, atomically: the text parts only, or with
+    ``family`` (a key of ``impl.embedded.MMDIT``) the whole pipeline."""
+    if family is not None and family not in embedded.MMDIT:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(embedded.MMDIT)}")
     key = hashlib.sha256(json.dumps([LAYOUT_VERSION, embedded.manifest()], sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_root() / f"embedded-{key}"
+    target = cache_root() / (f"embedded-{key}" if family is None else f"embedded-{family}-{key}")
     if (target / "tokenizer_3" / "special_tokens_map.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build(tmp)
+        build(tmp) if family is None else build_pipeline(tmp, family)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first
