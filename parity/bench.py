@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: impl against the references, measured in one run on the same thread count.
 
-    python -m parity.bench text [--threads N] [--repeats N]
+    python -m parity.bench text|image [--threads N] [--repeats N]
 
 Prints ratios (impl time / reference time; below 1.0 means impl is faster). Each pair is timed interleaved
 (impl, reference, impl, ...) after a warm-up, and the median of the repeats is reported, so drift of the
@@ -121,16 +121,51 @@ def bench_encoders(repeats: int) -> list[str]:
     return lines
 
 
+MEDIUM_MMDIT = dict(depth=4, hidden=1536, heads=24, pos_embed_max_size=64, context_dim=4096, pooled_dim=2048,
+                    qk_norm=True)
+
+
+def bench_mmdit(repeats: int) -> list[str]:
+    """impl MMDiT vs diffusers SD3Transformer2DModel: 4 blocks, head_dim 64, 1024 image tokens, 154 context tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    from impl.mmdit import MMDiT, MMDiTConfig
+    from parity.convert import diffusers_config, sai_to_diffusers
+    from parity.determinism import own_storage
+
+    c = MMDiTConfig(**MEDIUM_MMDIT)
+    impl = MMDiT(c).eval()
+    with torch.no_grad():
+        for p in impl.parameters():
+            p.normal_(0, 0.02)
+        impl.pos_embed.normal_(0, 0.5)
+    ref = SD3Transformer2DModel(**{k: v for k, v in diffusers_config(c).items() if k[0] != "_"}).eval()
+    ref.load_state_dict(sai_to_diffusers(impl.state_dict(), c), strict=True)
+    own_storage(ref)
+    x, t = torch.randn(1, 16, 64, 64), torch.tensor([500.0])
+    y, ctx = torch.randn(1, 2048), torch.randn(1, 154, 4096)
+    same = torch.equal(impl(x, t, y, ctx), ref(hidden_states=x, timestep=t, pooled_projections=y,
+                                                encoder_hidden_states=ctx).sample)
+    tm = interleaved({"impl": lambda: impl(x, t, y, ctx),
+                      "ref": lambda: ref(hidden_states=x, timestep=t, pooled_projections=y, encoder_hidden_states=ctx)},
+                     repeats)
+    return [f"MMDiT 4 blocks, 24 heads x 64, qk-norm, 1024 image + 154 context tokens, float32 (median of {repeats}):",
+            f"  impl {tm['impl'] * 1e3:8.1f} ms   diffusers {tm['ref'] * 1e3:8.1f} ms   impl/ref {tm['impl'] / tm['ref']:.2f}x"
+            f"   bitwise equal: {same}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("text",))
+    ap.add_argument("what", choices=("text", "image"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with pinned(args.threads):
         print(f"torch {torch.__version__}, {args.threads} thread(s)")
-        for line in bench_tokenizers(args.repeats) + bench_encoders(args.repeats):
+        lines = (bench_tokenizers(args.repeats) + bench_encoders(args.repeats) if args.what == "text"
+                 else bench_mmdit(args.repeats))
+        for line in lines:
             print(line)
 
 
