@@ -43,32 +43,37 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
 
 
 def read_weights_dir(directory: str | Path) -> dict[str, Tensor]:
-    """All tensors of a transformers/diffusers component folder: ``model.safetensors`` or a sharded set named by
-    ``model.safetensors.index.json``. Pickle-only folders are refused by name."""
+    """All tensors of a transformers/diffusers component folder: ``model.safetensors`` (transformers) or
+    ``diffusion_pytorch_model.safetensors`` (diffusers), or a sharded set named by the matching
+    ``.safetensors.index.json``. Pickle-only folders are refused by name."""
     d = Path(directory)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
-        state: dict[str, Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            part = read_safetensors(d / shard)
-            extra = sorted(k for k in part if weight_map.get(k) != shard)
-            if extra:
-                raise WeightError(f"{d / shard}: keys not listed for this shard in {index.name}: {', '.join(extra[:10])}")
-            state.update(part)
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise WeightError(f"{index}: keys listed but absent from their shards: {', '.join(missing[:10])}")
-        return state
-    if (d / "model.safetensors").is_file():
-        return read_safetensors(d / "model.safetensors")
+    for base in ("model", "diffusion_pytorch_model"):
+        if (d / f"{base}.safetensors.index.json").is_file():
+            return _read_index(d, d / f"{base}.safetensors.index.json")
+        if (d / f"{base}.safetensors").is_file():
+            return read_safetensors(d / f"{base}.safetensors")
     pickles = sorted(p.name for p in d.glob("*.bin")) if d.is_dir() else []
     if pickles:
         raise WeightError(f"{d}: only pickle weights ({', '.join(pickles)}); only .safetensors files are loaded")
-    raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    raise FileNotFoundError(f"{d}: no model.safetensors, diffusion_pytorch_model.safetensors or a sharded index")
+
+
+def _read_index(d: Path, index: Path) -> dict[str, Tensor]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+    state: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = read_safetensors(d / shard)
+        extra = sorted(k for k in part if weight_map.get(k) != shard)
+        if extra:
+            raise WeightError(f"{d / shard}: keys not listed for this shard in {index.name}: {', '.join(extra[:10])}")
+        state.update(part)
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise WeightError(f"{index}: keys listed but absent from their shards: {', '.join(missing[:10])}")
+    return state
 
 
 def read_config(path: str | Path) -> dict:

@@ -28,6 +28,22 @@ def _tokens(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from pathlib import Path
+
+    from parity.convert import diffusers_to_sai_file, sai_file_to_diffusers
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.is_file():
+        lines = sai_file_to_diffusers(src, dst)
+    elif src.is_dir():
+        lines = diffusers_to_sai_file(src, dst)
+    else:
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    print("\n".join(lines + [f"wrote {dst}"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sd3parity", description="SD3/SD3.5 reference-parity harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -46,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model", help="directory with tokenizer/, tokenizer_2/, tokenizer_3/")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_tokens)
+    v = sub.add_parser("convert", help="SAI single file <-> diffusers layout (transformer, VAE)")
+    v.add_argument("src", help="an SAI .safetensors file (-> diffusers directory) or a diffusers directory (-> file)")
+    v.add_argument("dst", help="the directory or file to create (must not exist)")
+    v.set_defaults(fn=_convert)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

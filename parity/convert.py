@@ -14,6 +14,7 @@ config implies, and errors list the missing, unexpected and mis-shaped keys by n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -216,3 +217,96 @@ def config_from_diffusers(cfg: dict, source: str) -> MMDiTConfig:
                        dual_attention_layers=tuple(v(cfg, source, "dual_attention_layers", list, [])) or (),
                        patch=v(cfg, source, "patch_size", int, 2), in_channels=v(cfg, source, "in_channels", int, 16),
                        out_channels=v(cfg, source, "out_channels", int, 16))
+
+
+# ---------------------------------------------------------------------------------------------- whole files
+
+def _atomic_dir(dst: Path, fill) -> None:
+    """Build ``dst`` in a sibling temporary directory and rename it into place; nothing is left on failure."""
+    import shutil
+    import tempfile
+
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists; refusing to overwrite")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sai_file_to_diffusers(src: Path, dst: Path) -> list[str]:
+    """SAI single file -> diffusers ``transformer/`` (+ ``vae/``). Returns report lines; text encoder keys are
+    dropped and reported (their conversion is not implemented)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from impl.checkpoint import infer_mmdit_config, infer_vae_config, match_presets, read_sai_checkpoint
+
+    parts = read_sai_checkpoint(src)
+    mc = infer_mmdit_config(parts["mmdit"], f"{src} (model.diffusion_model.*)")
+    outputs = [("transformer", diffusers_config(mc), sai_to_diffusers(parts["mmdit"], mc, f"{src} (MMDiT)"))]
+    lines = [f"transformer: {mc.depth} blocks, hidden {mc.hidden}, qk_norm {mc.qk_norm}, dual layers "
+             f"{list(mc.dual_attention_layers)}; preset: {', '.join(match_presets(mc)) or 'none (not a released size)'}"]
+    if parts["vae"]:
+        vc = infer_vae_config(parts["vae"], f"{src} (first_stage_model.*)")
+        outputs.append(("vae", diffusers_vae_config(vc), sai_to_diffusers(parts["vae"], vc, f"{src} (VAE)")))
+        lines.append(f"vae: ch {vc.ch}, mult {list(vc.ch_mult)}, {vc.num_res_blocks} res blocks, {vc.z_channels} channels")
+    if parts["text_encoders"]:
+        lines.append(f"dropped {len(parts['text_encoders'])} text_encoders.* keys: converting single-file text "
+                     "encoders is not implemented")
+
+    def fill(tmp: Path) -> None:
+        for sub, cfg, state in outputs:
+            (tmp / sub).mkdir()
+            (tmp / sub / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / sub / "diffusion_pytorch_model.safetensors"))
+
+    _atomic_dir(dst, fill)
+    return lines
+
+
+def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
+    """diffusers directory (``transformer/``, optional ``vae/``) -> one SAI single file."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from impl.checkpoint import PREFIXES, infer_vae_config
+    from impl.weights import read_config, read_weights_dir
+
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists; refusing to overwrite")
+    cfg_path = src / "transformer" / "config.json"
+    mc = config_from_diffusers(read_config(cfg_path), str(cfg_path))
+    state = {PREFIXES["mmdit"] + k: v for k, v in
+             diffusers_to_sai(read_weights_dir(src / "transformer"), mc, str(src / "transformer")).items()}
+    lines = [f"transformer: {mc.depth} blocks, hidden {mc.hidden}"]
+    if (src / "vae").is_dir():
+        dvae = read_weights_dir(src / "vae")
+        vcfg = read_config(src / "vae" / "config.json")
+        chans = vcfg.get("block_out_channels")
+        if not isinstance(chans, list) or not chans:
+            raise ValueError(f"{src / 'vae' / 'config.json'}: block_out_channels missing")
+        vc = VAEConfig(ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
+                       num_res_blocks=vcfg.get("layers_per_block", 2), z_channels=vcfg.get("latent_channels", 16))
+        sai_vae = diffusers_to_sai(dvae, vc, str(src / "vae"))
+        infer_vae_config(sai_vae)  # the shapes must describe the config just read
+        state.update({PREFIXES["vae"] + k: v for k, v in sai_vae.items()})
+        lines.append(f"vae: ch {vc.ch}, mult {list(vc.ch_mult)}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.partial-", dir=dst.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lines

@@ -1,0 +1,105 @@
+"""SAI single file <-> diffusers layout: exact round trips, config inference against the real dimensions,
+strict errors, and nothing half-written."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from impl import embedded
+from impl.checkpoint import PRESETS, infer_mmdit_config, infer_vae_config, match_presets, read_sai_checkpoint
+from impl.mmdit import MMDiT
+from impl.weights import WeightError
+from parity import convert
+from parity.cli import main
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir():
+    from parity.embedded import model_dir
+
+    return model_dir("sd3.5-medium")
+
+
+def test_round_trip_is_byte_identical(pipeline_dir, tmp_path, capsys):
+    assert main(["convert", str(pipeline_dir), str(tmp_path / "m.safetensors")]) == 0
+    parts = read_sai_checkpoint(tmp_path / "m.safetensors")
+    want = embedded.mmdit_weights("sd3.5-medium")
+    assert parts["mmdit"].keys() == want.keys() and all(torch.equal(parts["mmdit"][k], want[k]) for k in want)
+    assert all(torch.equal(parts["vae"][k], v) for k, v in embedded.vae_weights().items())
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "back")]) == 0
+    for sub in ("transformer", "vae"):
+        name = f"{sub}/diffusion_pytorch_model.safetensors"
+        assert (tmp_path / "back" / name).read_bytes() == (pipeline_dir / name).read_bytes()
+    assert "dual layers [0, 1]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", list(embedded.MMDIT))
+def test_infer_embedded_configs(family):
+    assert infer_mmdit_config(embedded.mmdit_weights(family)) == embedded.MMDIT[family]
+    assert match_presets(embedded.MMDIT[family]) == []
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_infer_real_dimensions_from_shapes(name):
+    """Shapes only (meta tensors): the inferred config is the preset; Large and Large-Turbo are indistinguishable."""
+    with torch.device("meta"):
+        state = MMDiT(PRESETS[name]).state_dict()
+    config = infer_mmdit_config(state)
+    assert config == PRESETS[name]
+    assert match_presets(config) == (["sd3.5-large", "sd3.5-large-turbo"] if "large" in name else [name])
+
+
+def test_infer_vae_config():
+    assert infer_vae_config(embedded.vae_weights()) == embedded.VAE
+
+
+def _sai_file(tmp_path, edit):
+    state = {"model.diffusion_model." + k: v for k, v in embedded.mmdit_weights("sd3-medium").items()}
+    edit(state)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update({"lora_unet.x": torch.zeros(1)}), r"1 keys outside the SAI layout .*: lora_unet.x"),
+    (lambda s: s.pop("model.diffusion_model.x_embedder.proj.weight"), r"missing x_embedder.proj.weight"),
+    (lambda s: s.update({"model.diffusion_model.pos_embed": torch.zeros(1, 255, 128)}), r"255 rows, not a square"),
+    (lambda s: s.pop("model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.bias"),
+     r"missing \(1\): joint_blocks.1.x_block.mlp.fc2.bias"),
+    (lambda s: s.update({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(383, 128)}),
+     r"joint_blocks.0.x_block.attn.qkv.weight has 383 rows, not a multiple of 3"),
+])
+def test_bad_checkpoints_fail_by_name_and_leave_nothing(tmp_path, edit, message):
+    src = _sai_file(tmp_path, edit)
+    with pytest.raises(WeightError, match=message):
+        convert.sai_file_to_diffusers(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_pickle_and_truncated_files_are_refused(tmp_path, capsys):
+    (tmp_path / "p.safetensors").write_bytes(b"\x80\x02}q\x00.")
+    assert main(["convert", str(tmp_path / "p.safetensors"), str(tmp_path / "o")]) == 2
+    assert "pickle" in capsys.readouterr().err
+    good = _sai_file(tmp_path, lambda s: None)
+    (tmp_path / "t.safetensors").write_bytes(good.read_bytes()[:-100])
+    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "o")]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_failure_mid_write_leaves_no_partial_output(pipeline_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full (injected)")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="injected"):
+        convert.diffusers_to_sai_file(pipeline_dir, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    convert.diffusers_to_sai_file(pipeline_dir, tmp_path / "m.safetensors")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="injected"):
+        convert.sai_file_to_diffusers(tmp_path / "m.safetensors", tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert load_file(str(tmp_path / "m.safetensors"))  # the earlier output is intact
