@@ -20,6 +20,7 @@ from impl.clip import ClipConfig
 from impl.mmdit import MMDiTConfig
 from impl.t5 import T5Config
 from impl.vae import VAEConfig
+from impl.weights import WeightError
 
 DATA = Path(__file__).resolve().parent / "embedded"
 BPE_GZ = DATA / "bpe_simple_vocab_16e6.txt.gz"
@@ -128,11 +129,11 @@ def verify(weights: dict[str, dict[str, torch.Tensor]]) -> None:
     for key, state in weights.items():
         got, want = digest(state), m["weights"].get(key)
         if got != want:
-            raise RuntimeError(f"embedded {key} weights sha256 {got} != recorded {want}: the generator changed")
+            raise WeightError(f"embedded {key} weights sha256 {got} != recorded {want}: the generator changed")
     for name, want in m["files"].items():
         got = hashlib.sha256((DATA / name).read_bytes()).hexdigest()
         if got != want:
-            raise RuntimeError(f"impl/embedded/{name}: sha256 {got} != recorded {want}")
+            raise WeightError(f"impl/embedded/{name}: sha256 {got} != recorded {want}")
 
 
 if __name__ == "__main__":  # developer tool: print the manifest for the current generator and shipped files

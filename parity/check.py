@@ -31,6 +31,7 @@ class Report:
     threads: int
     max_ulp: int
     records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[dict]:
@@ -46,7 +47,9 @@ class Report:
         return {"model": self.model, "profile": self.profile, "dtype": self.dtype, "threads": self.threads,
                 "flags": {k: v for k, v in self.flags.items()}, "tolerance": {"max_ulp": self.max_ulp},
                 "records": self.records, "n_records": len(self.records), "n_failed": len(self.failures),
-                "first_divergence": None if fd is None else {k: fd[k] for k in ("prompt", "component", "layer")}}
+                "notes": self.notes,
+                "first_divergence": None if fd is None else {k: fd[k] for k in fd if k in (
+                    "model", "prompt", "component", "layer", "step", "branch", "block", "stream")}}
 
 
 def _maps(stack, ref) -> dict[str, tuple[list, Any, Any]]:
@@ -134,26 +137,85 @@ def run_check(model_dir: str | None, prompts: list[str], profile: str, dtype: st
     return report
 
 
-def _add(report: Report, prompt: int, component: str, layer: str, a: torch.Tensor, b: torch.Tensor) -> None:
+def _add(report: Report, prompt: int, component: str, layer: str, a: torch.Tensor, b: torch.Tensor,
+         **coords) -> None:
     m = compare(a, b)
     ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and m["max_ulp"] <= report.max_ulp)
-    report.records.append({"prompt": prompt, "component": component, "layer": layer, "shape": list(a.shape),
+    report.records.append({"model": coords.pop("model", report.model), "prompt": prompt, "component": component,
+                           "layer": layer, **coords, "shape": list(a.shape),
                            "dtype": str(a.dtype).removeprefix("torch."), "ok": bool(ok), **m})
+
+
+def image_families(model_dir: str | None) -> list[tuple[str, Path]]:
+    """(label, diffusers directory) of each pipeline to run: the three embedded families, or the named directory
+    labelled by its preset (``custom`` when its dimensions match no released model)."""
+    from parity.embedded import model_dir as embedded_dir
+
+    if model_dir is None:
+        from impl.embedded import MMDIT
+
+        return [(f"embedded-{f}", embedded_dir(f)) for f in MMDIT]
+    d = Path(model_dir)
+    if not ((d / "transformer").is_dir() and (d / "vae").is_dir()):
+        return []
+    from impl.checkpoint import match_presets
+    from impl.weights import read_config
+    from parity.convert import config_from_diffusers
+
+    cfg = config_from_diffusers(read_config(d / "transformer" / "config.json"), str(d / "transformer" / "config.json"))
+    return [("/".join(match_presets(cfg)) or "custom", d)]
+
+
+def run_image(report: Report, model_dir: str | None, values: dict, run, families: list[str] | None = None) -> None:
+    """Append the image-side records (every step, branch, block, VAE layer, image) of each family."""
+    from impl import embedded
+    from impl.mmdit import MMDiT
+    from impl.text import load_text_stack
+    from impl.vae import VAE
+    from impl.weights import load_strict
+    from parity.image_check import load_impl_image_parts, run_image_check
+
+    settings = F.settings(values)
+    with pinned(report.threads):
+        stack = load_text_stack(model_dir)
+        for label, directory in image_families(model_dir):
+            family = label.removeprefix("embedded-")
+            if families and family not in families:
+                continue
+            if model_dir is None:
+                weights = {f"mmdit-{family}": embedded.mmdit_weights(family), "vae": embedded.vae_weights()}
+                embedded.verify(weights)
+                model, vae = MMDiT(embedded.MMDIT[family]), VAE(embedded.VAE)
+                load_strict(model, weights[f"mmdit-{family}"], label)
+                load_strict(vae, weights["vae"], "embedded vae")
+            else:
+                model, vae = load_impl_image_parts(directory)
+            run_image_check(label, directory, model.eval(), vae.eval(), stack, settings, run,
+                            lambda f, a, b: _add(report, 0, f.pop("component"), f.pop("layer"), a, b, **f))
+
+
+def _where(r: dict) -> str:
+    """Text records: the prompt index; image records: model, step and branch."""
+    if r["component"] in ("mmdit", "sampler", "vae"):
+        step = "" if r.get("step") is None else f" s{r['step']}"
+        return f"{r['model'].removeprefix('embedded-')}{step} {r.get('branch') or ''}".rstrip()
+    return f"p{r['prompt']}"
 
 
 def format_table(report: Report, prompts: list[str]) -> str:
     lines = [f"model {report.model}  profile {report.profile}  dtype {report.dtype}  threads {report.threads}  "
              f"tolerance max_ulp={report.max_ulp}", ""]
-    head = f"{'p':>2} {'component':<12} {'layer':<36} {'shape':<16} {'max_abs':>10} {'ulp':>8}  bitwise"
+    head = f"{'where':<22} {'component':<12} {'layer':<36} {'shape':<16} {'max_abs':>10} {'ulp':>8}  bitwise"
     lines.append(head)
     lines.append("-" * len(head))
     for r in report.records:
         shape = "x".join(map(str, r["shape"]))
         mark = "yes" if r["bitwise_equal"] else ("no" if r["ok"] else "NO  <-- exceeds tolerance")
         err = r.get("shape_mismatch")
-        lines.append(f"{r['prompt']:>2} {r['component']:<12} {r['layer']:<36} {shape:<16} "
+        lines.append(f"{_where(r):<22} {r['component']:<12} {r['layer']:<36} {shape:<16} "
                      + (f"{'shape ' + err:>20}" if err else f"{r['max_abs_err']:>10.3g} {r['max_ulp']:>8}") + f"  {mark}")
     lines.append("")
+    lines += [f"note: {n}" for n in report.notes]
     for i, p in enumerate(prompts):
         lines.append(f"prompt {i}: {p!r}")
     fd = report.first_divergence
@@ -161,6 +223,6 @@ def format_table(report: Report, prompts: list[str]) -> str:
     lines.append(f"{len(report.records)} records, {len(report.records) - len(report.failures)} within tolerance, "
                  f"{len(report.failures)} exceed it")
     lines.append("first divergence: " + ("none (every record bitwise equal)" if fd is None else
-                                         f"prompt {fd['prompt']} {fd['component']} {fd['layer']} "
+                                         f"{_where(fd)} {fd['component']} {fd['layer']} "
                                          f"(max_abs {fd.get('max_abs_err', float('nan')):.3g}, ulp {fd.get('max_ulp', '-')})"))
     return "\n".join(lines)

@@ -10,14 +10,38 @@ def _check(args) -> int:
     from parity import flags as F
     from parity.check import DEFAULT_PROMPTS, format_table, run_check
 
+    from parity.check import run_image
+    from parity.image_check import ImageRun
+
     overrides = dict(F.parse_override(f) for f in args.flag)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
+    height, width = _size(args.size)
     report = run_check(args.model, prompts, args.profile, args.dtype, overrides, args.threads, args.max_ulp)
+    if args.text_only:
+        report.notes.append("image side not run (--text-only)")
+    elif args.profile != "diffusers" or args.dtype != "float32":
+        report.notes.append("image side not run: only the diffusers profile in float32 is implemented so far")
+    else:
+        run = ImageRun(prompt=prompts[0], steps=args.steps, guidance=args.guidance, seed=args.seed, height=height,
+                       width=width, slg_layers=tuple(args.slg))
+        before = len(report.records)
+        run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family)
+        if len(report.records) == before:
+            report.notes.append("image side not run: the model directory has no transformer/ and vae/")
     if args.json:
         print(json.dumps({**report.to_json(), "prompts": prompts}, indent=1))
     else:
         print(format_table(report, prompts))
     return 1 if report.failures else 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, sep, w = text.partition("x")
+    if not sep or not h.isdigit() or not w.isdigit() or int(h) <= 0 or int(w) <= 0:
+        raise ValueError(f"--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 64x64")
+    if int(h) % 16 or int(w) % 16:
+        raise ValueError(f"--size {text}: height and width must be multiples of 16 (VAE 8 x patch 2)")
+    return int(h), int(w)
 
 
 def _tokens(args) -> int:
@@ -47,7 +71,7 @@ def _convert(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sd3parity", description="SD3/SD3.5 reference-parity harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="impl vs the reference text stack, layer by layer")
+    c = sub.add_parser("check", help="impl vs the references, layer by layer: text stack, then txt2img per family")
     c.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
     c.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
     c.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
@@ -56,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=1, help="intra-op threads for both sides (default 1)")
     c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--text-only", action="store_true", help="compare the text stack only")
+    c.add_argument("--family", action="append", choices=("sd3-medium", "sd3.5-large", "sd3.5-medium"),
+                   help="embedded transformer family for the image side (repeatable; default: all three)")
+    c.add_argument("--steps", type=int, default=2, help="denoising steps of the image run (default 2)")
+    c.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0; <= 1 runs no CFG batch)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--size", default="64x64", help="HEIGHTxWIDTH in pixels (default 64x64)")
+    c.add_argument("--slg", type=int, action="append", default=[], metavar="LAYER",
+                   help="skip-layer guidance layer (repeatable; diffusers' window and scale)")
     c.set_defaults(fn=_check)
     t = sub.add_parser("tokens", help="token ids of a prompt under every tokenizer mode and profile")
     t.add_argument("prompt")

@@ -134,6 +134,23 @@ def diffusers_vae_config(c: VAEConfig) -> dict:
             "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True}
 
 
+def vae_config_from_diffusers(cfg: dict, source: str) -> VAEConfig:
+    from impl.weights import config_value as v
+
+    chans = v(cfg, source, "block_out_channels", list)
+    if not chans or any(not isinstance(c, int) or c % chans[0] for c in chans):
+        raise ValueError(f"{source}: block_out_channels {chans!r} must be multiples of the first entry")
+    if cfg.get("use_quant_conv") or cfg.get("use_post_quant_conv"):
+        raise ValueError(f"{source}: quant convs are not part of the SD3 VAE")
+    return VAEConfig(ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
+                     num_res_blocks=v(cfg, source, "layers_per_block", int, 2),
+                     z_channels=v(cfg, source, "latent_channels", int, 16),
+                     in_channels=v(cfg, source, "in_channels", int, 3),
+                     groups=v(cfg, source, "norm_num_groups", int, 32),
+                     scaling_factor=v(cfg, source, "scaling_factor", float, 1.5305),
+                     shift_factor=v(cfg, source, "shift_factor", float, 0.0609))
+
+
 def _swap(t: Tensor) -> Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -149,6 +166,19 @@ def _check_keys(state: dict, wanted: set, source: str) -> None:
         raise WeightError("\n".join(parts))
 
 
+def _check_shapes(sai_state: dict[str, Tensor], c, source: str) -> None:
+    """Every SAI-side tensor has the shape the config implies (built on the meta device: no memory)."""
+    from impl.mmdit import MMDiT
+    from impl.vae import VAE
+
+    with torch.device("meta"):
+        own = (VAE(c) if isinstance(c, VAEConfig) else MMDiT(c)).state_dict()
+    bad = sorted(f"{k}: {tuple(sai_state[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in own.items() if k in sai_state and sai_state[k].shape != v.shape)
+    if bad:
+        raise WeightError(f"{source}: mis-shaped ({len(bad)}): " + ", ".join(bad[:20]))
+
+
 def _rules(c) -> list[Rule]:
     return vae_rules(c) if isinstance(c, VAEConfig) else mmdit_rules(c)
 
@@ -157,16 +187,13 @@ def sai_to_diffusers(state: dict[str, Tensor], c, source: str = "SAI state") -> 
     """Convert one model's state dict (MMDiT or VAE, chosen by the config type), SAI names -> diffusers names."""
     rules = _rules(c)
     _check_keys(state, {r.sai for r in rules}, source)
+    _check_shapes(state, c, source)
     out: dict[str, Tensor] = {}
     for r in rules:
         t = state[r.sai]
         if r.transform == "split3":
-            if t.shape[0] % 3:
-                raise WeightError(f"{source}: {r.sai} has {t.shape[0]} rows, not a multiple of 3 (fused q, k, v)")
             out.update(zip(r.diffusers, (p.clone() for p in t.chunk(3, dim=0))))
         elif r.transform == "squeeze":
-            if t.shape[2:] != (1, 1):
-                raise WeightError(f"{source}: {r.sai} has shape {tuple(t.shape)}; expected a 1x1 convolution")
             out[r.diffusers[0]] = t[:, :, 0, 0]
         else:
             out[r.diffusers[0]] = _swap(t) if r.transform == "swap" else t
@@ -188,6 +215,7 @@ def diffusers_to_sai(state: dict[str, Tensor], c, source: str = "diffusers state
             out[r.sai] = parts[0][:, :, None, None]
         else:
             out[r.sai] = _swap(parts[0]) if r.transform == "swap" else parts[0]
+    _check_shapes(out, c, source)
     return out
 
 
@@ -278,7 +306,7 @@ def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
 
     from safetensors.torch import save_file
 
-    from impl.checkpoint import PREFIXES, infer_vae_config
+    from impl.checkpoint import PREFIXES
     from impl.weights import read_config, read_weights_dir
 
     if dst.exists():
@@ -289,15 +317,8 @@ def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
              diffusers_to_sai(read_weights_dir(src / "transformer"), mc, str(src / "transformer")).items()}
     lines = [f"transformer: {mc.depth} blocks, hidden {mc.hidden}"]
     if (src / "vae").is_dir():
-        dvae = read_weights_dir(src / "vae")
-        vcfg = read_config(src / "vae" / "config.json")
-        chans = vcfg.get("block_out_channels")
-        if not isinstance(chans, list) or not chans:
-            raise ValueError(f"{src / 'vae' / 'config.json'}: block_out_channels missing")
-        vc = VAEConfig(ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
-                       num_res_blocks=vcfg.get("layers_per_block", 2), z_channels=vcfg.get("latent_channels", 16))
-        sai_vae = diffusers_to_sai(dvae, vc, str(src / "vae"))
-        infer_vae_config(sai_vae)  # the shapes must describe the config just read
+        vc = vae_config_from_diffusers(read_config(src / "vae" / "config.json"), str(src / "vae" / "config.json"))
+        sai_vae = diffusers_to_sai(read_weights_dir(src / "vae"), vc, str(src / "vae"))
         state.update({PREFIXES["vae"] + k: v for k, v in sai_vae.items()})
         lines.append(f"vae: ch {vc.ch}, mult {list(vc.ch_mult)}")
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.partial-", dir=dst.parent)

@@ -67,7 +67,7 @@ def _sai_file(tmp_path, edit):
     (lambda s: s.pop("model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.bias"),
      r"missing \(1\): joint_blocks.1.x_block.mlp.fc2.bias"),
     (lambda s: s.update({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(383, 128)}),
-     r"joint_blocks.0.x_block.attn.qkv.weight has 383 rows, not a multiple of 3"),
+     r"mis-shaped \(1\): joint_blocks.0.x_block.attn.qkv.weight: \(383, 128\) vs model \(384, 128\)"),
 ])
 def test_bad_checkpoints_fail_by_name_and_leave_nothing(tmp_path, edit, message):
     src = _sai_file(tmp_path, edit)

@@ -73,3 +73,36 @@ def test_skip_layer_guidance_and_no_cfg():
     assert torch.equal(plain[0], latents[0]) and not torch.equal(plain[1], latents[1])  # SLG acts at step 1 only
     latents, ref_latents, _, _ = _run_both(d, "sd3.5-medium", "wow!!", 2, 1.0)  # guidance <= 1: no CFG batch (G3)
     assert all(torch.equal(a, b) for a, b in zip(latents, ref_latents))
+
+
+def test_check_command_covers_every_family_and_locates_an_injected_change(monkeypatch, capsys):
+    import json
+
+    from parity.cli import main
+
+    assert main(["check", "--json", "--prompt", "a cat", "--steps", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    image = [r for r in out["records"] if r["component"] in ("mmdit", "sampler", "vae")]
+    assert {r["model"] for r in image} == {f"embedded-{f}" for f in embedded.MMDIT}
+    for family, c in embedded.MMDIT.items():
+        mine = [r for r in image if r["model"] == f"embedded-{family}" and r["component"] == "mmdit"]
+        assert {(r["step"], r["branch"]) for r in mine} == {(s, b) for s in (0, 1) for b in ("uncond", "cond")}
+        assert {r["block"] for r in mine} == set(range(c.depth)) | {None}
+        assert {r["stream"] for r in mine} == {"image", "context", None}
+    assert {r["layer"] for r in image if r["component"] == "vae"} >= {"decoder.mid.attn_1", "image_uint8"}
+    assert all(r["bitwise_equal"] for r in out["records"])
+
+    weights = embedded.mmdit_weights  # one ulp in one weight of block 1's context MLP
+    def nudged(family):
+        w = weights(family)
+        t = w["joint_blocks.1.context_block.mlp.fc2.weight"]
+        t.view(torch.int32)[0, 0] += 1
+        return w
+    monkeypatch.setattr(embedded, "mmdit_weights", nudged)
+    assert main(["check", "--prompt", "a cat", "--family", "sd3.5-large"]) == 2  # the manifest catches it
+    assert "embedded mmdit-sd3.5-large weights sha256" in capsys.readouterr().err
+    monkeypatch.setattr(embedded, "verify", lambda weights: None)  # let it through to see where it diverges
+    assert main(["check", "--json", "--prompt", "a cat", "--family", "sd3.5-large"]) == 1
+    fd = json.loads(capsys.readouterr().out)["first_divergence"]
+    assert fd == {"model": "embedded-sd3.5-large", "prompt": 0, "component": "mmdit", "layer": "block.1.context.mlp.fc2",
+                  "step": 0, "branch": "uncond", "block": 1, "stream": "context"}

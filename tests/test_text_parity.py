@@ -132,12 +132,12 @@ def test_sai_tokenization_examples_from_quirks(stack):
 
 
 def test_cli_json_and_exit_codes(model_dir, capsys):
-    assert main(["check", "--json", "--prompt", "a cat"]) == 0
+    assert main(["check", "--json", "--prompt", "a cat", "--text-only"]) == 0
     out = json.loads(capsys.readouterr().out)
     rec = out["records"][0]
     assert {"component", "layer", "shape", "dtype", "max_abs_err", "max_ulp", "bitwise_equal"} <= set(rec)
-    assert main(["check", "--prompt", "a cat", "--flag", "clip_l_pad=0"]) == 1
-    assert "first divergence: prompt 0 clip-l input_ids" in capsys.readouterr().out
+    assert main(["check", "--prompt", "a cat", "--flag", "clip_l_pad=0", "--text-only"]) == 1
+    assert "first divergence: p0 clip-l input_ids" in capsys.readouterr().out
     assert main(["check", "--flag", "nope=1"]) == 2
 
 
