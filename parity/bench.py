@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: impl against the references, measured in one run on the same thread count.
 
-    python -m parity.bench text|image [--threads N] [--repeats N]
+    python -m parity.bench text|image|check [--threads N] [--repeats N]
 
 Prints ratios (impl time / reference time; below 1.0 means impl is faster). Each pair is timed interleaved
 (impl, reference, impl, ...) after a warm-up, and the median of the repeats is reported, so drift of the
@@ -154,17 +154,55 @@ def bench_mmdit(repeats: int) -> list[str]:
             f"   bitwise equal: {same}"]
 
 
+_BARE = """
+import sys, torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.utils import logging
+logging.disable_progress_bar()
+torch.set_num_threads(int(sys.argv[1]))
+for d in sys.argv[2:]:
+    pipe = StableDiffusion3Pipeline.from_pretrained(d)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a photo of a cat", height=64, width=64, num_inference_steps=2, guidance_scale=5.0,
+         generator=torch.Generator("cpu").manual_seed(0))
+"""
+
+
+def bench_check(repeats: int, threads: int) -> list[str]:
+    """Wall time, imports included, of ``sd3parity check`` (text stack + txt2img of the three embedded families,
+    both sides, every record compared) vs bare diffusers pipeline runs of the same three models."""
+    import subprocess
+    import sys
+
+    from impl.embedded import MMDIT
+    from parity.embedded import model_dir
+
+    dirs = [str(model_dir(f)) for f in MMDIT]
+    runs = {"check": [sys.executable, "-m", "parity.cli", "check", "--threads", str(threads)],
+            "bare": [sys.executable, "-c", _BARE, str(threads), *dirs]}
+
+    def timed(cmd):
+        def run():
+            subprocess.run(cmd, check=False, capture_output=True)
+        return run
+    tm = interleaved({k: timed(v) for k, v in runs.items()}, repeats)
+    return [f"Wall time incl. imports (median of {repeats}), three embedded families, 2 steps, CFG, 64x64:",
+            f"  sd3parity check {tm['check']:6.2f} s   bare diffusers pipelines {tm['bare']:6.2f} s   "
+            f"ratio {tm['check'] / tm['bare']:.2f}x"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("text", "image"))
+    ap.add_argument("what", choices=("text", "image", "check"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with pinned(args.threads):
         print(f"torch {torch.__version__}, {args.threads} thread(s)")
-        lines = (bench_tokenizers(args.repeats) + bench_encoders(args.repeats) if args.what == "text"
-                 else bench_mmdit(args.repeats))
+        lines = {"text": lambda: bench_tokenizers(args.repeats) + bench_encoders(args.repeats),
+                 "image": lambda: bench_mmdit(args.repeats),
+                 "check": lambda: bench_check(args.repeats, args.threads)}[args.what]()
         for line in lines:
             print(line)
 
