@@ -146,10 +146,12 @@ class T5Encoder(nn.Module):
         self.encoder = Stack(config)
 
     def half_keep_wo_fp32(self) -> "T5Encoder":
-        """``.to(float16)`` the way transformers loads T5 in float16: ``wo`` stays float32 (_keep_in_fp32_modules)."""
-        self.to(torch.float16)
-        for block in self.encoder.block:
-            block.layer[1].DenseReluDense.wo.float()
+        """Cast to float16 the way transformers loads T5 in float16: every ``wo`` keeps its float32 values
+        (``_keep_in_fp32_modules``). Call it on float32 weights: ``wo`` is never rounded through float16."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if not name.endswith("DenseReluDense.wo.weight"):
+                    p.data = p.data.to(torch.float16)
         return self
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -51,19 +51,34 @@ class TextStack:
     clip_l: ClipTextEncoder
     clip_g: ClipTextEncoder
     t5: T5Encoder | None
-    _tok_cache: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
 
     def clip_tokenizer(self, mode: str, pad: int) -> ClipTokenizer:
         key = ("clip", mode, pad)
-        if key not in self._tok_cache:
-            self._tok_cache[key] = ClipTokenizer(self.vocab, mode, pad)
-        return self._tok_cache[key]
+        if key not in self._cache:
+            self._cache[key] = ClipTokenizer(self.vocab, mode, pad)
+        return self._cache[key]
+
+    def encoder(self, name: str, dtype: torch.dtype):
+        """``clip_l``, ``clip_g`` or ``t5`` in ``dtype``: a cached copy, so the loaded float32 weights are never
+        rounded in place (running in bfloat16 and then in float32 gives float32 results). T5 in float16 keeps its
+        ``wo`` layers in float32 as transformers does."""
+        import copy
+
+        master = getattr(self, name)
+        if master is None or dtype == next(master.parameters()).dtype:
+            return master
+        key = ("encoder", name, dtype)
+        if key not in self._cache:
+            model = copy.deepcopy(master)
+            self._cache[key] = model.half_keep_wo_fp32() if name == "t5" and dtype == torch.float16 else model.to(dtype)
+        return self._cache[key]
 
     def t5_tokenizer(self, mode: str) -> T5Tokenizer:
         key = ("t5", mode)
-        if key not in self._tok_cache:
-            self._tok_cache[key] = T5Tokenizer(self.spiece, mode)
-        return self._tok_cache[key]
+        if key not in self._cache:
+            self._cache[key] = T5Tokenizer(self.spiece, mode)
+        return self._cache[key]
 
 
 def clip_ids(stack: TextStack, prompt: str, mode: str, pad: int, sai: bool) -> list[int]:
@@ -115,8 +130,8 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
     }
     run_dtype = s.encoder_dtype or dtype
     outs = {}
-    for key, enc in (("clip-l", stack.clip_l), ("clip-g", stack.clip_g)):
-        outs[key] = enc.to(run_dtype)(torch.tensor([ids[key]]), pool=s.clip_pool)
+    for key, name in (("clip-l", "clip_l"), ("clip-g", "clip_g")):
+        outs[key] = stack.encoder(name, run_dtype)(torch.tensor([ids[key]]), pool=s.clip_pool)
     l_out, g_out = outs["clip-l"], outs["clip-g"]
     t5_hidden = None
     if s.t5_absent is None:
@@ -125,7 +140,7 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
         ids["t5"] = t5_ids(stack, prompt, s)
         t5_in = torch.tensor([ids["t5"]])
         mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None  # EOS (1) is never pad (0)
-        t5_hidden = stack.t5.to(run_dtype)(t5_in, attention_mask=mask).to(dtype)
+        t5_hidden = stack.encoder("t5", run_dtype)(t5_in, attention_mask=mask).to(dtype)
         t5_rows = t5_hidden
     else:
         width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)

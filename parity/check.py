@@ -52,10 +52,10 @@ class Report:
                     "model", "prompt", "component", "layer", "step", "branch", "block", "stream")}}
 
 
-def _maps(stack, ref) -> dict[str, tuple[list, Any, Any]]:
+def _maps(stack, ref, run_dtype: torch.dtype) -> dict[str, tuple[list, Any, Any]]:
     out = {}
     for comp, ref_attr, impl_attr in COMPONENTS:
-        impl_model, ref_model = getattr(stack, impl_attr), getattr(ref, ref_attr)
+        impl_model, ref_model = stack.encoder(impl_attr, run_dtype), getattr(ref, ref_attr)
         if impl_model is None and ref_model is None:  # a model without T5
             continue
         if comp == "t5":
@@ -97,7 +97,7 @@ def run_check(model_dir: str | None, prompts: list[str], profile: str, dtype: st
         stack = load_text_stack(model_dir)
         ref_dtype = torch.float32 if values["encoder_dtype"] == "float32" else torch_dtype
         ref = reference.load(directory, ref_dtype)
-        maps = _maps(stack, ref)
+        maps = _maps(stack, ref, settings.encoder_dtype or torch_dtype)
         impl_store: dict[str, list] = {}
         ref_store: dict[str, list] = {}
         ids_store: dict[str, list] = {c: [] for c in maps}

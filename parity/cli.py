@@ -19,11 +19,13 @@ def _check(args) -> int:
     report = run_check(args.model, prompts, args.profile, args.dtype, overrides, args.threads, args.max_ulp)
     if args.text_only:
         report.notes.append("image side not run (--text-only)")
-    elif args.profile != "diffusers" or args.dtype != "float32":
-        report.notes.append("image side not run: only the diffusers profile in float32 is implemented so far")
+    elif args.profile != "diffusers":
+        report.notes.append("image side not run: only the diffusers profile is implemented so far")
     else:
+        from parity.check import DTYPES
+
         run = ImageRun(prompt=prompts[0], steps=args.steps, guidance=args.guidance, seed=args.seed, height=height,
-                       width=width, slg_layers=tuple(args.slg))
+                       width=width, slg_layers=tuple(args.slg), dtype=DTYPES[args.dtype])
         before = len(report.records)
         run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family)
         if len(report.records) == before:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
     c.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
     c.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
-    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     c.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE", help="override one flag of the profile")
     c.add_argument("--threads", type=int, default=1, help="intra-op threads for both sides (default 1)")
     c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")

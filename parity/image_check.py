@@ -27,6 +27,7 @@ class ImageRun:
     height: int = 64
     width: int = 64
     slg_layers: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32  # the pipeline dtype (torch_dtype of from_pretrained)
 
 
 def vae_map(n_levels: int, blocks_per_level: int) -> list[LM.Point]:
@@ -90,7 +91,11 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
 
     d_logging.set_verbosity_error()
     d_logging.disable_progress_bar()
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir)
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, dtype=run.dtype)
+    # measured: diffusers 0.42.1 without accelerate leaves SD3Transformer2DModel in float32 under dtype=bfloat16
+    # (the VAE and text encoders are cast); cast it explicitly, the same rounding a dtype-converting load does.
+    # Only it: pipe.to() would also cast the float32 T5 `wo` layers transformers keeps in float16 runs.
+    pipe.transformer.to(run.dtype)
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if part is not None:
             own_storage(part.eval())
@@ -123,10 +128,12 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
     ref_pixels = torch.from_numpy(np.asarray(image).copy())
 
     # impl: the same run from its own parts
-    cond, unc = encode_prompt(stack, run.prompt, settings), encode_prompt(stack, run.negative, settings)
+    impl_model, impl_vae = impl_model.to(run.dtype), impl_vae.to(run.dtype)
+    cond = encode_prompt(stack, run.prompt, settings, run.dtype)
+    unc = encode_prompt(stack, run.negative, settings, run.dtype)
     f = impl_vae.config.downscale
-    noise = torch.randn(1, c.in_channels, run.height // f, run.width // f,
-                        generator=torch.Generator("cpu").manual_seed(run.seed))
+    noise = torch.randn(1, c.in_channels, run.height // f, run.width // f, dtype=run.dtype,
+                        generator=torch.Generator("cpu").manual_seed(run.seed))  # diffusers' randn_tensor on CPU
     with contextlib.ExitStack() as es:
         es.enter_context(LM.capture(impl_model, {p.layer: (p.impl, p.impl_reads) for p in pts},
                                     stores["impl"]["mmdit"]))

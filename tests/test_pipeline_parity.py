@@ -106,3 +106,28 @@ def test_check_command_covers_every_family_and_locates_an_injected_change(monkey
     fd = json.loads(capsys.readouterr().out)["first_divergence"]
     assert fd == {"model": "embedded-sd3.5-large", "prompt": 0, "component": "mmdit", "layer": "block.1.context.mlp.fc2",
                   "step": 0, "branch": "uncond", "block": 1, "stream": "context"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_pipeline_bitwise(dtype, capsys):
+    """impl mirrors diffusers' dtype handling (T5 wo kept in float32 under float16, Euler in float32 then cast,
+    postprocess in the VAE dtype), so the bound in half precision is 0 ulp on every record."""
+    import json
+
+    from parity.cli import main
+
+    assert main(["check", "--json", "--dtype", dtype, "--family", "sd3.5-medium", "--prompt", "a cat"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_records"] > 400 and out["first_divergence"] is None
+    assert {r["dtype"] for r in out["records"] if r["component"] == "mmdit"} == {dtype}
+
+
+def test_half_precision_runs_do_not_round_the_loaded_weights(stack):
+    s = F.settings(F.profile_values("diffusers"))
+    before = encode_prompt(stack, "a cat", s).context
+    encode_prompt(stack, "a cat", s, torch.float16)
+    encode_prompt(stack, "a cat", s, torch.bfloat16)
+    assert torch.equal(encode_prompt(stack, "a cat", s).context, before)
+    assert stack.encoder("t5", torch.float16).encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert torch.equal(stack.encoder("t5", torch.float16).encoder.block[0].layer[1].DenseReluDense.wo.weight,
+                       stack.t5.encoder.block[0].layer[1].DenseReluDense.wo.weight)  # never rounded through fp16
