@@ -1,8 +1,14 @@
 """Flow-matching sampling as pure functions: sigma schedules, CFG, skip-layer guidance, Euler, and the txt2img
 loop that ties a transformer and a VAE together. All randomness comes in as tensors (``noise``).
 
-Implemented so far: the diffusers forms (``FlowMatchEulerDiscreteScheduler`` schedule and step, CFG on the
-velocity with the batch [uncond, cond], skip-layer guidance on the loop index; QUIRKS S3, S6, G2, G3, G5).
+Two families of forms, each exactly as its reference computes it:
+
+* diffusers: ``FlowMatchEulerDiscreteScheduler`` schedule and step, CFG on the velocity with the batch
+  [uncond, cond] and only when guidance > 1, skip-layer guidance on the loop index (QUIRKS S3, S6, G2, G3, G5);
+* SD3.5 reference (``sd3_impls`` / ``sd3_infer``): float32 torch schedule, k-diffusion Euler and DPM-Solver++(2M)
+  on x0 predictions, CFG on x0 with the batch [cond, uncond] at any guidance, the float16 latent whose dtype
+  rounds every timestep (S4) until the first update makes it float32 (S5), the img2img start index (S7) and the
+  truncating uint8 conversion (V3). Skip-layer guidance of the reference is not implemented yet.
 """
 from __future__ import annotations
 
@@ -80,6 +86,97 @@ def denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditionin
         if on_step is not None:
             on_step(i, {"sigma": sigmas[i], "timestep": t, "model_output": out, "velocity": v, "latent": latents})
     return latents
+
+
+# ---------------------------------------------------------------------------------------------- SD3.5 reference
+
+def sai_schedule(steps: int, shift: float, train_steps: int = 1000) -> Tensor:
+    """``SD3Inferencer.get_sigmas``: the float32 table sigma(t/1000) for t = 1..1000, its ends times 1000 spanned
+    by ``torch.linspace`` in float32, each point shifted again (no formula when shift == 1), then 0 (QUIRKS S3)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+    def sigma(t: Tensor) -> Tensor:
+        t = t / 1000.0
+        return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+    table = sigma(torch.arange(1, train_steps + 1, 1))
+    timesteps = torch.linspace(table[-1] * 1000, table[0] * 1000, steps)
+    return torch.tensor([float(sigma(ts)) for ts in timesteps] + [0.0], dtype=torch.float32)
+
+
+def sai_start_index(steps: int, denoise: float) -> int:
+    """img2img: the reference keeps ``sigmas[int(steps * (1 - denoise)):]`` (1 - 0.8 = 0.19999.. -> 7 of 40)."""
+    return int(steps * (1 - denoise))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaiSettings:
+    steps: int = 40
+    shift: float = 3.0
+    guidance: float = 4.5
+    sampler: str = "dpmpp_2m"  # or "euler"
+    latent_dtype: torch.dtype = torch.float16  # sd3_infer: latent.half() (QUIRKS S4, S5)
+    model_dtype: torch.dtype = torch.float16  # BaseModel.apply_model casts x, context and y to it
+    empty_latent: float = 0.0609  # get_empty_latent: ones * 0.0609
+    denoise: float = 1.0
+
+
+def sai_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``get_noise``: float32 CPU ``randn`` from ``torch.manual_seed(seed)``'s generator, cast to the latent dtype."""
+    return torch.randn(shape, dtype=torch.float32, generator=torch.Generator("cpu").manual_seed(seed)).to(dtype)
+
+
+def sai_cfg_x0(model: Model, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning,
+               guidance: float, model_dtype: torch.dtype) -> Tensor:
+    """``CFGDenoiser`` + ``BaseModel.apply_model``: batch [cond, uncond] whatever the guidance (G3), the timestep
+    ``(sigma * 1000).float()`` from ``sigma`` in the latent's dtype (S4), x0 = x - v * sigma in float32, CFG on x0
+    (G2): uncond + (cond - uncond) * scale."""
+    xb, sb = torch.cat([x, x]), torch.cat([sigma, sigma])
+    v = model(xb.to(model_dtype), (sb * 1000).float(), torch.cat([cond.pooled, uncond.pooled]).to(model_dtype),
+              torch.cat([cond.context, uncond.context]).to(model_dtype)).float()
+    x0 = xb - v * sb.view(sb.shape[:1] + (1,) * (v.ndim - 1))
+    pos, neg = x0.chunk(2)
+    return neg + (pos - neg) * guidance
+
+
+def sai_denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditioning, s: SaiSettings,
+                latent: Tensor | None = None, on_step: Callable[[int, dict], None] | None = None) -> Tensor:
+    """``SD3Inferencer.do_sampling`` without the device moves: returns the latent after the last step (the caller
+    applies ``process_out``). ``latent`` is the img2img start latent (default: the constant empty latent)."""
+    if s.sampler not in ("euler", "dpmpp_2m"):
+        raise ValueError(f"sampler {s.sampler!r}: expected 'euler' or 'dpmpp_2m'")
+    dtype = s.latent_dtype
+    base = (torch.ones(noise.shape) * s.empty_latent if latent is None else latent).to(dtype)
+    sigmas = sai_schedule(s.steps, s.shift)[sai_start_index(s.steps, s.denoise):]
+    x = sigmas[0] * noise.to(dtype) + (1.0 - sigmas[0]) * base  # noise_scaling, in the latent dtype
+    s_in = x.new_ones([x.shape[0]])  # made once: the latent dtype stays in every sigma * s_in (S4)
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = sai_cfg_x0(model, x, sigmas[i] * s_in, cond, uncond, s.guidance, s.model_dtype)
+        if s.sampler == "euler":
+            d = (x - denoised) / sigmas[i]
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        else:
+            t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = t_next - t
+            if old is None or sigmas[i + 1] == 0:
+                x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised
+            else:
+                r = (t + sigmas[i - 1].log()) / h
+                x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised
+                                                                        - (1 / (2 * r)) * old)
+            old = denoised
+        if on_step is not None:
+            on_step(i, {"sigma": sigmas[i], "timestep": (sigmas[i] * s_in * 1000).float(), "x0": denoised,
+                        "latent": x})
+    return x
+
+
+def sai_to_uint8(image: Tensor) -> Tensor:
+    """``vae_decode``: float32, clamp((x + 1) / 2, 0, 1), 255 * x, **truncated** to uint8 (QUIRKS V3)."""
+    x = torch.clamp((image.float() + 1.0) / 2.0, min=0.0, max=1.0).permute(0, 2, 3, 1)
+    return (255.0 * x).to(torch.uint8)
 
 
 def to_uint8(image: Tensor) -> Tensor:

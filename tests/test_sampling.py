@@ -1,0 +1,107 @@
+"""Sampler forms of both references, checked against the measured facts of QUIRKS.md (S1-S7, G2, G3, V3)."""
+import pytest
+import torch
+
+from impl import sampling as S
+
+diffusers = pytest.importorskip("diffusers")
+
+
+class Recorder:
+    """A stand-in transformer: records its inputs, returns a velocity that depends on them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, y, context, skip_layers=()):
+        self.calls.append({"x": x, "t": t, "y": y, "context": context})
+        return (0.1 * x + 0.001 * t.float().view(-1, 1, 1, 1) + context.float().mean((1, 2)).view(-1, 1, 1, 1)).to(x.dtype)
+
+
+def _conds():
+    return S.Conditioning(torch.ones(1, 3, 4), torch.ones(1, 2)), S.Conditioning(torch.zeros(1, 3, 4), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("steps", [4, 28, 40])
+def test_s3_schedules_differ_by_at_most_one_ulp_of_one(steps):
+    sai, dif = S.sai_schedule(steps, 3.0), S.diffusers_schedule(steps, 3.0)[0]
+    assert sai.shape == dif.shape == (steps + 1,)
+    assert 0 < (sai - dif).abs().max() <= 1.2e-7
+    assert round(float(sai[-2]), 6) == 0.008929 and sai[-1] == 0  # the double shift of sigma_min
+
+
+def test_s4_s5_fp16_timesteps_and_latent_dtype():
+    model, (cond, unc) = Recorder(), _conds()
+    latents = []
+    S.sai_denoise(model, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=28, sampler="euler",
+                  model_dtype=torch.float32), on_step=lambda i, d: latents.append(d["latent"].dtype))
+    t_sai = torch.stack([c["t"][0] for c in model.calls])
+    t_dif = S.diffusers_schedule(28, 3.0)[1]
+    assert float(t_dif[1]) == pytest.approx(987.3806) and float(t_sai[1]) == 987.5  # QUIRKS S4's example
+    assert 0.4 < (t_sai - t_dif).abs().max() < 0.5  # fp16 sigma (spacing 2**-11) times 1000, rounded in fp16
+    assert model.calls[0]["x"].dtype == torch.float32  # cast to the model dtype for the call
+    assert latents[0] == torch.float32  # fp16 latent + fp32 update = fp32 from the first step on (S5)
+    model32 = Recorder()
+    S.sai_denoise(model32, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=28, latent_dtype=torch.float32,
+                  model_dtype=torch.float32))
+    assert torch.equal(torch.stack([c["t"][0] for c in model32.calls]), S.sai_schedule(28, 3.0)[:-1] * 1000)
+
+
+def test_g2_g3_batch_order_and_cfg_at_guidance_one():
+    cond, unc = _conds()
+    sai, dif = Recorder(), Recorder()
+    S.sai_denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=2, guidance=1.0))
+    S.denoise(dif, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=1.0))
+    assert sai.calls[0]["context"].shape[0] == 2 and sai.calls[0]["context"][0].mean() == 1  # [cond, uncond]
+    assert dif.calls[0]["context"].shape[0] == 1  # guidance <= 1: no CFG batch
+    dif2 = Recorder()
+    S.denoise(dif2, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=5.0))
+    assert dif2.calls[0]["context"][0].mean() == 0  # [uncond, cond]
+
+
+def test_s1_dpmpp_2m_first_step_is_euler_and_last_step_returns_x0():
+    cond, unc = _conds()
+    noise = torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(0))
+    settings = dict(steps=3, latent_dtype=torch.float32, model_dtype=torch.float32)
+    euler, dpm = [], []
+    S.sai_denoise(Recorder(), noise, cond, unc, S.SaiSettings(sampler="euler", **settings),
+                  on_step=lambda i, d: euler.append(d))
+    S.sai_denoise(Recorder(), noise, cond, unc, S.SaiSettings(sampler="dpmpp_2m", **settings),
+                  on_step=lambda i, d: dpm.append(d))
+    assert torch.allclose(euler[0]["latent"], dpm[0]["latent"], atol=1e-6)
+    assert not torch.allclose(euler[1]["latent"], dpm[1]["latent"], atol=1e-4)  # the 2M correction acts
+    assert torch.equal(dpm[-1]["latent"], dpm[-1]["x0"])  # sigma_next = 0: x = x0 exactly
+
+
+def test_s7_img2img_start_index():
+    assert S.sai_start_index(40, 0.8) == 7  # 1 - 0.8 = 0.19999999999999996
+    assert int(40 - min(40 * 0.8, 40)) == 8  # diffusers' t_start for strength 0.8
+
+
+def test_v3_truncation_vs_rounding():
+    image = torch.tensor([0.9976, -1.0, 0.0, 1.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    assert S.sai_to_uint8(image)[0, 0, :, 0].tolist() == [254, 0, 127, 255]
+    assert S.to_uint8(image)[0, 0, :, 0].tolist() == [255, 0, 128, 255]
+    noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    diff = S.to_uint8(noise).int() - S.sai_to_uint8(noise).int()
+    assert set(diff.unique().tolist()) == {0, 1} and 0.4 < (diff == 1).float().mean() < 0.6
+
+
+def test_sai_euler_close_to_diffusers_on_the_tiny_model():
+    """Same model and noise, float32, guidance 1: x0-form Euler on the [cond, uncond] batch vs velocity Euler on
+    the cond batch differ by rounding only (S6, G2, G3)."""
+    from impl import embedded
+    from impl.mmdit import MMDiT
+    from impl.weights import load_strict
+
+    model = MMDiT(embedded.MMDIT["sd3-medium"])
+    load_strict(model, embedded.mmdit_weights("sd3-medium"), "tiny")
+    g = torch.Generator().manual_seed(1)
+    cond = S.Conditioning(torch.randn(1, 10, 96, generator=g), torch.randn(1, 80, generator=g))
+    unc = S.Conditioning(torch.randn(1, 10, 96, generator=g), torch.randn(1, 80, generator=g))
+    noise = torch.randn(1, 16, 4, 4, generator=g)
+    with torch.no_grad():
+        a = S.sai_denoise(model, noise, cond, unc, S.SaiSettings(steps=4, guidance=1.0, sampler="euler",
+                          latent_dtype=torch.float32, model_dtype=torch.float32))
+        b = S.denoise(model, noise, cond, unc, S.SamplerSettings(steps=4, guidance=1.0))
+    assert 0 < (a - b).abs().max() < 1e-4
