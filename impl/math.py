@@ -36,16 +36,21 @@ ACTIVATIONS = {
 
 
 class RMSNorm(nn.Module):
-    """RMS norm as transformers' T5LayerNorm and diffusers' RMSNorm compute it: variance in float32, the input
-    scaled by its rsqrt, cast to the weight's dtype when that is half precision, then times the weight. Used by
-    the T5 encoder and as the MMDiT qk-norm."""
+    """RMS norm. ``form="upcast"``: as transformers' T5LayerNorm and diffusers' RMSNorm compute it (variance in
+    float32, the input scaled by its rsqrt, cast to the weight's dtype when that is half precision, then times
+    the weight). ``form="native"``: as the SD3.5 reference's qk-norm (everything in the input dtype, the weight
+    cast to it; QUIRKS M6). Used by the T5 encoder and as the MMDiT qk-norm."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, form: str = "upcast"):
         super().__init__()
+        if form not in ("upcast", "native"):
+            raise ValueError(f"RMSNorm form {form!r}: expected 'upcast' or 'native'")
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.form = eps, form
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.form == "native":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):

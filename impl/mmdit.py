@@ -8,6 +8,8 @@ compute the same function with different op orders; ``MMDiTOptions`` picks one (
   (diffusers), ``context_first`` [context, image] (the SD3.5 reference). Softmax sums run in another order.
 * ``qkv`` (M4): ``split`` runs three GEMMs on the thirds of the fused weight (diffusers' to_q/to_k/to_v),
   ``fused`` one GEMM then a reshape (the SD3.5 reference).
+* ``qk_norm`` (M6): ``upcast`` (diffusers: float32 variance, cast to the weight dtype, times the weight) or
+  ``native`` (the SD3.5 reference: all in the input dtype). Equal in float32.
 
 Shapes: B batch, N image tokens, M context tokens, D hidden, H heads, E head dim (64 in every released model).
 """
@@ -49,26 +51,29 @@ class MMDiTConfig:
 class MMDiTOptions:
     attention_order: str = "image_first"  # "image_first" (diffusers) or "context_first" (SD3.5 reference)
     qkv: str = "split"  # "split" (diffusers) or "fused" (SD3.5 reference)
+    qk_norm: str = "upcast"  # "upcast" (diffusers) or "native" (SD3.5 reference)
 
     def __post_init__(self):
         if self.attention_order not in ("image_first", "context_first"):
             raise ValueError(f"attention_order {self.attention_order!r}: expected 'image_first' or 'context_first'")
         if self.qkv not in ("split", "fused"):
             raise ValueError(f"qkv {self.qkv!r}: expected 'split' or 'fused'")
+        if self.qk_norm not in ("upcast", "native"):
+            raise ValueError(f"qk_norm {self.qk_norm!r}: expected 'upcast' or 'native'")
 
 
 class SelfAttention(nn.Module):
     """Fused ``qkv`` projection, optional qk RMSNorm, output ``proj`` (absent in the pre-only context block).
     Identity modules ``q``, ``k``, ``v`` (projections before the norm, (B, L, D)) are capture points."""
 
-    def __init__(self, c: MMDiTConfig, pre_only: bool = False):
+    def __init__(self, c: MMDiTConfig, pre_only: bool = False, norm_form: str = "upcast"):
         super().__init__()
         self.heads, self.head_dim = c.heads, c.head_dim
         self.qkv = nn.Linear(c.hidden, 3 * c.hidden)
         if not pre_only:
             self.proj = nn.Linear(c.hidden, c.hidden)
         if c.qk_norm:
-            self.ln_q, self.ln_k = RMSNorm(c.head_dim, c.eps), RMSNorm(c.head_dim, c.eps)
+            self.ln_q, self.ln_k = RMSNorm(c.head_dim, c.eps, norm_form), RMSNorm(c.head_dim, c.eps, norm_form)
         self.q, self.k, self.v = nn.Identity(), nn.Identity(), nn.Identity()
 
     def project(self, x: Tensor, qkv: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,14 +113,14 @@ class DismantledBlock(nn.Module):
     """One stream (image ``x_block`` or ``context_block``) of a joint block: adaLN modulation (6 chunks: shift,
     scale, gate for attention and MLP; 9 with the MMDiT-X second attention; 2 (shift, scale) when pre-only)."""
 
-    def __init__(self, c: MMDiTConfig, pre_only: bool = False, dual: bool = False):
+    def __init__(self, c: MMDiTConfig, pre_only: bool = False, dual: bool = False, norm_form: str = "upcast"):
         super().__init__()
         self.pre_only, self.dual, self.eps = pre_only, dual, c.eps
         n_mods = 2 if pre_only else (9 if dual else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, n_mods * c.hidden))
-        self.attn = SelfAttention(c, pre_only)
+        self.attn = SelfAttention(c, pre_only, norm_form)
         if dual:
-            self.attn2 = SelfAttention(c)
+            self.attn2 = SelfAttention(c, norm_form=norm_form)
         if not pre_only:
             self.mlp = Mlp(c)
 
@@ -142,10 +147,10 @@ class DismantledBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, c: MMDiTConfig, pre_only: bool, dual: bool):
+    def __init__(self, c: MMDiTConfig, pre_only: bool, dual: bool, norm_form: str = "upcast"):
         super().__init__()
-        self.context_block = DismantledBlock(c, pre_only=pre_only)
-        self.x_block = DismantledBlock(c, dual=dual)
+        self.context_block = DismantledBlock(c, pre_only=pre_only, norm_form=norm_form)
+        self.x_block = DismantledBlock(c, dual=dual, norm_form=norm_form)
 
     def forward(self, context: Tensor, x: Tensor, c: Tensor, opt: MMDiTOptions) -> tuple[Tensor | None, Tensor]:
         x_in, x_second, x_mods = self.x_block.pre(x, c)
@@ -213,7 +218,8 @@ class MMDiT(nn.Module):
         self.y_embedder = Embedder(c.pooled_dim, c.hidden)
         self.context_embedder = nn.Linear(c.context_dim, c.hidden)
         self.joint_blocks = nn.ModuleList(
-            JointBlock(c, pre_only=i == c.depth - 1, dual=i in c.dual_attention_layers) for i in range(c.depth))
+            JointBlock(c, pre_only=i == c.depth - 1, dual=i in c.dual_attention_layers, norm_form=options.qk_norm)
+            for i in range(c.depth))
         self.final_layer = FinalLayer(c)
         self.tokens, self.cond = nn.Identity(), nn.Identity()  # capture points: embedded image tokens, c = t + y
 

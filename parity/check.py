@@ -182,15 +182,17 @@ def run_image(report: Report, model_dir: str | None, values: dict, run, families
             family = label.removeprefix("embedded-")
             if families and family not in families:
                 continue
+            opts = F.image_options(values)
             if model_dir is None:
                 weights = {f"mmdit-{family}": embedded.mmdit_weights(family), "vae": embedded.vae_weights()}
                 embedded.verify(weights)
-                model, vae = MMDiT(embedded.MMDIT[family]), VAE(embedded.VAE)
+                model = MMDiT(embedded.MMDIT[family], opts["mmdit"])
+                vae = VAE(embedded.VAE, opts["vae_attention"])
                 load_strict(model, weights[f"mmdit-{family}"], label)
                 load_strict(vae, weights["vae"], "embedded vae")
             else:
-                model, vae = load_impl_image_parts(directory)
-            run_image_check(label, directory, model.eval(), vae.eval(), stack, settings, run,
+                model, vae = load_impl_image_parts(directory, opts)
+            run_image_check(label, directory, model.eval(), vae.eval(), stack, settings, run, opts,
                             lambda f, a, b: _add(report, 0, f.pop("component"), f.pop("layer"), a, b, **f))
 
 

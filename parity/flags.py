@@ -22,6 +22,7 @@ class Flag:
     sai: Any
     provenance: str
     changes: str  # what flipping it changes
+    side: str = "text"  # "text" or "image"
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -68,6 +69,26 @@ FLAGS: tuple[Flag, ...] = (
     Flag("encoder_dtype", "T7", ("pipeline", "float32"), "pipeline", "float32",
          "diffusers runs encoders in the pipeline dtype; sd3.5 sd3_infer builds CLIP/T5 in float32 on CPU",
          "embeddings in half precision (~1e-3 rel. fp16, ~1e-2 bf16)"),
+    # image side
+    Flag("attention_order", "M3", ("image_first", "context_first"), "image_first", "context_first",
+         "diffusers JointAttnProcessor2_0 cat([image, context]); sd3.5 mmditx.block_mixing cat([context, x])",
+         "every joint attention output by ulps (softmax sums in another order)", "image"),
+    Flag("qkv_fusion", "M4", ("split", "fused"), "split", "fused",
+         "diffusers to_q/to_k/to_v (the converter splits the fused weight); sd3.5 SelfAttention.qkv one Linear",
+         "q, k, v by GEMM blocking (ulps; equal on the tiny embedded sizes)", "image"),
+    Flag("qk_norm_form", "M6", ("upcast", "native"), "upcast", "native",
+         "diffusers RMSNorm: float32 variance, cast to weight dtype, times weight; sd3.5 RMSNorm in the input dtype",
+         "qk-norm outputs in half precision (equal in float32)", "image"),
+    Flag("vae_attention", "V1b", ("linear", "conv"), "linear", "conv",
+         "diffusers AutoencoderKL Attention to_q/k/v Linear; sd3.5 AttnBlock 1x1 Conv2d",
+         "VAE mid-block attention by ulps, then every later decoder layer", "image"),
+    Flag("sampler", "S1 S3-S6 G2 G3 N1", ("diffusers_euler", "sai_euler", "sai_dpmpp_2m"), "diffusers_euler",
+         "sai_dpmpp_2m", "diffusers FlowMatchEulerDiscreteScheduler + velocity CFG [uncond, cond]; sd3.5 "
+         "sd3_impls.sample_dpmpp_2m/sample_euler on x0, CFGDenoiser [cond, uncond], fp16 latent and s_in",
+         "timesteps (fp16-rounded), batch order, CFG space, every step's latent", "image"),
+    Flag("uint8", "V3", ("round", "truncate"), "round", "truncate",
+         "diffusers VaeImageProcessor.numpy_to_pil round(); sd3.5 vae_decode astype(uint8)",
+         "about half of the pixels by 1", "image"),
 )
 BY_NAME = {f.name: f for f in FLAGS}
 PROFILES = ("diffusers", "sai")
@@ -89,6 +110,15 @@ def parse_override(text: str) -> tuple[str, Any]:
         if str(choice).lower() == raw.lower():
             return name, choice
     raise ValueError(f"--flag {name}: {raw!r} is not one of {', '.join(map(str, flag.choices))}")
+
+
+def image_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The image-side flag values as impl arguments."""
+    from impl.mmdit import MMDiTOptions
+
+    return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
+                                  qk_norm=values["qk_norm_form"]),
+            "vae_attention": values["vae_attention"], "sampler": values["sampler"], "uint8": values["uint8"]}
 
 
 def settings(values: dict[str, Any]) -> TextSettings:

@@ -81,7 +81,7 @@ def _coords(layer: str) -> dict:
 
 
 def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, settings, run: ImageRun,
-                    add) -> None:
+                    opts: dict, add) -> None:
     """Run both sides once and pass every record to ``add(record_fields, impl_tensor, ref_tensor)``."""
     from diffusers import StableDiffusion3Pipeline
     from diffusers.utils import logging as d_logging
@@ -132,25 +132,36 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
     cond = encode_prompt(stack, run.prompt, settings, run.dtype)
     unc = encode_prompt(stack, run.negative, settings, run.dtype)
     f = impl_vae.config.downscale
-    noise = torch.randn(1, c.in_channels, run.height // f, run.width // f, dtype=run.dtype,
-                        generator=torch.Generator("cpu").manual_seed(run.seed))  # diffusers' randn_tensor on CPU
+    shape = (1, c.in_channels, run.height // f, run.width // f)
+    conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     with contextlib.ExitStack() as es:
         es.enter_context(LM.capture(impl_model, {p.layer: (p.impl, p.impl_reads) for p in pts},
                                     stores["impl"]["mmdit"]))
         es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in vpts}, stores["impl"]["vae"]))
         h = _calls(impl_model, stores["impl"]["calls"], stores["impl"]["mmdit"])
         es.callback(h.remove)
-        latents = sampling.denoise(
-            impl_model, noise, sampling.Conditioning(cond.context, cond.pooled),
-            sampling.Conditioning(unc.context, unc.pooled),
-            sampling.SamplerSettings(steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers),
-            on_step=lambda i, d: stores["impl"]["steps"].append({"velocity": d["velocity"], "latent": d["latent"]}))
-        pixels = sampling.to_uint8(impl_vae.decode(impl_vae.latent_out(latents)))[0]
+        keep = lambda i, d: stores["impl"]["steps"].append({k: d[k] for k in ("velocity", "latent") if k in d})  # noqa
+        if opts["sampler"] == "diffusers_euler":
+            noise = torch.randn(shape, dtype=run.dtype, generator=torch.Generator("cpu").manual_seed(run.seed))
+            latents = sampling.denoise(impl_model, noise, *conds, sampling.SamplerSettings(
+                steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers), on_step=keep)
+        else:
+            if run.slg_layers:
+                raise ValueError("skip-layer guidance of the SD3.5 reference samplers is not implemented")
+            sai = sampling.SaiSettings(steps=run.steps, shift=3.0, guidance=run.guidance,
+                                       sampler=opts["sampler"].removeprefix("sai_"), model_dtype=run.dtype)
+            latents = sampling.sai_denoise(impl_model, sampling.sai_noise(run.seed, shape, sai.latent_dtype), *conds,
+                                           sai, on_step=keep)
+        image = impl_vae.decode(impl_vae.latent_out(latents).to(run.dtype))
+        pixels = (sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8)(image)[0]
 
-    _records(label, pts, vpts, stores, run, pixels, ref_pixels, add)
+    _records(label, pts, vpts, stores, run, pixels, ref_pixels, add,
+             impl_cfg_order=("uncond", "cond") if opts["sampler"] == "diffusers_euler" else ("cond", "uncond"))
 
 
-def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add) -> None:
+def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add, impl_cfg_order=("uncond", "cond")) -> None:
+    """Pair impl and reference tensors by coordinates. Branches are matched by name, so a sampler that batches
+    [cond, uncond] is still compared cond with cond."""
     cfg = run.guidance > 1
     imp, ref = stores["impl"], stores["ref"]
     step_of_call, k = [], 0
@@ -167,19 +178,21 @@ def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add) -> None:
         step = step_of_call[n]
         for b, branch in enumerate(_branches(rcall[0].shape[0], cfg)):
             base = {"model": label, "step": step, "branch": branch}
+            ib = impl_cfg_order.index(branch) if branch in impl_cfg_order and icall[0].shape[0] == 2 else b
             for name, i_t, r_t in zip(("latent_in", "timestep", "context", "pooled"), icall, rcall):
                 add({**base, "component": "sampler", "layer": f"input.{name}", "block": None, "stream": None},
-                    i_t[b: b + 1], r_t[b: b + 1])
+                    i_t[ib: ib + 1], r_t[b: b + 1])
             for p in pts:
                 got, want = _of_call(imp["mmdit"], imp["calls"], n, p.layer), _of_call(ref["mmdit"], ref["calls"], n, p.layer)
                 if got is None and want is None:  # a skipped layer (skip-layer guidance)
                     continue
-                got, want = (t[b: b + 1] if t is not None else torch.empty(0) for t in (got, want))
+                got = got[ib: ib + 1] if got is not None else torch.empty(0)
+                want = want[b: b + 1] if want is not None else torch.empty(0)
                 if p.transform == "swap_halves" and want.numel():
                     want = torch.cat(want.chunk(2, dim=-1)[::-1], dim=-1)
                 add({**base, "component": "mmdit", "layer": p.layer, **_coords(p.layer)}, got, want)
     for step, (i_s, r_s) in enumerate(zip(imp["steps"], ref["steps"])):
-        for name in ("velocity", "latent"):
+        for name in [n for n in ("velocity", "latent") if n in i_s]:  # the x0-form samplers have no velocity
             add({"model": label, "component": "sampler", "step": step, "branch": None, "block": None, "stream": None,
                  "layer": name}, i_s[name], r_s[name])
     base = {"model": label, "component": "vae", "step": None, "branch": None, "block": None, "stream": None}
@@ -188,7 +201,7 @@ def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add) -> None:
     add({**base, "layer": "image_uint8"}, pixels, ref_pixels)
 
 
-def load_impl_image_parts(directory: Path):
+def load_impl_image_parts(directory: Path, opts: dict):
     """impl MMDiT and VAE from a diffusers-layout directory, through the declared key maps."""
     from impl.checkpoint import infer_vae_config
     from impl.mmdit import MMDiT
@@ -198,13 +211,13 @@ def load_impl_image_parts(directory: Path):
 
     cfg_path = directory / "transformer" / "config.json"
     mc = config_from_diffusers(read_config(cfg_path), str(cfg_path))
-    model = MMDiT(mc)
+    model = MMDiT(mc, opts["mmdit"])
     load_strict(model, diffusers_to_sai(read_weights_dir(directory / "transformer"), mc, str(directory / "transformer")),
                 str(directory / "transformer"))
     vc = vae_config_from_diffusers(read_config(directory / "vae" / "config.json"), str(directory / "vae" / "config.json"))
     state = diffusers_to_sai(read_weights_dir(directory / "vae"), vc, str(directory / "vae"))
     if infer_vae_config(state, str(directory / "vae")) != vc:
         raise ValueError(f"{directory / 'vae'}: weights do not match its config.json")
-    vae = VAE(vc)
+    vae = VAE(vc, opts["vae_attention"])
     load_strict(vae, state, str(directory / "vae"))
     return model.eval(), vae.eval()
