@@ -64,15 +64,18 @@ Model = Callable[..., Tensor]  # (x, t, y, context, skip_layers=()) -> velocity
 
 
 def denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditioning, s: SamplerSettings,
-            on_step: Callable[[int, dict], None] | None = None) -> Tensor:
+            on_step: Callable[[int, dict], None] | None = None, start: int = 0) -> Tensor:
     """diffusers' StableDiffusion3Pipeline loop. ``noise`` (1, C, h, w) is the initial latent; ``on_step(i, d)``
-    sees the sigma, timestep, model output, guided velocity and new latent of step ``i``."""
+    sees the sigma, timestep, model output, guided velocity and new latent of step ``i``. ``start`` > 0 begins
+    at that schedule index (img2img; ``noise`` is then the noised image latent)."""
     sigmas, timesteps = diffusers_schedule(s.steps, s.shift)
     cfg = s.guidance > 1
     context = torch.cat([uncond.context, cond.context]) if cfg else cond.context
     pooled = torch.cat([uncond.pooled, cond.pooled]) if cfg else cond.pooled
     latents = noise
     for i, t in enumerate(timesteps):
+        if i < start:
+            continue
         x = torch.cat([latents] * 2) if cfg else latents
         out = model(x, t.expand(x.shape[0]), pooled, context)
         v = out
@@ -86,6 +89,39 @@ def denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditionin
         if on_step is not None:
             on_step(i, {"sigma": sigmas[i], "timestep": t, "model_output": out, "velocity": v, "latent": latents})
     return latents
+
+
+def diffusers_start_index(steps: int, strength: float) -> int:
+    """img2img: ``t_start = int(max(N - min(N * strength, N), 0))`` (strength 0.8 of 40 -> 8; QUIRKS S7)."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def image_to_tensor(pixels) -> Tensor:
+    """(H, W, 3) uint8 array -> (1, 3, H, W) in [-1, 1] as diffusers' ``VaeImageProcessor.preprocess`` builds it:
+    float32 / 255 in numpy, then a *transposed view* (channels-last strides), then 2x - 1. The layout matters on
+    CPU: convolutions and GroupNorm take their channels-last kernels for it, and the VAE encoder's posterior
+    mean differs from a contiguous input's by ulps (measured; impl mirrors the layout rather than copying)."""
+    import numpy as np
+
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image: expected an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
+    return 2.0 * torch.from_numpy(arr[None].astype(np.float32) / 255.0).permute(0, 3, 1, 2) - 1.0
+
+
+def img2img_latent(vae, image: Tensor, s: SamplerSettings, strength: float, generator: torch.Generator) -> tuple[Tensor, int]:
+    """diffusers' StableDiffusion3Img2ImgPipeline.prepare_latents: posterior sample (mean + std * randn, drawn
+    first from ``generator``), into the transformer's latent space, then noise (drawn second) mixed in at the
+    start sigma. ``image`` (1, 3, H, W) in [-1, 1], in the VAE dtype. Returns (latent, start index)."""
+    start = diffusers_start_index(s.steps, strength)
+    if start >= s.steps:
+        raise ValueError(f"strength {strength} leaves no denoising step out of {s.steps}")
+    mean, std = vae.encode_moments(image)
+    sample = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    z = vae.latent_in(sample)
+    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    sigma = diffusers_schedule(s.steps, s.shift)[0].to(z.dtype)[start]
+    return sigma * noise + (1.0 - sigma) * z, start
 
 
 # ---------------------------------------------------------------------------------------------- SD3.5 reference

@@ -46,8 +46,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x.contiguous())
+        if hasattr(self, "nin_shortcut"):  # no .contiguous(): layout-dependent kernels (diffusers 0.42 in eval mode)
+            x = self.nin_shortcut(x)
         return x + h
 
 

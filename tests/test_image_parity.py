@@ -90,7 +90,7 @@ def test_size_errors():
 
 def test_vae_bitwise():
     c, w = embedded.VAE, embedded.vae_weights()
-    ref = diffusers.AutoencoderKL(**{k: v for k, v in diffusers_vae_config(c).items() if k[0] != "_"})
+    ref = diffusers.AutoencoderKL(**{k: v for k, v in diffusers_vae_config(c).items() if k[0] != "_"}).eval()
     ref.load_state_dict(sai_to_diffusers(w, c), strict=True)
     g = torch.Generator().manual_seed(0)
     img, z = torch.rand(2, 3, 64, 48, generator=g) * 2 - 1, torch.randn(2, 16, 8, 6, generator=g)

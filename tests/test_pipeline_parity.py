@@ -131,3 +131,45 @@ def test_half_precision_runs_do_not_round_the_loaded_weights(stack):
     assert stack.encoder("t5", torch.float16).encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
     assert torch.equal(stack.encoder("t5", torch.float16).encoder.block[0].layer[1].DenseReluDense.wo.weight,
                        stack.t5.encoder.block[0].layer[1].DenseReluDense.wo.weight)  # never rounded through fp16
+
+
+@pytest.mark.parametrize("family,strength,steps", [("sd3.5-large", 0.6, 4), ("sd3-medium", 0.8, 5)])
+def test_img2img_bitwise(family, strength, steps):
+    """diffusers' StableDiffusion3Img2ImgPipeline: start index, posterior sample then noise from one generator,
+    scale_noise at the start sigma, the remaining steps, decode."""
+    from PIL import Image
+
+    from parity.embedded import model_dir
+
+    pixels = (np.arange(64 * 48 * 3, dtype=np.int64).reshape(64, 48, 3) * 37 % 256).astype(np.uint8)
+    with pinned(1):
+        pipe = diffusers.StableDiffusion3Img2ImgPipeline.from_pretrained(model_dir(family))
+        for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            own_storage(part)
+        pipe.set_progress_bar_config(disable=True)
+        ref_latents = []
+        ref = pipe("a red cat", image=Image.fromarray(pixels), height=64, width=48, strength=strength,
+                   num_inference_steps=steps,
+                   guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(3), output_type="pil",
+                   callback_on_step_end=lambda p, i, t, kw: ref_latents.append(kw["latents"].clone()) or {}).images[0]
+        stack = load_text_stack()
+        s = F.settings(F.profile_values("diffusers"))
+        cond, unc = encode_prompt(stack, "a red cat", s), encode_prompt(stack, "", s)
+        model = MMDiT(embedded.MMDIT[family])
+        load_strict(model, embedded.mmdit_weights(family), family)
+        vae = VAE(embedded.VAE)
+        load_strict(vae, embedded.vae_weights(), "vae")
+        image = sampling.image_to_tensor(pixels)
+        contiguous = vae.encode_moments(image.contiguous())[0]
+        settings = sampling.SamplerSettings(steps=steps, guidance=5.0)
+        start_latent, start = sampling.img2img_latent(vae, image, settings, strength,
+                                                      torch.Generator("cpu").manual_seed(3))
+        latents = []
+        final = sampling.denoise(model, start_latent, sampling.Conditioning(cond.context, cond.pooled),
+                                 sampling.Conditioning(unc.context, unc.pooled), settings, start=start,
+                                 on_step=lambda i, d: latents.append(d["latent"]))
+        out = sampling.to_uint8(vae.decode(vae.latent_out(final)))[0]
+    assert start == sampling.diffusers_start_index(steps, strength) and len(latents) == len(ref_latents) == steps - start
+    assert all(torch.equal(a, b) for a, b in zip(latents, ref_latents))
+    assert torch.equal(out, torch.from_numpy(np.asarray(ref).copy()))
+    assert not torch.equal(contiguous, vae.encode_moments(image)[0])  # the layout of the input image matters
