@@ -24,8 +24,10 @@ def _check(args) -> int:
     else:
         from parity.check import DTYPES
 
+        init = _read_image(args.image, height, width) if args.image else None
         run = ImageRun(prompt=prompts[0], steps=args.steps, guidance=args.guidance, seed=args.seed, height=height,
-                       width=width, slg_layers=tuple(args.slg), dtype=DTYPES[args.dtype])
+                       width=width, slg_layers=tuple(args.slg), dtype=DTYPES[args.dtype], init_image=init,
+                       strength=args.strength)
         before = len(report.records)
         run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family)
         if len(report.records) == before:
@@ -35,6 +37,21 @@ def _check(args) -> int:
     else:
         print(format_table(report, prompts))
     return 1 if report.failures else 0
+
+
+def _read_image(path: str, height: int, width: int):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"--image {path}: not a readable image ({e})") from None
+    if arr.shape[:2] != (height, width):
+        raise ValueError(f"--image {path}: {arr.shape[0]}x{arr.shape[1]} pixels; --size is {height}x{width} "
+                         "(resize it first: the pipelines' resampling is not compared)")
+    return arr
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -89,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0; <= 1 runs no CFG batch)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--size", default="64x64", help="HEIGHTxWIDTH in pixels (default 64x64)")
+    c.add_argument("--image", help="img2img from this image (its size must equal --size)")
+    c.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")
     c.add_argument("--slg", type=int, action="append", default=[], metavar="LAYER",
                    help="skip-layer guidance layer (repeatable; diffusers' window and scale)")
     c.set_defaults(fn=_check)

@@ -28,6 +28,8 @@ class ImageRun:
     width: int = 64
     slg_layers: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32  # the pipeline dtype (torch_dtype of from_pretrained)
+    init_image: np.ndarray | None = None  # (H, W, 3) uint8: img2img from it
+    strength: float = 0.6
 
 
 def vae_map(n_levels: int, blocks_per_level: int) -> list[LM.Point]:
@@ -46,6 +48,23 @@ def vae_map(n_levels: int, blocks_per_level: int) -> list[LM.Point]:
                                 f"decoder.up_blocks.{k}.upsamplers.0"))
     return pts + [LM.Point("decoder.norm_out", "decoder.norm_out", "decoder.conv_norm_out"),
                   LM.Point("decoder.conv_out", "decoder.conv_out", "decoder.conv_out")]
+
+
+def vae_encoder_map(n_levels: int, blocks_per_level: int) -> list[LM.Point]:
+    """impl encoder (SAI names) <-> diffusers ``AutoencoderKL.encoder``, in execution order."""
+    pts = [LM.Point("encoder.conv_in", "encoder.conv_in", "encoder.conv_in")]
+    for i in range(n_levels):
+        for j in range(blocks_per_level):
+            pts.append(LM.Point(f"encoder.down.{i}.block.{j}", f"encoder.down.{i}.block.{j}",
+                                f"encoder.down_blocks.{i}.resnets.{j}"))
+        if i != n_levels - 1:
+            pts.append(LM.Point(f"encoder.down.{i}.downsample", f"encoder.down.{i}.downsample",
+                                f"encoder.down_blocks.{i}.downsamplers.0"))
+    return pts + [LM.Point("encoder.mid.block_1", "encoder.mid.block_1", "encoder.mid_block.resnets.0"),
+                  LM.Point("encoder.mid.attn_1", "encoder.mid.attn_1", "encoder.mid_block.attentions.0"),
+                  LM.Point("encoder.mid.block_2", "encoder.mid.block_2", "encoder.mid_block.resnets.1"),
+                  LM.Point("encoder.norm_out", "encoder.norm_out", "encoder.conv_norm_out"),
+                  LM.Point("encoder.conv_out", "encoder.conv_out", "encoder.conv_out")]
 
 
 def _calls(model, store: list, captured: dict):
@@ -83,7 +102,7 @@ def _coords(layer: str) -> dict:
 def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, settings, run: ImageRun,
                     opts: dict, add) -> None:
     """Run both sides once and pass every record to ``add(record_fields, impl_tensor, ref_tensor)``."""
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
     from diffusers.utils import logging as d_logging
 
     from impl import sampling
@@ -91,7 +110,11 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
 
     d_logging.set_verbosity_error()
     d_logging.disable_progress_bar()
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, dtype=run.dtype)
+    img2img = run.init_image is not None
+    if img2img and opts["sampler"] != "diffusers_euler":
+        raise ValueError("img2img is compared in the diffusers sampler form only")
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(pipe_dir, dtype=run.dtype)
     # measured: diffusers 0.42.1 without accelerate leaves SD3Transformer2DModel in float32 under dtype=bfloat16
     # (the VAE and text encoders are cast); cast it explicitly, the same rounding a dtype-converting load does.
     # Only it: pipe.to() would also cast the float32 T5 `wo` layers transformers keeps in float16 runs.
@@ -116,10 +139,18 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
         return out
     pipe.scheduler.step = step
     kwargs = {"skip_guidance_layers": list(run.slg_layers)} if run.slg_layers else {}
+    if img2img:
+        from PIL import Image
+
+        kwargs.update(image=Image.fromarray(run.init_image), strength=run.strength)
+        epts = vae_encoder_map(len(vc.ch_mult), vc.num_res_blocks)
+        es_vae = {"impl": {}, "ref": {}}
     with contextlib.ExitStack() as es:
         es.enter_context(LM.capture(pipe.transformer, {p.layer: (p.ref, p.ref_reads) for p in pts},
                                     stores["ref"]["mmdit"]))
         es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in vpts}, stores["ref"]["vae"]))
+        if img2img:
+            es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in epts}, es_vae["ref"]))
         h = _calls(pipe.transformer, stores["ref"]["calls"], stores["ref"]["mmdit"])
         es.callback(h.remove)
         image = pipe(run.prompt, negative_prompt=run.negative, height=run.height, width=run.width,
@@ -138,10 +169,19 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
         es.enter_context(LM.capture(impl_model, {p.layer: (p.impl, p.impl_reads) for p in pts},
                                     stores["impl"]["mmdit"]))
         es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in vpts}, stores["impl"]["vae"]))
+        if img2img:
+            es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in epts}, es_vae["impl"]))
         h = _calls(impl_model, stores["impl"]["calls"], stores["impl"]["mmdit"])
         es.callback(h.remove)
         keep = lambda i, d: stores["impl"]["steps"].append({k: d[k] for k in ("velocity", "latent") if k in d})  # noqa
-        if opts["sampler"] == "diffusers_euler":
+        start = 0
+        if img2img:
+            s_img = sampling.SamplerSettings(steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers)
+            image_in = sampling.image_to_tensor(run.init_image).to(run.dtype)
+            noised, start = sampling.img2img_latent(impl_vae, image_in, s_img, run.strength,
+                                                    torch.Generator("cpu").manual_seed(run.seed))
+            latents = sampling.denoise(impl_model, noised, *conds, s_img, on_step=keep, start=start)
+        elif opts["sampler"] == "diffusers_euler":
             noise = torch.randn(shape, dtype=run.dtype, generator=torch.Generator("cpu").manual_seed(run.seed))
             latents = sampling.denoise(impl_model, noise, *conds, sampling.SamplerSettings(
                 steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers), on_step=keep)
@@ -155,16 +195,21 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
         image = impl_vae.decode(impl_vae.latent_out(latents).to(run.dtype))
         pixels = (sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8)(image)[0]
 
-    _records(label, pts, vpts, stores, run, pixels, ref_pixels, add,
+    if img2img:
+        base = {"model": label, "component": "vae", "step": None, "branch": None, "block": None, "stream": None}
+        for p in epts:
+            add({**base, "layer": p.layer}, es_vae["impl"][p.layer][0], es_vae["ref"][p.layer][0])
+    _records(label, pts, vpts, stores, run, pixels, ref_pixels, add, step0=start,
              impl_cfg_order=("uncond", "cond") if opts["sampler"] == "diffusers_euler" else ("cond", "uncond"))
 
 
-def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add, impl_cfg_order=("uncond", "cond")) -> None:
+def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add, impl_cfg_order=("uncond", "cond"),
+             step0: int = 0) -> None:
     """Pair impl and reference tensors by coordinates. Branches are matched by name, so a sampler that batches
     [cond, uncond] is still compared cond with cond."""
     cfg = run.guidance > 1
     imp, ref = stores["impl"], stores["ref"]
-    step_of_call, k = [], 0
+    step_of_call, k = [], step0  # steps are schedule indices (img2img starts later)
     for call, _ in ref["calls"]:  # each step: one (CFG-batched) call, plus the skip-layer call in the SLG window
         if step_of_call and call[0].shape[0] == 1 and cfg:
             step_of_call.append(step_of_call[-1])
@@ -191,7 +236,7 @@ def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add, impl_cfg_or
                 if p.transform == "swap_halves" and want.numel():
                     want = torch.cat(want.chunk(2, dim=-1)[::-1], dim=-1)
                 add({**base, "component": "mmdit", "layer": p.layer, **_coords(p.layer)}, got, want)
-    for step, (i_s, r_s) in enumerate(zip(imp["steps"], ref["steps"])):
+    for step, (i_s, r_s) in enumerate(zip(imp["steps"], ref["steps"]), start=step0):
         for name in [n for n in ("velocity", "latent") if n in i_s]:  # the x0-form samplers have no velocity
             add({"model": label, "component": "sampler", "step": step, "branch": None, "block": None, "stream": None,
                  "layer": name}, i_s[name], r_s[name])

@@ -173,3 +173,23 @@ def test_img2img_bitwise(family, strength, steps):
     assert all(torch.equal(a, b) for a, b in zip(latents, ref_latents))
     assert torch.equal(out, torch.from_numpy(np.asarray(ref).copy()))
     assert not torch.equal(contiguous, vae.encode_moments(image)[0])  # the layout of the input image matters
+
+
+def test_check_img2img_records(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from parity.cli import main
+
+    pixels = (np.arange(64 * 64 * 3).reshape(64, 64, 3) * 37 % 256).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    assert main(["check", "--json", "--family", "sd3-medium", "--prompt", "a cat", "--image", str(tmp_path / "in.png"),
+                 "--steps", "4", "--strength", "0.6"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    image = [r for r in out["records"] if r["model"] == "embedded-sd3-medium"]
+    assert {r["step"] for r in image if r["component"] == "mmdit"} == {1, 2, 3}  # int(4 - 2.4) = 1: steps 1..3
+    assert {"encoder.conv_out", "decoder.conv_out", "image_uint8"} <= {r["layer"] for r in image}
+    assert out["first_divergence"] is None
+    assert main(["check", "--image", str(tmp_path / "in.png"), "--size", "64x48"]) == 2
+    assert "64x64 pixels; --size is 64x48" in capsys.readouterr().err
