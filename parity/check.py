@@ -166,8 +166,12 @@ def image_families(model_dir: str | None) -> list[tuple[str, Path]]:
     return [("/".join(match_presets(cfg)) or "custom", d)]
 
 
-def run_image(report: Report, model_dir: str | None, values: dict, run, families: list[str] | None = None) -> None:
-    """Append the image-side records (every step, branch, block, VAE layer, image) of each family."""
+def run_image(report: Report, model_dir: str | None, values: dict, run, families: list[str] | None = None,
+              checkpoint: str | None = None) -> None:
+    """Append the image-side records (every step, branch, block, VAE layer, image) of each family, or of the
+    SAI single-file ``checkpoint`` (impl loads it by identity; the reference gets a converted copy)."""
+    if checkpoint is not None:
+        return _run_checkpoint(report, model_dir, values, run, Path(checkpoint))
     from impl import embedded
     from impl.mmdit import MMDiT
     from impl.text import load_text_stack
@@ -194,6 +198,32 @@ def run_image(report: Report, model_dir: str | None, values: dict, run, families
                 model, vae = load_impl_image_parts(directory, opts)
             run_image_check(label, directory, model.eval(), vae.eval(), stack, settings, run, opts,
                             lambda f, a, b: _add(report, 0, f.pop("component"), f.pop("layer"), a, b, **f))
+
+
+def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, checkpoint: Path) -> None:
+    import tempfile
+
+    from impl.checkpoint import infer_mmdit_config, infer_vae_config, match_presets
+    from impl.mmdit import MMDiT
+    from impl.text import load_text_stack
+    from impl.vae import VAE
+    from impl.weights import load_strict
+    from parity.convert import pipeline_from_checkpoint
+    from parity.embedded import model_dir as embedded_dir
+    from parity.image_check import run_image_check
+
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+    opts = F.image_options(values)
+    with pinned(report.threads), tempfile.TemporaryDirectory(prefix="sd3parity-ckpt-") as tmp:
+        parts = pipeline_from_checkpoint(checkpoint, Path(model_dir) if model_dir else embedded_dir(), Path(tmp))
+        mc, vc = infer_mmdit_config(parts["mmdit"], str(checkpoint)), infer_vae_config(parts["vae"], str(checkpoint))
+        model, vae = MMDiT(mc, opts["mmdit"]), VAE(vc, opts["vae_attention"])
+        load_strict(model, parts["mmdit"], f"{checkpoint} (model.diffusion_model.*)")
+        load_strict(vae, parts["vae"], f"{checkpoint} (first_stage_model.*)")
+        label = "/".join(match_presets(mc)) or f"checkpoint:{checkpoint.name}"
+        run_image_check(label, Path(tmp), model.eval(), vae.eval(), load_text_stack(model_dir), F.settings(values), run,
+                        opts, lambda f, a, b: _add(report, 0, f.pop("component"), f.pop("layer"), a, b, **f))
 
 
 def _where(r: dict) -> str:

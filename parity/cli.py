@@ -29,7 +29,8 @@ def _check(args) -> int:
                        width=width, slg_layers=tuple(args.slg), dtype=DTYPES[args.dtype], init_image=init,
                        strength=args.strength)
         before = len(report.records)
-        run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family)
+        run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family,
+                  args.checkpoint)
         if len(report.records) == before:
             report.notes.append("image side not run: the model directory has no transformer/ and vae/")
     if args.json:
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="impl vs the references, layer by layer: text stack, then txt2img per family")
     c.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
+    c.add_argument("--checkpoint", help="SAI single-file .safetensors (MMDiT + VAE) for the image side; text parts "
+                   "come from --model or the embedded default")
     c.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
     c.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
     c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

@@ -267,13 +267,8 @@ def _atomic_dir(dst: Path, fill) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sai_file_to_diffusers(src: Path, dst: Path) -> list[str]:
-    """SAI single file -> diffusers ``transformer/`` (+ ``vae/``). Returns report lines; text encoder keys are
-    dropped and reported (their conversion is not implemented)."""
-    import json
-
-    from safetensors.torch import save_file
-
+def _diffusers_parts(src: Path) -> tuple[list, list[str], dict]:
+    """Read an SAI single file and convert its MMDiT (and VAE) to diffusers state dicts with configs."""
     from impl.checkpoint import infer_mmdit_config, infer_vae_config, match_presets, read_sai_checkpoint
 
     parts = read_sai_checkpoint(src)
@@ -288,15 +283,47 @@ def sai_file_to_diffusers(src: Path, dst: Path) -> list[str]:
     if parts["text_encoders"]:
         lines.append(f"dropped {len(parts['text_encoders'])} text_encoders.* keys: converting single-file text "
                      "encoders is not implemented")
+    return outputs, lines, parts
 
-    def fill(tmp: Path) -> None:
-        for sub, cfg, state in outputs:
-            (tmp / sub).mkdir()
-            (tmp / sub / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / sub / "diffusion_pytorch_model.safetensors"))
 
-    _atomic_dir(dst, fill)
+def _write_parts(outputs: list, target: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    for sub, cfg, state in outputs:
+        (target / sub).mkdir()
+        (target / sub / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target / sub / "diffusion_pytorch_model.safetensors"))
+
+
+def sai_file_to_diffusers(src: Path, dst: Path) -> list[str]:
+    """SAI single file -> diffusers ``transformer/`` (+ ``vae/``). Returns report lines; text encoder keys are
+    dropped and reported (their conversion is not implemented)."""
+    outputs, lines, _ = _diffusers_parts(src)
+    _atomic_dir(dst, lambda tmp: _write_parts(outputs, tmp))
     return lines
+
+
+def pipeline_from_checkpoint(src: Path, text_dir: Path, target: Path) -> dict:
+    """A diffusers pipeline directory for the reference side of ``check --checkpoint``: the SAI file's MMDiT and
+    VAE converted, the text parts linked from ``text_dir``. Returns the SAI parts (for impl, loaded by identity)."""
+    import json
+
+    from parity.embedded import model_index
+
+    outputs, _, parts = _diffusers_parts(src)
+    if not parts["vae"]:
+        raise ValueError(f"{src}: no first_stage_model.* (VAE) keys; the pipeline check needs the VAE")
+    _write_parts(outputs, target)
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        if (text_dir / sub).is_dir():
+            (target / sub).symlink_to((text_dir / sub).resolve(), target_is_directory=True)
+    (target / "scheduler").mkdir()
+    (target / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    (target / "model_index.json").write_text(json.dumps(model_index()))
+    return parts
 
 
 def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:

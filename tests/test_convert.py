@@ -103,3 +103,20 @@ def test_failure_mid_write_leaves_no_partial_output(pipeline_dir, tmp_path, monk
         convert.sai_file_to_diffusers(tmp_path / "m.safetensors", tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     assert load_file(str(tmp_path / "m.safetensors"))  # the earlier output is intact
+
+
+def test_check_from_an_sai_checkpoint(pipeline_dir, tmp_path, capsys):
+    """impl loads the SAI file by identity; the reference runs a converted copy; every record bitwise."""
+    import json
+
+    assert main(["convert", str(pipeline_dir), str(tmp_path / "m.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["check", "--json", "--checkpoint", str(tmp_path / "m.safetensors"), "--prompt", "a cat"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    models = {r["model"] for r in out["records"] if r["component"] == "mmdit"}
+    assert models == {"checkpoint:m.safetensors"} and out["first_divergence"] is None
+    state = load_file(str(tmp_path / "m.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, str(tmp_path / "n.safetensors"))
+    assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), "--text-only"]) == 0  # image side not run
+    assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), "--prompt", "a cat"]) == 2
+    assert "no first_stage_model.* (VAE) keys" in capsys.readouterr().err
