@@ -8,7 +8,8 @@ Two families of forms, each exactly as its reference computes it:
 * SD3.5 reference (``sd3_impls`` / ``sd3_infer``): float32 torch schedule, k-diffusion Euler and DPM-Solver++(2M)
   on x0 predictions, CFG on x0 with the batch [cond, uncond] at any guidance, the float16 latent whose dtype
   rounds every timestep (S4) until the first update makes it float32 (S5), the img2img start index (S7) and the
-  truncating uint8 conversion (V3). Skip-layer guidance of the reference is not implemented yet.
+  truncating uint8 conversion (V3), and its skip-layer guidance (G5: window on the denoiser call count, a third
+  forward on cond only, (cond - skip) * scale added to the CFG'd x0).
 """
 from __future__ import annotations
 
@@ -156,6 +157,10 @@ class SaiSettings:
     model_dtype: torch.dtype = torch.float16  # BaseModel.apply_model casts x, context and y to it
     empty_latent: float = 0.0609  # get_empty_latent: ones * 0.0609
     denoise: float = 1.0
+    slg_layers: tuple[int, ...] = ()  # SkipLayerCFGDenoiser (the 3.5-Medium profile: 7, 8, 9)
+    slg_scale: float = 2.5
+    slg_start: float = 0.01
+    slg_end: float = 0.20
 
 
 def sai_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -163,17 +168,27 @@ def sai_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.randn(shape, dtype=torch.float32, generator=torch.Generator("cpu").manual_seed(seed)).to(dtype)
 
 
+def _sai_x0(model: Model, x: Tensor, sigma: Tensor, pooled: Tensor, context: Tensor, model_dtype: torch.dtype,
+            skip_layers: tuple[int, ...] = ()) -> Tensor:
+    """``BaseModel.apply_model``: timestep ``(sigma * 1000).float()`` from ``sigma`` in the latent's dtype (S4),
+    inputs cast to the model dtype, x0 = x - v * sigma with v in float32."""
+    kwargs = {"skip_layers": skip_layers} if skip_layers else {}
+    v = model(x.to(model_dtype), (sigma * 1000).float(), pooled.to(model_dtype), context.to(model_dtype), **kwargs).float()
+    return x - v * sigma.view(sigma.shape[:1] + (1,) * (v.ndim - 1))
+
+
 def sai_cfg_x0(model: Model, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning,
-               guidance: float, model_dtype: torch.dtype) -> Tensor:
-    """``CFGDenoiser`` + ``BaseModel.apply_model``: batch [cond, uncond] whatever the guidance (G3), the timestep
-    ``(sigma * 1000).float()`` from ``sigma`` in the latent's dtype (S4), x0 = x - v * sigma in float32, CFG on x0
-    (G2): uncond + (cond - uncond) * scale."""
-    xb, sb = torch.cat([x, x]), torch.cat([sigma, sigma])
-    v = model(xb.to(model_dtype), (sb * 1000).float(), torch.cat([cond.pooled, uncond.pooled]).to(model_dtype),
-              torch.cat([cond.context, uncond.context]).to(model_dtype)).float()
-    x0 = xb - v * sb.view(sb.shape[:1] + (1,) * (v.ndim - 1))
+               guidance: float, model_dtype: torch.dtype, skip: tuple[tuple[int, ...], float] | None = None) -> Tensor:
+    """``CFGDenoiser``: batch [cond, uncond] whatever the guidance (G3), CFG on x0 (G2): uncond + (cond - uncond)
+    * scale. ``skip`` = (layers, scale) adds ``SkipLayerCFGDenoiser``'s (cond - skip) * scale (G5)."""
+    x0 = _sai_x0(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond.pooled, uncond.pooled]),
+                 torch.cat([cond.context, uncond.context]), model_dtype)
     pos, neg = x0.chunk(2)
-    return neg + (pos - neg) * guidance
+    scaled = neg + (pos - neg) * guidance
+    if skip is not None:
+        skipped = _sai_x0(model, x, sigma, cond.pooled, cond.context, model_dtype, skip[0])
+        scaled = scaled + (pos - skipped) * skip[1]
+    return scaled
 
 
 def sai_denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditioning, s: SaiSettings,
@@ -189,7 +204,9 @@ def sai_denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditi
     s_in = x.new_ones([x.shape[0]])  # made once: the latent dtype stays in every sigma * s_in (S4)
     old = None
     for i in range(len(sigmas) - 1):
-        denoised = sai_cfg_x0(model, x, sigmas[i] * s_in, cond, uncond, s.guidance, s.model_dtype)
+        window = s.slg_layers and s.slg_start * s.steps < i < s.slg_end * s.steps  # the denoiser's call count
+        denoised = sai_cfg_x0(model, x, sigmas[i] * s_in, cond, uncond, s.guidance, s.model_dtype,
+                              (s.slg_layers, s.slg_scale) if window else None)
         if s.sampler == "euler":
             d = (x - denoised) / sigmas[i]
             x = x + d * (sigmas[i + 1] - sigmas[i])

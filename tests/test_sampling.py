@@ -14,8 +14,9 @@ class Recorder:
         self.calls = []
 
     def __call__(self, x, t, y, context, skip_layers=()):
-        self.calls.append({"x": x, "t": t, "y": y, "context": context})
-        return (0.1 * x + 0.001 * t.float().view(-1, 1, 1, 1) + context.float().mean((1, 2)).view(-1, 1, 1, 1)).to(x.dtype)
+        self.calls.append({"x": x, "t": t, "y": y, "context": context, "skip": tuple(skip_layers)})
+        v = 0.1 * x + 0.001 * t.float().view(-1, 1, 1, 1) + context.float().mean((1, 2)).view(-1, 1, 1, 1)
+        return (v + 0.5 * len(skip_layers)).to(x.dtype)  # skipping layers changes the output
 
 
 def _conds():
@@ -105,3 +106,21 @@ def test_sai_euler_close_to_diffusers_on_the_tiny_model():
                           latent_dtype=torch.float32, model_dtype=torch.float32))
         b = S.denoise(model, noise, cond, unc, S.SamplerSettings(steps=4, guidance=1.0))
     assert 0 < (a - b).abs().max() < 1e-4
+
+
+def test_g5_skip_layer_guidance_windows():
+    """SD3.5 reference: the window is on the denoiser call count (0.01*N < k < 0.2*N), the third forward runs on
+    cond only with the skip layers, and (cond - skip) * scale is added to the CFG'd x0. diffusers: the same window
+    on the loop index, in velocity space."""
+    cond, unc = _conds()
+    sai = Recorder()
+    S.sai_denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=10, slg_layers=(7, 8, 9)))
+    skipped = [k for k, c in enumerate(sai.calls) if c["skip"]]
+    assert [c["x"].shape[0] for c in sai.calls[:4]] == [2, 2, 1, 2] and skipped == [2]  # step 1 only: 0.1 < 1 < 2
+    assert sai.calls[2]["skip"] == (7, 8, 9) and sai.calls[2]["context"].mean() == 1  # cond
+    plain, guided = [], []
+    S.sai_denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=10, slg_layers=()),
+                  on_step=lambda i, d: plain.append(d["x0"]))
+    S.sai_denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=10, slg_layers=(1,)),
+                  on_step=lambda i, d: guided.append(d["x0"]))
+    assert torch.equal(plain[0], guided[0]) and not torch.equal(plain[1], guided[1])
