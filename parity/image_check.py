@@ -186,10 +186,9 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
             latents = sampling.denoise(impl_model, noise, *conds, sampling.SamplerSettings(
                 steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers), on_step=keep)
         else:
-            if run.slg_layers:
-                raise ValueError("skip-layer guidance of the SD3.5 reference samplers is not implemented")
             sai = sampling.SaiSettings(steps=run.steps, shift=3.0, guidance=run.guidance,
-                                       sampler=opts["sampler"].removeprefix("sai_"), model_dtype=run.dtype)
+                                       sampler=opts["sampler"].removeprefix("sai_"), model_dtype=run.dtype,
+                                       slg_layers=run.slg_layers)
             latents = sampling.sai_denoise(impl_model, sampling.sai_noise(run.seed, shape, sai.latent_dtype), *conds,
                                            sai, on_step=keep)
         image = impl_vae.decode(impl_vae.latent_out(latents).to(run.dtype))
