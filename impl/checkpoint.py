@@ -14,7 +14,9 @@ from pathlib import Path
 
 from torch import Tensor
 
+from impl.clip import ClipConfig
 from impl.mmdit import MMDiTConfig
+from impl.t5 import T5Config
 from impl.vae import VAEConfig
 from impl.weights import WeightError
 
@@ -94,6 +96,86 @@ def infer_vae_config(state: dict[str, Tensor], source: str = "VAE state") -> VAE
     mult = tuple(_need(state, f"encoder.down.{i}.block.0.conv1.weight", source, 4).shape[0] // ch for i in levels)
     z = _need(state, "decoder.conv_in.weight", source, 4).shape[1]
     return replace(SD3_VAE, ch=ch, ch_mult=mult, num_res_blocks=len(blocks), z_channels=z, in_channels=conv_in.shape[1])
+
+
+# CLIP heads are not in any tensor shape: by width, the released towers (CLIP-L 768/12, CLIP-G 1280/20) and the
+# embedded tiny ones (32/4, 48/3)
+CLIP_HEADS = {768: 12, 1280: 20, 32: 4, 48: 3}
+TEXT_PREFIXES = {"clip_l": "clip_l.transformer.", "clip_g": "clip_g.transformer.", "t5": "t5xxl.transformer."}
+
+
+def split_text_encoders(state: dict[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
+    """``text_encoders.*`` keys (prefix already removed) -> {"clip_l", "clip_g", "t5"} with transformers names."""
+    out: dict[str, dict[str, Tensor]] = {k: {} for k in TEXT_PREFIXES}
+    unknown = []
+    for key, t in state.items():
+        for name, prefix in TEXT_PREFIXES.items():
+            if key.startswith(prefix):
+                out[name][key[len(prefix):]] = t
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise WeightError(f"{source}: text_encoders keys outside clip_l/clip_g/t5xxl.transformer.*: "
+                          + ", ".join(sorted(unknown)[:10]))
+    return {k: v for k, v in out.items() if v}
+
+
+def infer_clip_config(state: dict[str, Tensor], which: str, source: str) -> ClipConfig:
+    tok = _need(state, "text_model.embeddings.token_embedding.weight", source, 2)
+    width = tok.shape[1]
+    if width not in CLIP_HEADS:
+        raise WeightError(f"{source}: CLIP width {width} has no known head count ({sorted(CLIP_HEADS)}); load the "
+                          "text encoders from a diffusers directory (--model) instead")
+    layers = len({m.group(1) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
+    proj = state.get("text_projection.weight")
+    return ClipConfig(vocab_size=tok.shape[0], width=width, heads=CLIP_HEADS[width], layers=layers,
+                      intermediate=_need(state, "text_model.encoder.layers.0.mlp.fc1.weight", source, 2).shape[0],
+                      activation="quick_gelu" if which == "clip_l" else "gelu",
+                      projection_dim=width if proj is None else proj.shape[0],
+                      max_positions=_need(state, "text_model.embeddings.position_embedding.weight", source, 2).shape[0])
+
+
+def infer_t5_config(state: dict[str, Tensor], source: str) -> T5Config:
+    emb = state.get("encoder.embed_tokens.weight", state.get("shared.weight"))
+    if emb is None:
+        raise WeightError(f"{source}: missing encoder.embed_tokens.weight / shared.weight")
+    bias = _need(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", source, 2)
+    inner = _need(state, "encoder.block.0.layer.0.SelfAttention.q.weight", source, 2).shape[0]
+    layers = len({m.group(1) for k in state if (m := re.match(r"encoder\.block\.(\d+)\.", k))})
+    return T5Config(vocab_size=emb.shape[0], d_model=emb.shape[1], heads=bias.shape[1], d_kv=inner // bias.shape[1],
+                    d_ff=_need(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", source, 2).shape[0],
+                    layers=layers, num_buckets=bias.shape[0])
+
+
+def load_text_encoders(state: dict[str, Tensor], source: str) -> tuple[dict, dict, list[str]]:
+    """impl encoders from a single file's ``text_encoders.*`` part. Returns ({"clip_l", "clip_g", "t5"} modules
+    present, the state dict each was loaded from, notes). A CLIP-L without ``text_projection`` (the SD3.5
+    reference never projects it) gets the identity, which is what the SD3 diffusers repositories ship (QUIRKS T6),
+    and the notes say so."""
+    import torch
+
+    from impl.clip import ClipTextEncoder
+    from impl.t5 import T5Encoder
+    from impl.text import CLIP_DROP, T5_TIED
+    from impl.weights import load_strict
+
+    models, states, notes = {}, {}, []
+    for name, part in split_text_encoders(state, source).items():
+        where = f"{source} (text_encoders.{TEXT_PREFIXES[name]}*)"
+        if name == "t5":
+            model = T5Encoder(infer_t5_config(part, where))
+            load_strict(model, part, where, tied=T5_TIED)
+        else:
+            config = infer_clip_config(part, name, where)
+            if "text_projection.weight" not in part:
+                part = {**part, "text_projection.weight": torch.eye(config.width)}
+                notes.append(f"{name}: no text_projection in the file; using the identity (as the SD3 diffusers "
+                             "repositories ship it)")
+            model = ClipTextEncoder(config)
+            load_strict(model, part, where, drop=CLIP_DROP)
+        models[name], states[name] = model.eval(), part
+    return models, states, notes
 
 
 def match_presets(config: MMDiTConfig) -> list[str]:

@@ -222,7 +222,16 @@ def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, ch
         load_strict(model, parts["mmdit"], f"{checkpoint} (model.diffusion_model.*)")
         load_strict(vae, parts["vae"], f"{checkpoint} (first_stage_model.*)")
         label = "/".join(match_presets(mc)) or f"checkpoint:{checkpoint.name}"
-        run_image_check(label, Path(tmp), model.eval(), vae.eval(), load_text_stack(model_dir), F.settings(values), run,
+        stack = load_text_stack(model_dir)
+        if parts["text_encoders"]:  # the file's encoders on both sides; tokenizers from --model or the default
+            from impl.checkpoint import load_text_encoders
+            from impl.text import TextStack
+
+            enc, _, notes = load_text_encoders(parts["text_encoders"], str(checkpoint))
+            stack = TextStack(stack.vocab, stack.spiece, enc.get("clip_l", stack.clip_l), enc.get("clip_g", stack.clip_g),
+                              enc.get("t5", stack.t5))
+            report.notes += [f"--checkpoint text encoders: {', '.join(enc)}"] + notes
+        run_image_check(label, Path(tmp), model.eval(), vae.eval(), stack, F.settings(values), run,
                         opts, lambda f, a, b: _add(report, 0, f.pop("component"), f.pop("layer"), a, b, **f))
 
 

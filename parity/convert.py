@@ -281,8 +281,19 @@ def _diffusers_parts(src: Path) -> tuple[list, list[str], dict]:
         outputs.append(("vae", diffusers_vae_config(vc), sai_to_diffusers(parts["vae"], vc, f"{src} (VAE)")))
         lines.append(f"vae: ch {vc.ch}, mult {list(vc.ch_mult)}, {vc.num_res_blocks} res blocks, {vc.z_channels} channels")
     if parts["text_encoders"]:
-        lines.append(f"dropped {len(parts['text_encoders'])} text_encoders.* keys: converting single-file text "
-                     "encoders is not implemented")
+        from impl.checkpoint import load_text_encoders
+        from parity.embedded import clip_config_json, t5_config_json
+
+        models, states, notes = load_text_encoders(parts["text_encoders"], str(src))
+        for name, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3")):
+            if name in models:
+                c = models[name].config
+                cfg = t5_config_json(c) if name == "t5" else clip_config_json(c, "CLIPTextModelWithProjection")
+                outputs.append((sub, cfg, states[name]))
+                lines.append(f"{sub}: {name}, " + (f"{c.layers} layers, d_model {c.d_model}" if name == "t5" else
+                                                   f"{c.layers} layers, width {c.width}, {c.heads} heads"))
+        lines += notes
+        lines.append("tokenizer folders are not part of a single file: take them from the model's repository")
     return outputs, lines, parts
 
 
@@ -294,7 +305,8 @@ def _write_parts(outputs: list, target: Path) -> None:
     for sub, cfg, state in outputs:
         (target / sub).mkdir()
         (target / sub / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(target / sub / "diffusion_pytorch_model.safetensors"))
+        name = "model.safetensors" if sub.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target / sub / name))
 
 
 def sai_file_to_diffusers(src: Path, dst: Path) -> list[str]:
@@ -317,7 +329,7 @@ def pipeline_from_checkpoint(src: Path, text_dir: Path, target: Path) -> dict:
         raise ValueError(f"{src}: no first_stage_model.* (VAE) keys; the pipeline check needs the VAE")
     _write_parts(outputs, target)
     for sub in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
-        if (text_dir / sub).is_dir():
+        if (text_dir / sub).is_dir() and not (target / sub).exists():
             (target / sub).symlink_to((text_dir / sub).resolve(), target_is_directory=True)
     (target / "scheduler").mkdir()
     (target / "scheduler" / "scheduler_config.json").write_text(json.dumps(
@@ -348,6 +360,13 @@ def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
         sai_vae = diffusers_to_sai(read_weights_dir(src / "vae"), vc, str(src / "vae"))
         state.update({PREFIXES["vae"] + k: v for k, v in sai_vae.items()})
         lines.append(f"vae: ch {vc.ch}, mult {list(vc.ch_mult)}")
+    from impl.text import CLIP_DROP
+
+    for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
+        if (src / sub).is_dir():
+            te = {k: v for k, v in read_weights_dir(src / sub).items() if k not in CLIP_DROP}
+            state.update({f"{PREFIXES['text_encoders']}{name}.transformer.{k}": v for k, v in te.items()})
+            lines.append(f"{sub} -> text_encoders.{name}: {len(te)} tensors")
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.partial-", dir=dst.parent)
     os.close(fd)
     try:

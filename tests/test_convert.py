@@ -26,10 +26,11 @@ def test_round_trip_is_byte_identical(pipeline_dir, tmp_path, capsys):
     assert parts["mmdit"].keys() == want.keys() and all(torch.equal(parts["mmdit"][k], want[k]) for k in want)
     assert all(torch.equal(parts["vae"][k], v) for k, v in embedded.vae_weights().items())
     assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "back")]) == 0
-    for sub in ("transformer", "vae"):
-        name = f"{sub}/diffusion_pytorch_model.safetensors"
-        assert (tmp_path / "back" / name).read_bytes() == (pipeline_dir / name).read_bytes()
-    assert "dual layers [0, 1]" in capsys.readouterr().out
+    for name in ("transformer/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model",
+                 "text_encoder_2/model", "text_encoder_3/model"):
+        assert (tmp_path / "back" / f"{name}.safetensors").read_bytes() == (pipeline_dir / f"{name}.safetensors").read_bytes()
+    out = capsys.readouterr().out
+    assert "dual layers [0, 1]" in out and "text_encoder_2: clip_g, 4 layers, width 48, 3 heads" in out
 
 
 @pytest.mark.parametrize("family", list(embedded.MMDIT))
@@ -120,3 +121,35 @@ def test_check_from_an_sai_checkpoint(pipeline_dir, tmp_path, capsys):
     assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), "--text-only"]) == 0  # image side not run
     assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), "--prompt", "a cat"]) == 2
     assert "no first_stage_model.* (VAE) keys" in capsys.readouterr().err
+
+
+def test_single_file_text_encoders():
+    from impl.checkpoint import infer_clip_config, infer_t5_config, load_text_encoders
+
+    w = embedded.text_weights()
+    assert infer_clip_config(w["clip_l"], "clip_l", "x") == embedded.CLIP_L
+    assert infer_clip_config(w["clip_g"], "clip_g", "x") == embedded.CLIP_G
+    assert infer_t5_config(w["t5"], "x") == embedded.T5
+    state = {f"clip_l.transformer.{k}": v for k, v in w["clip_l"].items() if k != "text_projection.weight"}
+    models, _, notes = load_text_encoders(state, "f")
+    assert torch.equal(models["clip_l"].text_projection.weight, torch.eye(32)) and "identity" in notes[0]
+    wide = {k: torch.zeros(v.shape[0], 40) if k.endswith("token_embedding.weight") else v for k, v in state.items()}
+    with pytest.raises(WeightError, match="CLIP width 40 has no known head count"):
+        load_text_encoders(wide, "f")
+    with pytest.raises(WeightError, match="outside clip_l/clip_g/t5xxl.transformer"):
+        load_text_encoders({"clip_x.transformer.a": torch.zeros(1)}, "f")
+
+
+def test_check_checkpoint_uses_the_files_text_encoders(pipeline_dir, tmp_path, capsys):
+    """A nudged CLIP-G weight in the file: impl and the reference both use it, so the run stays bitwise equal
+    (it would diverge at input.context if impl fell back to the embedded encoders)."""
+    import json
+
+    convert.diffusers_to_sai_file(pipeline_dir, tmp_path / "m.safetensors")
+    state = load_file(str(tmp_path / "m.safetensors"))
+    key = "text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    state[key] = state[key] * 1.5
+    save_file(state, str(tmp_path / "n.safetensors"))
+    assert main(["check", "--json", "--checkpoint", str(tmp_path / "n.safetensors"), "--prompt", "a cat"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["first_divergence"] is None and "--checkpoint text encoders: clip_l, clip_g, t5" in out["notes"]
