@@ -33,20 +33,25 @@ PRESETS: dict[str, MMDiTConfig] = {  # QUIRKS "MMDiT / MMDiT-X" dimensions
 SD3_VAE = VAEConfig()
 
 
-def split_prefixes(state: dict[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
-    """{"mmdit": {...}, "vae": {...}, "text_encoders": {...}} with prefixes removed; unknown keys are an error."""
-    parts: dict[str, dict[str, Tensor]] = {k: {} for k in PREFIXES}
+def _by_prefix(state: dict[str, Tensor], prefixes: dict[str, str], source: str, what: str) -> dict[str, dict]:
+    """Split ``state`` by key prefix (removed); a key matching none is an error naming ``what`` was expected."""
+    parts: dict[str, dict[str, Tensor]] = {k: {} for k in prefixes}
     unknown = []
     for key, t in state.items():
-        for part, prefix in PREFIXES.items():
-            if key.startswith(prefix):
-                parts[part][key[len(prefix):]] = t
-                break
-        else:
+        part = next((p for p, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if part is None:
             unknown.append(key)
+        else:
+            parts[part][key[len(prefixes[part]):]] = t
     if unknown:
-        raise WeightError(f"{source}: {len(unknown)} keys outside the SAI layout ({', '.join(PREFIXES.values())}): "
+        raise WeightError(f"{source}: {len(unknown)} keys outside {what} ({', '.join(prefixes.values())}): "
                           + ", ".join(sorted(unknown)[:10]))
+    return parts
+
+
+def split_prefixes(state: dict[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
+    """{"mmdit": {...}, "vae": {...}, "text_encoders": {...}} with prefixes removed; unknown keys are an error."""
+    parts = _by_prefix(state, PREFIXES, source, "the SAI layout")
     if not parts["mmdit"]:
         raise WeightError(f"{source}: no model.diffusion_model.* keys; not an SD3/SD3.5 SAI checkpoint")
     return parts
@@ -106,19 +111,7 @@ TEXT_PREFIXES = {"clip_l": "clip_l.transformer.", "clip_g": "clip_g.transformer.
 
 def split_text_encoders(state: dict[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
     """``text_encoders.*`` keys (prefix already removed) -> {"clip_l", "clip_g", "t5"} with transformers names."""
-    out: dict[str, dict[str, Tensor]] = {k: {} for k in TEXT_PREFIXES}
-    unknown = []
-    for key, t in state.items():
-        for name, prefix in TEXT_PREFIXES.items():
-            if key.startswith(prefix):
-                out[name][key[len(prefix):]] = t
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise WeightError(f"{source}: text_encoders keys outside clip_l/clip_g/t5xxl.transformer.*: "
-                          + ", ".join(sorted(unknown)[:10]))
-    return {k: v for k, v in out.items() if v}
+    return {k: v for k, v in _by_prefix(state, TEXT_PREFIXES, source, "the text encoders").items() if v}
 
 
 def infer_clip_config(state: dict[str, Tensor], which: str, source: str) -> ClipConfig:
