@@ -10,6 +10,7 @@ import torch
 
 from parity import flags as F
 from parity import layermap as LM
+from parity import records as R
 from parity.determinism import pinned
 from parity.metrics import compare
 
@@ -52,20 +53,8 @@ class Report:
                     "model", "prompt", "component", "layer", "step", "branch", "block", "stream")}}
 
 
-def _maps(stack, ref, run_dtype: torch.dtype) -> dict[str, tuple[list, Any, Any]]:
-    out = {}
-    for comp, ref_attr, impl_attr in COMPONENTS:
-        impl_model, ref_model = stack.encoder(impl_attr, run_dtype), getattr(ref, ref_attr)
-        if impl_model is None and ref_model is None:  # a model without T5
-            continue
-        if comp == "t5":
-            points = LM.t5_map(impl_model.config.layers)
-            LM.check_coverage(points, impl_model, ref_model, LM.T5_SKIP_IMPL, LM.T5_SKIP_REF, comp)
-        else:
-            points = LM.clip_map(impl_model.config.layers)
-            LM.check_coverage(points, impl_model, ref_model, LM.CLIP_SKIP_IMPL, LM.CLIP_SKIP_REF, comp)
-        out[comp] = (points, impl_model, ref_model)
-    return out
+def _points(impl_model, comp: str) -> list:
+    return (LM.t5_map if comp == "t5" else LM.clip_map)(impl_model.config.layers)
 
 
 def _ids_hook(model, store: list):
@@ -74,9 +63,20 @@ def _ids_hook(model, store: list):
     return model.register_forward_pre_hook(pre, with_kwargs=True)
 
 
-def run_check(model_dir: str | None, prompts: list[str], profile: str, dtype: str, overrides: dict[str, Any],
-              threads: int = 1, max_ulp: int = 0) -> Report:
-    from impl.text import encode_prompt, load_text_stack
+@dataclass
+class TextRun:
+    """What one text comparison needs, resolved from the command-line choices."""
+    directory: Path
+    label: str
+    prompts: list[str]
+    profile: str
+    values: dict
+    settings: Any
+    dtype: torch.dtype
+    joint_dim: int | None
+
+
+def text_run(model_dir: str | None, prompts: list[str], profile: str, dtype: str, overrides: dict[str, Any]) -> TextRun:
     from parity import reference
     from parity.embedded import model_dir as embedded_dir
 
@@ -90,51 +90,95 @@ def run_check(model_dir: str | None, prompts: list[str], profile: str, dtype: st
             raise ValueError(f"{directory}: no text_encoder_3/; the sai profile (sd3.5 reference) requires T5")
         joint_dim = reference.joint_attention_dim(directory)
         values = {**values, "t5_absent": values["t5_absent"] or "zeros", **overrides}
-    settings = F.settings(values)
-    torch_dtype = DTYPES[dtype]
-    report = Report(str(model_dir or "embedded-default"), profile, dtype, values, threads, max_ulp)
+    return TextRun(directory, str(model_dir or "embedded-default"), list(prompts), profile, values,
+                   F.settings(values), DTYPES[dtype], joint_dim)
+
+
+def text_impl_side(t: TextRun, stack) -> R.Side:
+    """impl's records for every prompt: token ids, every mapped layer, context and pooled."""
+    from impl.text import encode_prompt
+
+    run_dtype = t.settings.encoder_dtype or t.dtype
+    models = {comp: stack.encoder(attr, run_dtype) for comp, _, attr in COMPONENTS}
+    models = {c: m for c, m in models.items() if m is not None}
+    side: R.Side = {}
+    for pi, prompt in enumerate(t.prompts):
+        store: dict[str, list] = {}
+        with contextlib.ExitStack() as es:
+            for comp, model in models.items():
+                es.enter_context(LM.capture(model, {f"{comp}|{p.layer}": (p.impl, "output")
+                                                    for p in _points(model, comp)}, store))
+            cond = encode_prompt(stack, prompt, t.settings, t.dtype, t.joint_dim)
+        for comp, model in models.items():
+            if comp in cond.ids:
+                R.put(side, torch.tensor(cond.ids[comp]), model=t.label, prompt=pi, component=comp, layer="input_ids")
+            for p in _points(model, comp):
+                if store.get(f"{comp}|{p.layer}"):
+                    R.put(side, store[f"{comp}|{p.layer}"][0], model=t.label, prompt=pi, component=comp, layer=p.layer)
+        R.put(side, cond.context, model=t.label, prompt=pi, component="conditioning", layer="context")
+        R.put(side, cond.pooled, model=t.label, prompt=pi, component="conditioning", layer="pooled")
+    return side
+
+
+def text_ref_side(t: TextRun, stack) -> R.Side:
+    """The reference's records (diffusers' encode_prompt, or the SD3.5 procedure for the sai profile)."""
+    from parity import reference
+
+    ref_dtype = torch.float32 if t.values["encoder_dtype"] == "float32" else t.dtype
+    ref = reference.load(t.directory, ref_dtype)
+    run_dtype = t.settings.encoder_dtype or t.dtype
+    models = {}
+    for comp, ref_attr, impl_attr in COMPONENTS:
+        impl_model, ref_model = stack.encoder(impl_attr, run_dtype), getattr(ref, ref_attr)
+        if ref_model is None:
+            continue
+        skips = (LM.T5_SKIP_IMPL, LM.T5_SKIP_REF) if comp == "t5" else (LM.CLIP_SKIP_IMPL, LM.CLIP_SKIP_REF)
+        if impl_model is not None:
+            LM.check_coverage(_points(impl_model, comp), impl_model, ref_model, *skips, comp)
+        models[comp] = (ref_model, _points(impl_model, comp))
+    side: R.Side = {}
+    for pi, prompt in enumerate(t.prompts):
+        store: dict[str, list] = {}
+        ids = {c: [] for c in models}
+        with contextlib.ExitStack() as es:
+            for comp, (model, points) in models.items():
+                es.enter_context(LM.capture(model, {f"{comp}|{p.layer}": (p.ref, p.ref_reads) for p in points}, store))
+                es.callback(_ids_hook(model, ids[comp]).remove)
+            if t.profile == "sai":
+                ctx, pooled = reference.sai_encode(ref, prompt, t.dtype)
+            else:
+                ctx, pooled = reference.diffusers_encode(ref, prompt, t.values["t5_max_length"], t.joint_dim)
+        for comp, (_, points) in models.items():
+            if ids[comp]:
+                R.put(side, ids[comp][0][0], model=t.label, prompt=pi, component=comp, layer="input_ids")
+            for p in points:
+                if store.get(f"{comp}|{p.layer}"):
+                    R.put(side, store[f"{comp}|{p.layer}"][0], model=t.label, prompt=pi, component=comp, layer=p.layer)
+        R.put(side, ctx, model=t.label, prompt=pi, component="conditioning", layer="context")
+        R.put(side, pooled, model=t.label, prompt=pi, component="conditioning", layer="pooled")
+    return side
+
+
+def run_check(model_dir: str | None, prompts: list[str], profile: str, dtype: str, overrides: dict[str, Any],
+              threads: int = 1, max_ulp: int = 0) -> Report:
+    from impl.text import load_text_stack
+
+    t = text_run(model_dir, prompts, profile, dtype, overrides)
+    report = Report(t.label, profile, dtype, t.values, threads, max_ulp)
     with pinned(threads):
         stack = load_text_stack(model_dir)
-        ref_dtype = torch.float32 if values["encoder_dtype"] == "float32" else torch_dtype
-        ref = reference.load(directory, ref_dtype)
-        maps = _maps(stack, ref, settings.encoder_dtype or torch_dtype)
-        impl_store: dict[str, list] = {}
-        ref_store: dict[str, list] = {}
-        ids_store: dict[str, list] = {c: [] for c in maps}
-        outputs = []
-        handles = [_ids_hook(maps[c][2], ids_store[c]) for c in maps]
-        try:
-            for prompt in prompts:
-                with contextlib.ExitStack() as es:
-                    for comp, (points, impl_model, ref_model) in maps.items():
-                        es.enter_context(LM.capture(impl_model, {f"{comp}|{p.layer}": (p.impl, "output") for p in points}, impl_store))
-                        es.enter_context(LM.capture(ref_model, {f"{comp}|{p.layer}": (p.ref, p.ref_reads) for p in points}, ref_store))
-                    cond = encode_prompt(stack, prompt, settings, torch_dtype, joint_dim)
-                    if profile == "sai":
-                        ref_ctx, ref_pooled = reference.sai_encode(ref, prompt, torch_dtype)
-                    else:
-                        ref_ctx, ref_pooled = reference.diffusers_encode(ref, prompt, values["t5_max_length"], joint_dim)
-                outputs.append((cond, ref_ctx, ref_pooled))
-        finally:
-            for h in handles:
-                h.remove()
-    for pi, (cond, ref_ctx, ref_pooled) in enumerate(outputs):
-        for comp, (points, _, _) in maps.items():
-            ref_ids = ids_store[comp][pi][0] if pi < len(ids_store[comp]) else torch.tensor([])
-            impl_ids = torch.tensor(cond.ids.get(comp, []))
-            _add(report, pi, comp, "input_ids", impl_ids, ref_ids)
-            for p in points:
-                key = f"{comp}|{p.layer}"
-                got, want = impl_store.get(key, []), ref_store.get(key, [])
-                if pi < len(got) and pi < len(want):
-                    _add(report, pi, comp, p.layer, got[pi], want[pi])
-                elif pi < len(got) or pi < len(want):  # one side did not run this encoder (t5_absent)
-                    report.records.append({"prompt": pi, "component": comp, "layer": p.layer, "shape": [],
-                                           "dtype": "", "ok": False, "bitwise_equal": False,
-                                           "shape_mismatch": "impl ran" if got else "reference ran"})
-        _add(report, pi, "conditioning", "context", cond.context, ref_ctx)
-        _add(report, pi, "conditioning", "pooled", cond.pooled, ref_pooled)
+        compare_sides(report, text_impl_side(t, stack), text_ref_side(t, stack))
     return report
+
+
+def compare_sides(report: Report, impl: R.Side, ref: R.Side) -> None:
+    for fields, got, want in R.paired(impl, ref):
+        if got is None or want is None:  # one side did not produce it (t5_absent, a different number of calls)
+            report.records.append({**fields, "shape": [], "dtype": "", "ok": False, "bitwise_equal": False,
+                                   "shape_mismatch": "only the reference has it" if got is None else "only impl has it"})
+        else:
+            f = dict(fields)
+            _add(report, f.pop("prompt") or 0, f.pop("component"), f.pop("layer"), got, want, **f)
 
 
 def _add(report: Report, prompt: int, component: str, layer: str, a: torch.Tensor, b: torch.Tensor,
@@ -177,7 +221,7 @@ def run_image(report: Report, model_dir: str | None, values: dict, run, families
     from impl.text import load_text_stack
     from impl.vae import VAE
     from impl.weights import load_strict
-    from parity.image_check import load_impl_image_parts, run_image_check
+    from parity.image_check import image_impl_side, image_ref_side, load_impl_image_parts
 
     settings = F.settings(values)
     with pinned(report.threads):
@@ -196,8 +240,8 @@ def run_image(report: Report, model_dir: str | None, values: dict, run, families
                 load_strict(vae, weights["vae"], "embedded vae")
             else:
                 model, vae = load_impl_image_parts(directory, opts)
-            run_image_check(label, directory, model.eval(), vae.eval(), stack, settings, run, opts,
-                            lambda f, a, b: _add(report, 0, f.pop("component"), f.pop("layer"), a, b, **f))
+            impl = image_impl_side(label, model.eval(), vae.eval(), stack, settings, run, opts)
+            compare_sides(report, impl, image_ref_side(label, directory, model, vae, run))
 
 
 def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, checkpoint: Path) -> None:
@@ -210,7 +254,7 @@ def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, ch
     from impl.weights import load_strict
     from parity.convert import pipeline_from_checkpoint
     from parity.embedded import model_dir as embedded_dir
-    from parity.image_check import run_image_check
+    from parity.image_check import image_impl_side, image_ref_side
 
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
@@ -231,8 +275,8 @@ def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, ch
             stack = TextStack(stack.vocab, stack.spiece, enc.get("clip_l", stack.clip_l), enc.get("clip_g", stack.clip_g),
                               enc.get("t5", stack.t5))
             report.notes += [f"--checkpoint text encoders: {', '.join(enc)}"] + notes
-        run_image_check(label, Path(tmp), model.eval(), vae.eval(), stack, F.settings(values), run,
-                        opts, lambda f, a, b: _add(report, 0, f.pop("component"), f.pop("layer"), a, b, **f))
+        impl = image_impl_side(label, model.eval(), vae.eval(), stack, F.settings(values), run, opts)
+        compare_sides(report, impl, image_ref_side(label, Path(tmp), model, vae, run))
 
 
 def _where(r: dict) -> str:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from parity import layermap as LM
+from parity import records as R
 from parity.determinism import own_storage
-from parity.metrics import compare
 
 
 @dataclass(frozen=True)
@@ -87,93 +87,35 @@ def _of_call(captured: dict, calls: list, n: int, layer: str):
     return captured[layer][start] if end > start else None
 
 
-def _branches(n_batch: int, cfg: bool) -> list[str]:
-    return ["uncond", "cond"] if cfg and n_batch == 2 else (["skip"] if cfg else ["cond"])
+def _maps(impl_model, impl_vae, img2img: bool):
+    c, vc = impl_model.config, impl_vae.config
+    return (LM.mmdit_map(c.depth, c.qk_norm, c.dual_attention_layers),
+            vae_map(len(vc.ch_mult), vc.num_res_blocks + 1),
+            vae_encoder_map(len(vc.ch_mult), vc.num_res_blocks) if img2img else [])
 
 
-def _coords(layer: str) -> dict:
-    """block and stream of an MMDiT record name (``block.3.x.attn.q`` -> 3, image)."""
-    parts = layer.split(".")
-    if parts[0] == "block":
-        return {"block": int(parts[1]), "stream": "image" if parts[2] == "x" else "context"}
-    return {"block": None, "stream": None}
-
-
-def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, settings, run: ImageRun,
-                    opts: dict, add) -> None:
-    """Run both sides once and pass every record to ``add(record_fields, impl_tensor, ref_tensor)``."""
-    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
-    from diffusers.utils import logging as d_logging
-
+def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: ImageRun, opts: dict) -> R.Side:
+    """impl's records of one txt2img (or img2img) run from its own parts."""
     from impl import sampling
     from impl.text import encode_prompt
 
-    d_logging.set_verbosity_error()
-    d_logging.disable_progress_bar()
     img2img = run.init_image is not None
     if img2img and opts["sampler"] != "diffusers_euler":
         raise ValueError("img2img is compared in the diffusers sampler form only")
-    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
-    pipe = cls.from_pretrained(pipe_dir, dtype=run.dtype)
-    # measured: diffusers 0.42.1 without accelerate leaves SD3Transformer2DModel in float32 under dtype=bfloat16
-    # (the VAE and text encoders are cast); cast it explicitly, the same rounding a dtype-converting load does.
-    # Only it: pipe.to() would also cast the float32 T5 `wo` layers transformers keeps in float16 runs.
-    pipe.transformer.to(run.dtype)
-    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if part is not None:
-            own_storage(part.eval())
-    pipe.set_progress_bar_config(disable=True)
-    c = impl_model.config
-    pts = LM.mmdit_map(c.depth, c.qk_norm, c.dual_attention_layers)
-    LM.check_coverage(pts, impl_model, pipe.transformer, LM.MMDIT_SKIP_IMPL, LM.MMDIT_SKIP_REF, f"{label} mmdit")
-    vc = impl_vae.config
-    vpts = vae_map(len(vc.ch_mult), vc.num_res_blocks + 1)
-    stores = {side: {"mmdit": {}, "vae": {}, "calls": [], "steps": []} for side in ("impl", "ref")}
-
-    # reference: the real pipeline call; scheduler.step wrapped to see the guided velocity and the new latent
-    ref_step = pipe.scheduler.step
-
-    def step(model_output, t, sample, **kw):
-        out = ref_step(model_output, t, sample, **kw)
-        stores["ref"]["steps"].append({"velocity": model_output.clone(), "latent": out[0].clone()})
-        return out
-    pipe.scheduler.step = step
-    kwargs = {"skip_guidance_layers": list(run.slg_layers)} if run.slg_layers else {}
-    if img2img:
-        from PIL import Image
-
-        kwargs.update(image=Image.fromarray(run.init_image), strength=run.strength)
-        epts = vae_encoder_map(len(vc.ch_mult), vc.num_res_blocks)
-        es_vae = {"impl": {}, "ref": {}}
-    with contextlib.ExitStack() as es:
-        es.enter_context(LM.capture(pipe.transformer, {p.layer: (p.ref, p.ref_reads) for p in pts},
-                                    stores["ref"]["mmdit"]))
-        es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in vpts}, stores["ref"]["vae"]))
-        if img2img:
-            es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in epts}, es_vae["ref"]))
-        h = _calls(pipe.transformer, stores["ref"]["calls"], stores["ref"]["mmdit"])
-        es.callback(h.remove)
-        image = pipe(run.prompt, negative_prompt=run.negative, height=run.height, width=run.width,
-                     num_inference_steps=run.steps, guidance_scale=run.guidance, output_type="pil",
-                     generator=torch.Generator("cpu").manual_seed(run.seed), **kwargs).images[0]
-    ref_pixels = torch.from_numpy(np.asarray(image).copy())
-
-    # impl: the same run from its own parts
+    pts, vpts, epts = _maps(impl_model, impl_vae, img2img)
+    st = {"mmdit": {}, "vae": {}, "enc": {}, "calls": [], "steps": []}
     impl_model, impl_vae = impl_model.to(run.dtype), impl_vae.to(run.dtype)
     cond = encode_prompt(stack, run.prompt, settings, run.dtype)
     unc = encode_prompt(stack, run.negative, settings, run.dtype)
-    f = impl_vae.config.downscale
+    c, f = impl_model.config, impl_vae.config.downscale
     shape = (1, c.in_channels, run.height // f, run.width // f)
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     with contextlib.ExitStack() as es:
-        es.enter_context(LM.capture(impl_model, {p.layer: (p.impl, p.impl_reads) for p in pts},
-                                    stores["impl"]["mmdit"]))
-        es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in vpts}, stores["impl"]["vae"]))
-        if img2img:
-            es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in epts}, es_vae["impl"]))
-        h = _calls(impl_model, stores["impl"]["calls"], stores["impl"]["mmdit"])
-        es.callback(h.remove)
-        keep = lambda i, d: stores["impl"]["steps"].append({k: d[k] for k in ("velocity", "latent") if k in d})  # noqa
+        es.enter_context(LM.capture(impl_model, {p.layer: (p.impl, p.impl_reads) for p in pts}, st["mmdit"]))
+        es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in vpts}, st["vae"]))
+        es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in epts}, st["enc"]))
+        es.callback(_calls(impl_model, st["calls"], st["mmdit"]).remove)
+        keep = lambda i, d: st["steps"].append({k: d[k] for k in ("velocity", "latent") if k in d})  # noqa: E731
         start = 0
         if img2img:
             s_img = sampling.SamplerSettings(steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers)
@@ -193,56 +135,90 @@ def run_image_check(label: str, pipe_dir: Path, impl_model, impl_vae, stack, set
                                            sai, on_step=keep)
         image = impl_vae.decode(impl_vae.latent_out(latents).to(run.dtype))
         pixels = (sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8)(image)[0]
+    order = ("uncond", "cond") if opts["sampler"] == "diffusers_euler" else ("cond", "uncond")
+    return _side(label, pts, vpts, epts, st, run, pixels, order, start, transform=False)
 
+
+def image_ref_side(label: str, pipe_dir: Path, impl_model, impl_vae, run: ImageRun) -> R.Side:
+    """The records of diffusers' own StableDiffusion3(Img2Img)Pipeline.__call__ on ``pipe_dir``. ``impl_model`` and
+    ``impl_vae`` only give the layer maps (and the coverage check of the map against both sides)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+    from diffusers.utils import logging as d_logging
+
+    d_logging.set_verbosity_error()
+    d_logging.disable_progress_bar()
+    img2img = run.init_image is not None
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(pipe_dir, dtype=run.dtype)
+    # measured: diffusers 0.42.1 without accelerate leaves SD3Transformer2DModel in float32 under dtype=bfloat16
+    # (the VAE and text encoders are cast); cast it explicitly, the same rounding a dtype-converting load does.
+    # Only it: pipe.to() would also cast the float32 T5 `wo` layers transformers keeps in float16 runs.
+    pipe.transformer.to(run.dtype)
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if part is not None:
+            own_storage(part.eval())
+    pipe.set_progress_bar_config(disable=True)
+    pts, vpts, epts = _maps(impl_model, impl_vae, img2img)
+    LM.check_coverage(pts, impl_model, pipe.transformer, LM.MMDIT_SKIP_IMPL, LM.MMDIT_SKIP_REF, f"{label} mmdit")
+    st = {"mmdit": {}, "vae": {}, "enc": {}, "calls": [], "steps": []}
+    ref_step = pipe.scheduler.step  # wrapped to see the guided velocity and the new latent
+
+    def step(model_output, t, sample, **kw):
+        out = ref_step(model_output, t, sample, **kw)
+        st["steps"].append({"velocity": model_output.clone(), "latent": out[0].clone()})
+        return out
+    pipe.scheduler.step = step
+    kwargs = {"skip_guidance_layers": list(run.slg_layers)} if run.slg_layers else {}
     if img2img:
-        base = {"model": label, "component": "vae", "step": None, "branch": None, "block": None, "stream": None}
-        for p in epts:
-            add({**base, "layer": p.layer}, es_vae["impl"][p.layer][0], es_vae["ref"][p.layer][0])
-    _records(label, pts, vpts, stores, run, pixels, ref_pixels, add, step0=start,
-             impl_cfg_order=("uncond", "cond") if opts["sampler"] == "diffusers_euler" else ("cond", "uncond"))
+        from PIL import Image
+
+        kwargs.update(image=Image.fromarray(run.init_image), strength=run.strength)
+    with contextlib.ExitStack() as es:
+        es.enter_context(LM.capture(pipe.transformer, {p.layer: (p.ref, p.ref_reads) for p in pts}, st["mmdit"]))
+        es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in vpts}, st["vae"]))
+        es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in epts}, st["enc"]))
+        es.callback(_calls(pipe.transformer, st["calls"], st["mmdit"]).remove)
+        image = pipe(run.prompt, negative_prompt=run.negative, height=run.height, width=run.width,
+                     num_inference_steps=run.steps, guidance_scale=run.guidance, output_type="pil",
+                     generator=torch.Generator("cpu").manual_seed(run.seed), **kwargs).images[0]
+    start = run.steps - len(st["steps"])
+    return _side(label, pts, vpts, epts, st, run, torch.from_numpy(np.asarray(image).copy()), ("uncond", "cond"),
+                 start, transform=True)
 
 
-def _records(label, pts, vpts, stores, run, pixels, ref_pixels, add, impl_cfg_order=("uncond", "cond"),
-             step0: int = 0) -> None:
-    """Pair impl and reference tensors by coordinates. Branches are matched by name, so a sampler that batches
-    [cond, uncond] is still compared cond with cond."""
+def _side(label, pts, vpts, epts, st, run, pixels, cfg_order, step0: int, transform: bool) -> R.Side:
+    """Records of one side. Calls are attributed to steps (a batch-1 call inside CFG is the skip-layer call of
+    the step before it) and split into named branches, so a sampler batching [cond, uncond] still pairs cond
+    with cond. ``transform`` applies the map's transforms (reference side)."""
     cfg = run.guidance > 1
-    imp, ref = stores["impl"], stores["ref"]
-    step_of_call, k = [], step0  # steps are schedule indices (img2img starts later)
-    for call, _ in ref["calls"]:  # each step: one (CFG-batched) call, plus the skip-layer call in the SLG window
-        if step_of_call and call[0].shape[0] == 1 and cfg:
-            step_of_call.append(step_of_call[-1])
-        else:
-            step_of_call.append(k)
-            k += 1
-    if len(imp["calls"]) != len(ref["calls"]):
-        add({"model": label, "component": "sampler", "step": None, "branch": None, "layer": "transformer_calls"},
-            torch.tensor(len(imp["calls"])), torch.tensor(len(ref["calls"])))
-    for n, ((icall, _), (rcall, _)) in enumerate(zip(imp["calls"], ref["calls"])):
-        step = step_of_call[n]
-        for b, branch in enumerate(_branches(rcall[0].shape[0], cfg)):
-            base = {"model": label, "step": step, "branch": branch}
-            ib = impl_cfg_order.index(branch) if branch in impl_cfg_order and icall[0].shape[0] == 2 else b
-            for name, i_t, r_t in zip(("latent_in", "timestep", "context", "pooled"), icall, rcall):
-                add({**base, "component": "sampler", "layer": f"input.{name}", "block": None, "stream": None},
-                    i_t[ib: ib + 1], r_t[b: b + 1])
+    side: R.Side = {}
+    for p in epts:
+        R.put(side, st["enc"][p.layer][0], model=label, component="vae", layer=p.layer)
+    step, steps = step0 - 1, []
+    for call, _ in st["calls"]:
+        step = step if (steps and call[0].shape[0] == 1 and cfg) else step + 1
+        steps.append(step)
+    for n, (call, _) in enumerate(st["calls"]):
+        branches = list(cfg_order) if cfg and call[0].shape[0] == 2 else (["skip"] if cfg else ["cond"])
+        for b, branch in enumerate(branches):
+            at = {"model": label, "step": steps[n], "branch": branch}
+            for name, t in zip(("latent_in", "timestep", "context", "pooled"), call):
+                R.put(side, t[b: b + 1], component="sampler", layer=f"input.{name}", **at)
             for p in pts:
-                got, want = _of_call(imp["mmdit"], imp["calls"], n, p.layer), _of_call(ref["mmdit"], ref["calls"], n, p.layer)
-                if got is None and want is None:  # a skipped layer (skip-layer guidance)
+                t = _of_call(st["mmdit"], st["calls"], n, p.layer)
+                if t is None:  # a skipped layer (skip-layer guidance)
                     continue
-                got = got[ib: ib + 1] if got is not None else torch.empty(0)
-                want = want[b: b + 1] if want is not None else torch.empty(0)
-                if p.transform == "swap_halves" and want.numel():
-                    want = torch.cat(want.chunk(2, dim=-1)[::-1], dim=-1)
-                add({**base, "component": "mmdit", "layer": p.layer, **_coords(p.layer)}, got, want)
-    for step, (i_s, r_s) in enumerate(zip(imp["steps"], ref["steps"]), start=step0):
-        for name in [n for n in ("velocity", "latent") if n in i_s]:  # the x0-form samplers have no velocity
-            add({"model": label, "component": "sampler", "step": step, "branch": None, "block": None, "stream": None,
-                 "layer": name}, i_s[name], r_s[name])
-    base = {"model": label, "component": "vae", "step": None, "branch": None, "block": None, "stream": None}
+                t = t[b: b + 1]
+                if transform and p.transform == "swap_halves":
+                    t = torch.cat(t.chunk(2, dim=-1)[::-1], dim=-1)
+                R.put(side, t, component="mmdit", layer=p.layer, **at)
+    for i, d in enumerate(st["steps"]):
+        for name in [n for n in ("velocity", "latent") if n in d]:  # the x0-form samplers have no velocity
+            R.put(side, d[name], model=label, component="sampler", layer=name, step=step0 + i)
     for p in vpts:
-        add({**base, "layer": p.layer}, imp["vae"][p.layer][0], ref["vae"][p.layer][0])
-    add({**base, "layer": "image_uint8"}, pixels, ref_pixels)
+        R.put(side, st["vae"][p.layer][0], model=label, component="vae", layer=p.layer)
+    R.put(side, pixels, model=label, component="vae", layer="image_uint8")
+    return side
 
 
 def load_impl_image_parts(directory: Path, opts: dict):
