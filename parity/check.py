@@ -133,9 +133,11 @@ def text_ref_side(t: TextRun, stack) -> R.Side:
         if ref_model is None:
             continue
         skips = (LM.T5_SKIP_IMPL, LM.T5_SKIP_REF) if comp == "t5" else (LM.CLIP_SKIP_IMPL, LM.CLIP_SKIP_REF)
-        if impl_model is not None:
-            LM.check_coverage(_points(impl_model, comp), impl_model, ref_model, *skips, comp)
-        models[comp] = (ref_model, _points(impl_model, comp))
+        points = _points(impl_model, comp)
+        if comp == "t5" and "encoder.embed_tokens" not in dict(ref_model.named_modules()):
+            points = LM.t5_map(impl_model.config.layers, ref_embed="shared")  # transformers 4.x
+        LM.check_coverage(points, impl_model, ref_model, *skips, comp)
+        models[comp] = (ref_model, points)
     side: R.Side = {}
     for pi, prompt in enumerate(t.prompts):
         store: dict[str, list] = {}

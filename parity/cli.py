@@ -88,6 +88,48 @@ def _convert(args) -> int:
     return 0
 
 
+def _record(args) -> int:
+    from pathlib import Path
+
+    from parity.check import DEFAULT_PROMPTS
+    from parity.golden import Settings, record
+
+    height, width = _size(args.size)
+    families = [] if args.text_only else (args.family or ["sd3-medium", "sd3.5-large", "sd3.5-medium"])
+    s = Settings(prompts=args.prompt or list(DEFAULT_PROMPTS), profile=args.profile, dtype=args.dtype,
+                 threads=args.threads, families=families, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                 height=height, width=width)
+    target = Path(args.golden_dir) / (args.name or f"embedded-{args.profile}-{args.dtype}")
+    m = record(target, s)
+    size = sum(p.stat().st_size for p in target.iterdir())
+    print(f"wrote {target}: {len(m['records'])} records, {size / 1e6:.2f} MB")
+    return 0
+
+
+def _verify(args) -> int:
+    from pathlib import Path
+
+    from parity.golden import GoldenError, golden_sets, verify
+
+    worst = 0
+    try:
+        sets = golden_sets(Path(args.golden_dir))
+    except GoldenError as e:
+        print(f"sd3parity verify: {e.kind}: {e}", file=sys.stderr)
+        return e.code
+    for d in sets:
+        try:
+            v = verify(d, args.threads, False if args.impl_only else None)
+            print(f"{d}: {v.kind} (exit {v.code})")
+            print("\n".join("  " + line for line in v.lines))
+            code = v.code
+        except GoldenError as e:
+            print(f"{d}: {e.kind} (exit {e.code})\n  {e}")
+            code = e.code
+        worst = worst or code
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sd3parity", description="SD3/SD3.5 reference-parity harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -123,6 +165,26 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("src", help="an SAI .safetensors file (-> diffusers directory) or a diffusers directory (-> file)")
     v.add_argument("dst", help="the directory or file to create (must not exist)")
     v.set_defaults(fn=_convert)
+    r = sub.add_parser("record", help="write a golden set of the embedded default (impl and reference records)")
+    r.add_argument("--golden-dir", default="golden")
+    r.add_argument("--name", help="set name (default embedded-PROFILE-DTYPE)")
+    r.add_argument("--prompt", action="append")
+    r.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--family", action="append", choices=("sd3-medium", "sd3.5-large", "sd3.5-medium"))
+    r.add_argument("--text-only", action="store_true")
+    r.add_argument("--steps", type=int, default=2)
+    r.add_argument("--guidance", type=float, default=5.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--size", default="64x64")
+    r.set_defaults(fn=_record)
+    v2 = sub.add_parser("verify", help="compare impl (and the installed reference) with golden sets; exit codes "
+                        "classify what changed (see parity/golden.py)")
+    v2.add_argument("--golden-dir", default="golden", help="a set, or a folder of sets (default golden/)")
+    v2.add_argument("--threads", type=int, help="run with this many threads instead of the recorded count")
+    v2.add_argument("--impl-only", action="store_true", help="do not run the reference even if it is installed")
+    v2.set_defaults(fn=_verify)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -63,9 +63,11 @@ CLIP_SKIP_REF = {r"": "the whole model", r"text_model": "its outputs are compare
                  _POS: "token_embedding and embeddings bracket it"}
 
 
-def t5_map(n_layers: int) -> list[Point]:
+def t5_map(n_layers: int, ref_embed: str = "encoder.embed_tokens") -> list[Point]:
+    """``ref_embed``: the name the tied input embedding has among the reference's modules: transformers 5 lists
+    ``encoder.embed_tokens``, 4.x only ``shared`` (the same module object, de-duplicated by ``named_modules``)."""
     B = "encoder.block.{i}"
-    rows = [("embed", "shared", "encoder.embed_tokens"),
+    rows = [("embed", "shared", ref_embed),
             ("relative_attention_bias", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias")]
     for sub in ("layer.0.layer_norm", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",

@@ -1,0 +1,381 @@
+"""Golden sets: recorded tensors of every record, and verification that classifies what changed.
+
+Layout of one set (``golden/<name>/``)::
+
+    manifest.json                      schema, settings, environment, versions, tolerance, one entry per record
+    tensors-<sha256[:16]>.safetensors  the stored tensors, named by content
+
+Storage is tiered: a tensor of at most ``FULL_LIMIT`` elements is stored whole; a larger one by its sha256, float64
+statistics and ``SAMPLES`` values at fixed positions, so the committed set stays small while a divergence is still
+localised to its record and sized. Writing is atomic: the tensor file gets a new content-derived name, the manifest
+is replaced last with ``os.replace``, and only then are unreferenced tensor files removed; a writer killed at any
+point leaves the previous set verifiable.
+
+``verify`` exit codes (also in the README):
+
+    0  every record matches
+    10 impl changed            impl differs; the reference (when installed) still matches
+    11 reference changed       the installed reference differs while impl matches; the version drift is named
+    12 environment changed     impl (and the reference) differ and threads, device, dtype or torch differ
+    13 impl and reference both changed in the recorded environment
+    20 golden damaged: a stored tensor does not match its recorded sha256 (e.g. a flipped byte)
+    21 golden damaged: the tensor file is missing, truncated or unreadable
+    22 golden damaged: manifest.json is missing
+    23 golden damaged: manifest.json is malformed
+    24 the manifest was written by a newer schema than this sd3-parity reads
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from parity import records as R
+
+SCHEMA = "sd3-parity-golden"
+SCHEMA_VERSION = 1
+FULL_LIMIT = 512
+SAMPLES = 64
+EXIT = {"ok": 0, "impl": 10, "reference": 11, "environment": 12, "both": 13, "tensor_damaged": 20,
+        "tensor_file": 21, "manifest_missing": 22, "manifest_malformed": 23, "newer_schema": 24}
+VERSIONED = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "numpy")
+REFERENCE_PACKAGES = ("diffusers", "transformers", "tokenizers")
+
+
+class GoldenError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind, self.code = kind, EXIT[kind]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """A fresh tensor with standard strides (``contiguous()`` keeps stride 0 on size-1 dimensions)."""
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t.detach().cpu())
+
+
+def tensor_sha256(t: Tensor) -> str:
+    t = _dense(t)
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def sample_positions(n: int) -> Tensor:
+    """SAMPLES flat indices spread over ``n`` elements, the same for every run (a fixed stride, no RNG)."""
+    if n <= SAMPLES:
+        return torch.arange(n)
+    return (torch.arange(SAMPLES, dtype=torch.int64) * n) // SAMPLES + (n // (2 * SAMPLES))
+
+
+def stats(t: Tensor) -> dict:
+    x = t.detach().double().flatten()
+    if not x.numel():
+        return {}
+    finite = x[torch.isfinite(x)]
+    return {"mean": float(finite.mean()) if finite.numel() else None, "std": float(finite.std()) if finite.numel() > 1 else 0.0,
+            "min": float(finite.min()) if finite.numel() else None, "max": float(finite.max()) if finite.numel() else None,
+            "nan": int(torch.isnan(x).sum()), "inf": int(torch.isinf(x).sum())}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def reference_installed() -> bool:
+    return all(_installed(p) for p in REFERENCE_PACKAGES)
+
+
+def _installed(pkg: str) -> bool:
+    try:
+        metadata.version(pkg)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def _entries(ref: R.Side, impl: R.Side) -> tuple[list[dict], dict[str, Tensor]]:
+    """Golden entries: the reference's tensor where it produced one (``source: reference``), else impl's
+    (``source: impl``: records no reference computes here, e.g. the SD3.5 forms of the sai profile's image side)."""
+    entries, tensors = [], {}
+    merged = {**{k: (v, "reference") for k, v in ref.items()}, **{k: (v, "impl") for k, v in impl.items() if k not in ref}}
+    for k, ((fields, t), source) in merged.items():
+        e = {"key": k, **fields, "source": source, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+             "sha256": tensor_sha256(t)}
+        if t.numel() <= FULL_LIMIT:
+            e["storage"] = "full"
+            tensors[k] = _dense(t)
+        else:
+            e["storage"] = "sampled"
+            e["stats"] = stats(t)
+            tensors[k + "#samples"] = _dense(t.flatten()[sample_positions(t.numel())])
+        if k in impl and tensor_sha256(impl[k][1]) != e["sha256"]:
+            e["impl_sha256"] = tensor_sha256(impl[k][1])  # impl differed when recorded (a flipped flag, a quirk)
+        entries.append(e)
+    return entries, tensors
+
+
+def write_set(target: Path, manifest: dict, tensors: dict[str, Tensor]) -> None:
+    """Atomically replace the golden set at ``target`` (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in target.glob(".*.partial"):  # left by a writer that was killed
+        stale.unlink()
+    fd, tmp = tempfile.mkstemp(prefix=".tensors-", suffix=".partial", dir=target)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        name = f"tensors-{digest[:16]}.safetensors"
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target / name)
+        manifest = {**manifest, "tensor_file": name, "tensor_file_sha256": digest}
+        fd, mtmp = tempfile.mkstemp(prefix=".manifest-", suffix=".partial", dir=target)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(mtmp, 0o644)
+        os.replace(mtmp, target / "manifest.json")
+    finally:
+        for leftover in target.glob(".*.partial"):
+            leftover.unlink(missing_ok=True)
+    for old in target.glob("tensors-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+@dataclass
+class Settings:
+    """Everything a golden run depends on, as recorded in the manifest."""
+    model_dir: str | None = None
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    profile: str = "diffusers"
+    dtype: str = "float32"
+    threads: int = 1
+    families: list[str] = field(default_factory=list)  # image side: embedded families ([] = text only)
+    steps: int = 2
+    guidance: float = 5.0
+    seed: int = 0
+    height: int = 64
+    width: int = 64
+    overrides: dict = field(default_factory=dict)
+
+
+def sides(s: Settings, with_reference: bool) -> tuple[R.Side, R.Side | None]:
+    """impl's records and, when asked, the reference's, for the settings of a golden set. The image side has a
+    reference for the diffusers profile only (the SD3.5 code is not runnable here)."""
+    from impl import embedded
+    from impl.mmdit import MMDiT
+    from impl.text import load_text_stack
+    from impl.vae import VAE
+    from impl.weights import load_strict
+    from parity import flags as F
+    from parity.check import DTYPES, text_impl_side, text_ref_side, text_run
+    from parity.determinism import pinned
+    from parity.image_check import ImageRun, image_impl_side, image_ref_side
+
+    t = text_run(s.model_dir, s.prompts, s.profile, s.dtype, s.overrides)
+    impl: R.Side = {}
+    ref: R.Side | None = {} if with_reference else None
+    with pinned(s.threads):
+        stack = load_text_stack(s.model_dir)
+        impl.update(text_impl_side(t, stack))
+        if ref is not None:
+            ref.update(text_ref_side(t, stack))
+        run = ImageRun(prompt=s.prompts[0], steps=s.steps, guidance=s.guidance, seed=s.seed, height=s.height,
+                       width=s.width, dtype=DTYPES[s.dtype])
+        opts = F.image_options(t.values)
+        for family in s.families:
+            from parity.embedded import model_dir
+
+            weights = {f"mmdit-{family}": embedded.mmdit_weights(family), "vae": embedded.vae_weights()}
+            model, vae = MMDiT(embedded.MMDIT[family], opts["mmdit"]), VAE(embedded.VAE, opts["vae_attention"])
+            load_strict(model, weights[f"mmdit-{family}"], family)
+            load_strict(vae, weights["vae"], "embedded vae")
+            label = f"embedded-{family}"
+            impl.update(image_impl_side(label, model.eval(), vae.eval(), stack, t.settings, run, opts))
+            if ref is not None and s.profile == "diffusers":
+                ref.update(image_ref_side(label, model_dir(family), model, vae, run))
+    return impl, ref
+
+
+def environment(s: Settings) -> dict:
+    return {"device": "cpu", "threads": s.threads, "dtype": s.dtype, "machine": platform.machine()}
+
+
+def record(target: Path, s: Settings) -> dict:
+    """Run impl and the reference with ``s`` and write the golden set at ``target``. Returns the manifest."""
+    from impl import embedded
+
+    if s.model_dir is not None:
+        raise ValueError("goldens are recorded for the embedded default only (a named model's files are not "
+                         "part of the repository)")
+    if not reference_installed():
+        raise ValueError("recording needs the reference libraries (diffusers, transformers, tokenizers)")
+    impl, ref = sides(s, with_reference=True)
+    entries, tensors = _entries(ref, impl)
+    manifest = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": "embedded-default", "manifest_sha256": hashlib.sha256(
+            json.dumps(embedded.manifest(), sort_keys=True).encode()).hexdigest()},
+        "settings": {k: v for k, v in s.__dict__.items()},
+        "environment": environment(s), "versions": versions(),
+        "tolerance": {"policy": "bitwise: each record's sha256 must match; sampled records are sized on their "
+                                "stored samples and statistics when it does not", "max_ulp": 0},
+        "records": entries,
+    }
+    write_set(target, manifest, tensors)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- verifying
+
+def load_set(d: Path) -> tuple[dict, dict[str, Tensor]]:
+    """The manifest and stored tensors of one set, or a GoldenError naming what is damaged."""
+    from impl.weights import WeightError, read_safetensors
+
+    path = d / "manifest.json"
+    if not path.is_file():
+        raise GoldenError("manifest_missing", f"{path}: missing (no golden set here)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GoldenError("manifest_malformed", f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise GoldenError("manifest_malformed", f"{path}: not an {SCHEMA} manifest")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise GoldenError("manifest_malformed", f"{path}: schema_version {version!r} is not an integer")
+    if version > SCHEMA_VERSION:
+        raise GoldenError("newer_schema", f"{path}: schema_version {version} is newer than this sd3-parity reads "
+                                          f"({SCHEMA_VERSION}); upgrade sd3-parity")
+    missing = [k for k in ("settings", "environment", "versions", "records", "tensor_file", "tensor_file_sha256")
+               if k not in manifest]
+    bad = [i for i, e in enumerate(manifest.get("records", [])) if not isinstance(e, dict)
+           or not {"key", "sha256", "storage", "shape", "dtype"} <= set(e)]
+    if missing or bad or not isinstance(manifest.get("records"), list):
+        raise GoldenError("manifest_malformed", f"{path}: missing keys {missing}" + (f", malformed records {bad[:5]}"
+                                                                                  if bad else ""))
+    tfile = d / str(manifest["tensor_file"])
+    if not tfile.is_file():
+        raise GoldenError("tensor_file", f"{tfile}: missing (named by {path.name})")
+    try:
+        tensors = read_safetensors(tfile)
+    except (WeightError, OSError) as e:
+        raise GoldenError("tensor_file", f"{tfile}: unreadable ({e})") from None
+    if hashlib.sha256(tfile.read_bytes()).hexdigest() != manifest["tensor_file_sha256"]:
+        damaged = [e["key"] for e in manifest["records"] if e["storage"] == "full"
+                   and (e["key"] not in tensors or tensor_sha256(tensors[e["key"]]) != e["sha256"])]
+        raise GoldenError("tensor_damaged", f"{tfile}: sha256 differs from the manifest's"
+                          + (f"; damaged records: {', '.join(damaged[:5])}" if damaged else
+                             " (the damage is in sampled data or the header)"))
+    return manifest, tensors
+
+
+@dataclass
+class Verdict:
+    name: str
+    kind: str
+    lines: list[str]
+
+    @property
+    def code(self) -> int:
+        return EXIT[self.kind]
+
+
+def _size(e: dict, got: Tensor, tensors: dict[str, Tensor]) -> str:
+    """How far ``got`` is from the golden record, from what is stored."""
+    from parity.metrics import compare
+
+    if list(got.shape) != e["shape"] or str(got.dtype).removeprefix("torch.") != e["dtype"]:
+        return f"shape/dtype {list(got.shape)} {got.dtype} vs golden {e['shape']} {e['dtype']}"
+    if e["storage"] == "full":
+        m = compare(got.contiguous(), tensors[e["key"]])
+    else:
+        m = compare(got.detach().flatten()[sample_positions(got.numel())].contiguous(), tensors[e["key"] + "#samples"])
+        m["note"] = f"on {SAMPLES} sampled values"
+    return f"max_abs {m.get('max_abs_err', 0):.3g}, ulp {m.get('max_ulp', 0)}" + (f" ({m['note']})" if "note" in m else "")
+
+
+def _first_bad(side: R.Side, manifest: dict, tensors: dict, impl: bool) -> str | None:
+    for e in manifest["records"]:
+        if not impl and e.get("source") == "impl":
+            continue  # no reference computes this record
+        want = e.get("impl_sha256", e["sha256"]) if impl else e["sha256"]
+        if e["key"] not in side:
+            return f"{e['key']}: not produced"
+        got = side[e["key"]][1]
+        if tensor_sha256(got) != want:
+            where = " ".join(f"{f}={e[f]}" for f in ("model", "prompt", "component", "layer", "step", "branch",
+                                                     "block", "stream") if e.get(f) is not None)
+            size = _size(e, got, tensors) if want == e["sha256"] else "differs from impl's recorded tensor"
+            return f"{where} ({size})"
+    extra = [k for k in side if k not in {e["key"] for e in manifest["records"]}]  # a new record: structure changed
+    return f"{extra[0]}: not in the golden set" if extra else None
+
+
+def verify(d: Path, threads: int | None = None, with_reference: bool | None = None) -> Verdict:
+    manifest, tensors = load_set(d)
+    s = Settings(**manifest["settings"])
+    if threads is not None:
+        s.threads = threads
+    use_ref = reference_installed() if with_reference is None else with_reference
+    impl, ref = sides(s, with_reference=use_ref)
+    env_now, env_then = environment(s), manifest["environment"]
+    now, then = versions(), manifest["versions"]
+    env_diff = {k: (env_then.get(k), v) for k, v in env_now.items() if env_then.get(k) != v}
+    if now.get("torch") != then.get("torch"):
+        env_diff["torch"] = (then.get("torch"), now.get("torch"))
+    drift = {p: (then.get(p), now.get(p)) for p in REFERENCE_PACKAGES if use_ref and then.get(p) != now.get(p)}
+    impl_bad = _first_bad(impl, manifest, tensors, impl=True)
+    ref_bad = _first_bad(ref, manifest, tensors, impl=False) if ref is not None else None
+    lines = [f"{len(manifest['records'])} records; reference {'compared' if ref is not None else 'not installed: impl only'}"]
+    fmt = lambda d_: ", ".join(f"{k} {a} -> {b}" for k, (a, b) in d_.items())  # noqa: E731
+    if impl_bad:
+        lines.append(f"impl: first difference at {impl_bad}")
+    if ref_bad:
+        lines.append(f"reference: first difference at {ref_bad}")
+    if env_diff:
+        lines.append(f"environment: {fmt(env_diff)}")
+    if drift:
+        lines.append(f"reference versions: {fmt(drift)}")
+    if not impl_bad and not ref_bad:
+        kind = "ok"
+    elif impl_bad and not ref_bad:
+        kind = "environment" if env_diff else "impl"
+    elif ref_bad and not impl_bad:
+        kind = "reference"
+        if not drift:
+            lines.append("reference versions: unchanged (the same versions produced other numbers)")
+    else:
+        kind = "environment" if env_diff else "both"
+    return Verdict(d.name, kind, lines)
+
+
+def golden_sets(root: Path) -> list[Path]:
+    if (root / "manifest.json").exists() or any(root.glob("tensors-*.safetensors")):
+        return [root]
+    sets = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    if not sets:
+        raise GoldenError("manifest_missing", f"{root}: no golden sets (no manifest.json in it or its subfolders)")
+    return sets
