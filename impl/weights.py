@@ -18,13 +18,20 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        size = path.stat().st_size
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if len(head) == 8 and n <= size - 8:
+            brace = f.read(1)
+            f.seek(8)
+        else:
+            brace = b""
+        # a pickle starts with 0x80 (protocol >= 2) or "PK" (zip): but so may a safetensors header length (its low
+        # byte), so the file is a pickle only if it does not look like safetensors ({ right after the length)
+        if brace != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise WeightError(f"{path}: this is a pickle/zip checkpoint; only .safetensors files are loaded "
                               "(pickles can run code on load). Convert it with safetensors first.")
         if len(head) < 8:
             raise WeightError(f"{path}: file is {len(head)} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        size = path.stat().st_size
         if n > size - 8 or n > 100_000_000:
             raise WeightError(f"{path}: header length {n} exceeds the file size {size} (truncated or not safetensors)")
         try:

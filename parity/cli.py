@@ -95,11 +95,13 @@ def _record(args) -> int:
     from parity.golden import Settings, record
 
     height, width = _size(args.size)
-    families = [] if args.text_only else (args.family or ["sd3-medium", "sd3.5-large", "sd3.5-medium"])
-    s = Settings(prompts=args.prompt or list(DEFAULT_PROMPTS), profile=args.profile, dtype=args.dtype,
+    families = [] if args.text_only else (args.family or (["model"] if args.model else
+                                                          ["sd3-medium", "sd3.5-large", "sd3.5-medium"]))
+    s = Settings(model_dir=args.model, prompts=args.prompt or list(DEFAULT_PROMPTS), profile=args.profile, dtype=args.dtype,
                  threads=args.threads, families=families, steps=args.steps, guidance=args.guidance, seed=args.seed,
                  height=height, width=width)
-    target = Path(args.golden_dir) / (args.name or f"embedded-{args.profile}-{args.dtype}")
+    default = f"{Path(args.model).name if args.model else 'embedded'}-{args.profile}-{args.dtype}"
+    target = Path(args.golden_dir) / (args.name or default)
     m = record(target, s)
     size = sum(p.stat().st_size for p in target.iterdir())
     print(f"wrote {target}: {len(m['records'])} records, {size / 1e6:.2f} MB")
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(fn=_convert)
     r = sub.add_parser("record", help="write a golden set of the embedded default (impl and reference records)")
     r.add_argument("--golden-dir", default="golden")
-    r.add_argument("--name", help="set name (default embedded-PROFILE-DTYPE)")
+    r.add_argument("--name", help="set name (default embedded-PROFILE-DTYPE, or MODELDIR-PROFILE-DTYPE)")
+    r.add_argument("--model", help="a diffusers-layout model directory (default: the embedded default)")
     r.add_argument("--prompt", action="append")
     r.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

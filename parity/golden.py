@@ -204,18 +204,58 @@ def sides(s: Settings, with_reference: bool) -> tuple[R.Side, R.Side | None]:
         run = ImageRun(prompt=s.prompts[0], steps=s.steps, guidance=s.guidance, seed=s.seed, height=s.height,
                        width=s.width, dtype=DTYPES[s.dtype])
         opts = F.image_options(t.values)
-        for family in s.families:
-            from parity.embedded import model_dir
-
-            weights = {f"mmdit-{family}": embedded.mmdit_weights(family), "vae": embedded.vae_weights()}
-            model, vae = MMDiT(embedded.MMDIT[family], opts["mmdit"]), VAE(embedded.VAE, opts["vae_attention"])
-            load_strict(model, weights[f"mmdit-{family}"], family)
-            load_strict(vae, weights["vae"], "embedded vae")
-            label = f"embedded-{family}"
+        for label, directory, model, vae in _image_models(s, opts):
             impl.update(image_impl_side(label, model.eval(), vae.eval(), stack, t.settings, run, opts))
             if ref is not None and s.profile == "diffusers":
-                ref.update(image_ref_side(label, model_dir(family), model, vae, run))
+                ref.update(image_ref_side(label, directory, model, vae, run))
     return impl, ref
+
+
+def _image_models(s: Settings, opts: dict):
+    """(label, diffusers directory, impl MMDiT, impl VAE) of each pipeline of the set: the named embedded families,
+    or, for a named model, its own pipeline when ``families`` is not empty and it has ``transformer/`` + ``vae/``."""
+    from impl import embedded
+    from impl.mmdit import MMDiT
+    from impl.vae import VAE
+    from impl.weights import load_strict
+    from parity.check import image_families
+    from parity.embedded import model_dir
+    from parity.image_check import load_impl_image_parts
+
+    if s.model_dir is not None:
+        for label, directory in (image_families(s.model_dir) if s.families else []):
+            yield (label, directory, *load_impl_image_parts(directory, opts))
+        return
+    for family in s.families:
+        weights = {f"mmdit-{family}": embedded.mmdit_weights(family), "vae": embedded.vae_weights()}
+        embedded.verify(weights)
+        model, vae = MMDiT(embedded.MMDIT[family], opts["mmdit"]), VAE(embedded.VAE, opts["vae_attention"])
+        load_strict(model, weights[f"mmdit-{family}"], family)
+        load_strict(vae, weights["vae"], "embedded vae")
+        yield f"embedded-{family}", model_dir(family), model, vae
+
+
+def model_fingerprint(s: Settings) -> dict:
+    """What the set was computed from. The embedded default: its manifest's sha256. A named model: per file, the
+    sha256 of a safetensors file's header (names, dtypes, shapes, offsets) and size (hashing multi-GB weights on
+    every verify would cost minutes), or of the whole file for everything else (configs, tokenizer files)."""
+    from impl import embedded
+
+    if s.model_dir is None:
+        return {"name": "embedded-default",
+                "manifest_sha256": hashlib.sha256(json.dumps(embedded.manifest(), sort_keys=True).encode()).hexdigest()}
+    root = Path(s.model_dir)
+    files = {}
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        with open(p, "rb") as f:
+            if p.suffix == ".safetensors":
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                digest = hashlib.sha256(head + f.read(min(n, 100_000_000)) + str(p.stat().st_size).encode()).hexdigest()
+            else:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        files[str(p.relative_to(root))] = digest
+    return {"name": str(root), "files": files}
 
 
 def environment(s: Settings) -> dict:
@@ -224,11 +264,6 @@ def environment(s: Settings) -> dict:
 
 def record(target: Path, s: Settings) -> dict:
     """Run impl and the reference with ``s`` and write the golden set at ``target``. Returns the manifest."""
-    from impl import embedded
-
-    if s.model_dir is not None:
-        raise ValueError("goldens are recorded for the embedded default only (a named model's files are not "
-                         "part of the repository)")
     if not reference_installed():
         raise ValueError("recording needs the reference libraries (diffusers, transformers, tokenizers)")
     impl, ref = sides(s, with_reference=True)
@@ -236,8 +271,7 @@ def record(target: Path, s: Settings) -> dict:
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": "embedded-default", "manifest_sha256": hashlib.sha256(
-            json.dumps(embedded.manifest(), sort_keys=True).encode()).hexdigest()},
+        "model": model_fingerprint(s),
         "settings": {k: v for k, v in s.__dict__.items()},
         "environment": environment(s), "versions": versions(),
         "tolerance": {"policy": "bitwise: each record's sha256 must match; sampled records are sized on their "
@@ -347,6 +381,8 @@ def verify(d: Path, threads: int | None = None, with_reference: bool | None = No
     if now.get("torch") != then.get("torch"):
         env_diff["torch"] = (then.get("torch"), now.get("torch"))
     drift = {p: (then.get(p), now.get(p)) for p in REFERENCE_PACKAGES if use_ref and then.get(p) != now.get(p)}
+    if manifest.get("model") and model_fingerprint(s) != manifest["model"]:
+        env_diff["model files"] = ("as recorded", "changed")  # the inputs moved: not impl's or the reference's fault
     impl_bad = _first_bad(impl, manifest, tensors, impl=True)
     ref_bad = _first_bad(ref, manifest, tensors, impl=False) if ref is not None else None
     lines = [f"{len(manifest['records'])} records; reference {'compared' if ref is not None else 'not installed: impl only'}"]

@@ -153,3 +153,20 @@ def test_check_checkpoint_uses_the_files_text_encoders(pipeline_dir, tmp_path, c
     assert main(["check", "--json", "--checkpoint", str(tmp_path / "n.safetensors"), "--prompt", "a cat"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["first_divergence"] is None and "--checkpoint text encoders: clip_l, clip_g, t5" in out["notes"]
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_path):
+    """The low byte of the header length can be 0x80, a pickle's first byte: such files must still load."""
+    from impl.weights import read_safetensors
+
+    for pad in range(300):
+        path = tmp_path / "w.safetensors"
+        save_file({"a": torch.ones(3)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a 0x80 header-length byte")
+    assert torch.equal(read_safetensors(path)["a"], torch.ones(3))
+    (tmp_path / "p.safetensors").write_bytes(b"\x80\x04\x95" + b"\0" * 20)  # a real pickle's start
+    with pytest.raises(WeightError, match="pickle"):
+        read_safetensors(tmp_path / "p.safetensors")

@@ -141,3 +141,28 @@ def test_sigkill_during_record_leaves_the_previous_set(small, tmp_path, point, c
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert (d / "manifest.json").read_bytes() == before
     assert main(["verify", "--golden-dir", str(d), "--impl-only"]) == 0
+
+
+def test_named_model_set_and_both_changed(tmp_path, capsys):
+    """A set for a named directory; then its transformer weights change in place (same header, so the file
+    fingerprint stays): impl and the reference both move, in the recorded environment (exit 13)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from parity.embedded import model_dir
+
+    d = tmp_path / "model"
+    shutil.copytree(model_dir("sd3-medium"), d)
+    assert main(["record", "--golden-dir", str(tmp_path / "g"), "--model", str(d), "--prompt", "a cat",
+                 "--name", "m"]) == 0
+    m = json.loads((tmp_path / "g/m/manifest.json").read_text())
+    assert m["model"]["name"] == str(d) and "transformer/diffusion_pytorch_model.safetensors" in m["model"]["files"]
+    assert main(["verify", "--golden-dir", str(tmp_path / "g/m")]) == 0
+    f = d / "transformer/diffusion_pytorch_model.safetensors"
+    state = load_file(str(f))
+    state["proj_out.bias"] = state["proj_out.bias"] + 1.0
+    save_file(state, str(f))
+    capsys.readouterr()
+    assert main(["verify", "--golden-dir", str(tmp_path / "g/m")]) == G.EXIT["both"]
+    assert "component=mmdit layer=final" in capsys.readouterr().out
