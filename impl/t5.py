@@ -78,8 +78,19 @@ class SelfAttention(nn.Module):
         bucket = relative_bucket(pos[None, :] - pos[:, None], self.c.num_buckets, self.c.max_distance)
         return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:  # bias: additive (1 or B, H, L, L)
-        return self.o(attention(self.q(x), self.k(x), self.v(x), self.heads, mask=bias, scale=1.0))
+    def forward(self, x: Tensor, bias: Tensor, impl: str = "sdpa") -> Tensor:  # bias: additive (1 or B, H, L, L)
+        """``impl``: ``sdpa`` (transformers 5: SDPA with the bias as attn_mask, scale 1) or ``eager`` (transformers
+        4.x: q k^T + bias, softmax in float32 cast back, times v); they differ by ulps."""
+        if impl == "sdpa":
+            return self.o(attention(self.q(x), self.k(x), self.v(x), self.heads, mask=bias, scale=1.0))
+        if impl != "eager":
+            raise ValueError(f"T5 attention {impl!r}: expected 'sdpa' or 'eager'")
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, -1, self.heads, self.c.d_kv).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        scores = torch.matmul(q, k.transpose(3, 2))
+        scores += bias
+        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        return self.o(torch.matmul(weights, v).transpose(1, 2).contiguous().view(b, -1, self.heads * self.c.d_kv))
 
 
 class AttentionSublayer(nn.Module):
@@ -87,8 +98,8 @@ class AttentionSublayer(nn.Module):
         super().__init__()
         self.SelfAttention, self.layer_norm = SelfAttention(c, has_bias), RMSNorm(c.d_model, c.eps)
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        return x + self.SelfAttention(self.layer_norm(x), bias)
+    def forward(self, x: Tensor, bias: Tensor, impl: str = "sdpa") -> Tensor:
+        return x + self.SelfAttention(self.layer_norm(x), bias, impl)
 
 
 class GatedFF(nn.Module):
@@ -117,8 +128,8 @@ class Block(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([AttentionSublayer(c, has_bias), FFSublayer(c)])
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        x = _clamp_fp16(self.layer[0](x, bias))
+    def forward(self, x: Tensor, bias: Tensor, impl: str = "sdpa") -> Tensor:
+        x = _clamp_fp16(self.layer[0](x, bias, impl))
         return _clamp_fp16(self.layer[1](x))
 
 
@@ -154,12 +165,13 @@ class T5Encoder(nn.Module):
                     p.data = p.data.to(torch.float16)
         return self
 
-    def forward(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """``ids`` (B, L) -> last hidden state (B, L, d_model). ``attention_mask`` (B, L) bool: True = attend."""
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, attention: str = "sdpa") -> Tensor:
+        """``ids`` (B, L) -> last hidden state (B, L, d_model). ``attention_mask`` (B, L) bool: True = attend.
+        ``attention``: ``sdpa`` (transformers 5) or ``eager`` (transformers 4.x)."""
         x = self.shared(ids)
         bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(ids.shape[1])  # (1, H, L, L)
         if attention_mask is not None:
             bias = torch.where(attention_mask[:, None, None, :].bool(), bias, torch.finfo(bias.dtype).min)
         for block in self.encoder.block:
-            x = block(x, bias)
+            x = block(x, bias, attention)
         return self.encoder.final_layer_norm(x)

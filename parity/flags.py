@@ -54,6 +54,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("t5_mask", "T9", (False, True), False, False,
          "neither diffusers (diffusers#8673, intentional) nor sd3.5 passes an attention mask to T5",
          "T5 states of real tokens stop depending on the padding length"),
+    Flag("t5_attention", "T9 (impl)", ("sdpa", "eager"), "sdpa", "sdpa",
+         "transformers 5.x T5Attention: SDPA, position bias as attn_mask, scale 1 (both pinned profiles); "
+         "transformers 4.57 eager: q k^T + bias, float32 softmax, times v (measured: up to 52 ulp at block 0)",
+         "every T5 state from block 0's attention output on"),
     Flag("t5_absent", "T10", (None, "zeros", "none"), None, None,
          "diffusers encode_prompt with text_encoder_3=None: zeros (B, L, joint) (L=256 from 0.36.0, PR #12531); "
          "ComfyUI appends no rows; sd3.5 requires T5",
@@ -126,7 +130,8 @@ def settings(values: dict[str, Any]) -> TextSettings:
         clip_l_mode=values["clip_l_tokenizer"], clip_g_mode=values["clip_g_tokenizer"],
         clip_l_pad=values["clip_l_pad"], clip_g_pad=values["clip_g_pad"], sai_wordwise=values["sai_wordwise"],
         t5_mode="hf", t5_length_rule=values["t5_length_rule"], t5_max_length=values["t5_max_length"],
-        t5_mask=values["t5_mask"], t5_absent=values["t5_absent"], t5_absent_length=values["t5_max_length"],
+        t5_mask=values["t5_mask"], t5_attention=values["t5_attention"], t5_absent=values["t5_absent"],
+        t5_absent_length=values["t5_max_length"],
         clip_pool=values["clip_pool"], clip_l_pooled_projected=values["clip_l_pooled_projected"],
         encoder_dtype=torch.float32 if values["encoder_dtype"] == "float32" else None,
     )

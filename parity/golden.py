@@ -258,6 +258,12 @@ def model_fingerprint(s: Settings) -> dict:
     return {"name": str(root), "files": files}
 
 
+def _flag_values(s: Settings) -> dict:
+    from parity import flags as F
+
+    return {k: v for k, v in {**F.profile_values(s.profile), **s.overrides}.items()}
+
+
 def environment(s: Settings) -> dict:
     return {"device": "cpu", "threads": s.threads, "dtype": s.dtype, "machine": platform.machine()}
 
@@ -273,6 +279,7 @@ def record(target: Path, s: Settings) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model_fingerprint(s),
         "settings": {k: v for k, v in s.__dict__.items()},
+        "flags": _flag_values(s),
         "environment": environment(s), "versions": versions(),
         "tolerance": {"policy": "bitwise: each record's sha256 must match; sampled records are sized on their "
                                 "stored samples and statistics when it does not", "max_ulp": 0},

@@ -168,3 +168,19 @@ def test_tf4_full_layout(tf4):
     for text in ["a photo", " ".join(["cat"] * 90), "東京"]:
         want = tf4[0](text, padding="max_length", max_length=77, truncation=True).input_ids
         assert ClipTokenizer(VOCAB, "hf-slow-noftfy", 49407)(text).ids == want
+
+
+@pytest.mark.tf4
+def test_tf4_text_stack_bitwise_with_eager_t5(tf4, capsys):
+    """Under transformers 4.57.6 (with diffusers 0.39.0) every text record is bitwise equal once impl runs T5
+    attention the 4.x way (flag t5_attention=eager); with the 5.x default the first divergence is T5's block 0."""
+    pytest.importorskip("diffusers")
+    import json
+
+    from parity.cli import main
+
+    assert main(["check", "--text-only", "--json", "--flag", "t5_attention=eager"]) == 0
+    assert json.loads(capsys.readouterr().out)["first_divergence"] is None
+    assert main(["check", "--text-only", "--json", "--prompt", "a cat"]) == 1
+    fd = json.loads(capsys.readouterr().out)["first_divergence"]
+    assert (fd["component"], fd["layer"]) == ("t5", "block.0.layer.0.SelfAttention.o")

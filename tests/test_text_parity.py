@@ -58,6 +58,7 @@ FLIPS = [
     ("sai_wordwise", True, "(red:1.3) cat", "clip-l", "input_ids"),
     ("t5_length_rule", "sai", "a cat", "t5", "input_ids"),
     ("t5_mask", True, "a cat", "t5", "block.0.layer.0.SelfAttention.o"),  # q/k/v equal; the mask acts inside
+    ("t5_attention", "eager", "a cat", "t5", "block.0.layer.0.SelfAttention.o"),  # transformers 4.x's kernel
     ("clip_l_pooled_projected", False, "a cat", "conditioning", "pooled"),
     ("encoder_dtype", "float32", "a cat", "conditioning", "context"),
 ]
