@@ -193,3 +193,38 @@ def test_check_img2img_records(tmp_path, capsys):
     assert out["first_divergence"] is None
     assert main(["check", "--image", str(tmp_path / "in.png"), "--size", "64x48"]) == 2
     assert "64x64 pixels; --size is 64x48" in capsys.readouterr().err
+
+
+def test_generate_function_matches_the_diffusers_pipelines():
+    """impl.pipeline.generate (diffusers form) is the real txt2img and img2img pipelines, bitwise; the sai form
+    runs the reference's procedure (different numbers by design, deterministic per seed)."""
+    from impl.pipeline import PipelineSettings, generate
+    from parity.embedded import model_dir
+
+    family = "sd3.5-medium"
+    pixels = (np.arange(64 * 48 * 3, dtype=np.int64).reshape(64, 48, 3) * 37 % 256).astype(np.uint8)
+    with pinned(1):
+        stack = load_text_stack()
+        model = MMDiT(embedded.MMDIT[family])
+        load_strict(model, embedded.mmdit_weights(family), family)
+        vae = VAE(embedded.VAE)
+        load_strict(vae, embedded.vae_weights(), "vae")
+        text = F.settings(F.profile_values("diffusers"))
+        s = PipelineSettings(steps=3, guidance=5.0, seed=11, height=64, width=48)
+        ours = generate(stack, model, vae, "a red cat", s, text)
+        ours_i2i = generate(stack, model, vae, "a red cat", s, text, init_image=sampling.image_to_tensor(pixels))
+        from PIL import Image
+
+        kw = dict(height=64, width=48, num_inference_steps=3, guidance_scale=5.0)
+        for cls, extra, got in ((diffusers.StableDiffusion3Pipeline, {}, ours),
+                                (diffusers.StableDiffusion3Img2ImgPipeline,
+                                 {"image": Image.fromarray(pixels), "strength": 0.6}, ours_i2i)):
+            pipe = cls.from_pretrained(model_dir(family))
+            for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+                own_storage(part)
+            pipe.set_progress_bar_config(disable=True)
+            ref = pipe("a red cat", generator=torch.Generator("cpu").manual_seed(11), **kw, **extra).images[0]
+            assert torch.equal(got.image, torch.from_numpy(np.asarray(ref).copy()))
+        sai = PipelineSettings(form="sai", sampler="dpmpp_2m", steps=3, guidance=5.0, seed=11, height=64, width=48)
+        a, b = generate(stack, model, vae, "a red cat", sai, text), generate(stack, model, vae, "a red cat", sai, text)
+    assert torch.equal(a.image, b.image) and a.image.shape == (64, 48, 3) and not torch.equal(a.image, ours.image)
