@@ -183,11 +183,7 @@ class Settings:
 def sides(s: Settings, with_reference: bool) -> tuple[R.Side, R.Side | None]:
     """impl's records and, when asked, the reference's, for the settings of a golden set. The image side has a
     reference for the diffusers profile only (the SD3.5 code is not runnable here)."""
-    from impl import embedded
-    from impl.mmdit import MMDiT
     from impl.text import load_text_stack
-    from impl.vae import VAE
-    from impl.weights import load_strict
     from parity import flags as F
     from parity.check import DTYPES, text_impl_side, text_ref_side, text_run
     from parity.determinism import pinned

@@ -1,6 +1,5 @@
 """impl CLIP tokenizer modes against the real tokenizers, with pinned examples for each divergence class."""
 import gzip
-import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from parity import golden as G
 from parity.cli import main
@@ -87,8 +86,6 @@ def test_damaged_sets(small, tmp_path, damage, kind, message, capsys):
     tensors = next(d.glob("tensors-*.safetensors"))
     manifest = d / "manifest.json"
     if damage == "flip":  # a byte inside the first full tensor's data
-        from safetensors import safe_open
-
         m = json.loads(manifest.read_text())
         first = next(e["key"] for e in m["records"] if e["storage"] == "full")
         header = int.from_bytes(tensors.read_bytes()[:8], "little")
