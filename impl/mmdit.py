@@ -8,8 +8,11 @@ compute the same function with different op orders; ``MMDiTOptions`` picks one (
   (diffusers), ``context_first`` [context, image] (the SD3.5 reference). Softmax sums run in another order.
 * ``qkv`` (M4): ``split`` runs three GEMMs on the thirds of the fused weight (diffusers' to_q/to_k/to_v),
   ``fused`` one GEMM then a reshape (the SD3.5 reference).
-* ``qk_norm`` (M6): ``upcast`` (diffusers: float32 variance, cast to the weight dtype, times the weight) or
-  ``native`` (the SD3.5 reference: all in the input dtype). Equal in float32.
+* ``qk_norm`` (M6): ``upcast`` (diffusers: float32 variance, cast to the weight dtype, times the weight, on the
+  per-head (B, H, L, E) view) or ``native`` (the SD3.5 reference: all in the input dtype, on the per-token
+  (B, L, H, E) view). Equal in float32. The view matters in half precision: CPU half ``rsqrt`` rounds some
+  elements differently by where they fall in the kernel's vector loop (measured: 11 of 924 values), so the
+  reference's layout is part of its form.
 
 Shapes: B batch, N image tokens, M context tokens, D hidden, H heads, E head dim (64 in every released model).
 """
@@ -62,6 +65,16 @@ class MMDiTOptions:
             raise ValueError(f"qk_norm {self.qk_norm!r}: expected 'upcast' or 'native'")
 
 
+class QKNorm(RMSNorm):
+    """The qk RMSNorm on per-head (B, H, L, E) tensors. The ``native`` form computes on the per-token view
+    (B, L, H, E) of the same memory, as the reference does; inputs and outputs stay per head."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.form == "native":
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return super().forward(x)
+
+
 class SelfAttention(nn.Module):
     """Fused ``qkv`` projection, optional qk RMSNorm, output ``proj`` (absent in the pre-only context block).
     Identity modules ``q``, ``k``, ``v`` (projections before the norm, (B, L, D)) are capture points."""
@@ -73,7 +86,7 @@ class SelfAttention(nn.Module):
         if not pre_only:
             self.proj = nn.Linear(c.hidden, c.hidden)
         if c.qk_norm:
-            self.ln_q, self.ln_k = RMSNorm(c.head_dim, c.eps, norm_form), RMSNorm(c.head_dim, c.eps, norm_form)
+            self.ln_q, self.ln_k = QKNorm(c.head_dim, c.eps, norm_form), QKNorm(c.head_dim, c.eps, norm_form)
         self.q, self.k, self.v = nn.Identity(), nn.Identity(), nn.Identity()
 
     def project(self, x: Tensor, qkv: str) -> tuple[Tensor, Tensor, Tensor]:

@@ -46,14 +46,15 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
              negative: str = "", init_image: Tensor | None = None, posterior_noise: Tensor | None = None,
              on_step: Callable[[int, dict], None] | None = None) -> Result:
     """One image. ``init_image``: (1, 3, H, W) in [-1, 1] for img2img (``sampling.image_to_tensor`` builds it from
-    pixels with diffusers' layout)."""
+    pixels with diffusers' layout, ``sampling.sai_image_to_tensor`` with the reference's)."""
     if s.form not in ("diffusers", "sai"):
         raise ValueError(f"form {s.form!r}: expected 'diffusers' or 'sai'")
     if s.height % 16 or s.width % 16:
         raise ValueError(f"size {s.height}x{s.width}: height and width must be multiples of 16")
     model, vae = model.to(s.dtype), vae.to(s.dtype)
-    cond = encode_prompt(stack, prompt, text, s.dtype)
-    unc = encode_prompt(stack, negative, text, s.dtype)
+    text_dtype = s.dtype if s.form == "diffusers" else torch.float32  # sd3_infer.get_cond returns float32
+    cond = encode_prompt(stack, prompt, text, text_dtype)
+    unc = encode_prompt(stack, negative, text, text_dtype)
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     f = vae.config.downscale
     shape = (1, model.config.in_channels, s.height // f, s.width // f)

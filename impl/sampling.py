@@ -155,6 +155,7 @@ class SaiSettings:
     sampler: str = "dpmpp_2m"  # or "euler"
     latent_dtype: torch.dtype = torch.float16  # sd3_infer: latent.half() (QUIRKS S4, S5)
     model_dtype: torch.dtype = torch.float16  # BaseModel.apply_model casts x, context and y to it
+    cond_dtype: torch.dtype = torch.float16  # fix_cond: context and pooled .half(), whatever the model dtype
     empty_latent: float = 0.0609  # get_empty_latent: ones * 0.0609
     denoise: float = 1.0
     slg_layers: tuple[int, ...] = ()  # SkipLayerCFGDenoiser (the 3.5-Medium profile: 7, 8, 9)
@@ -198,6 +199,7 @@ def sai_denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditi
     if s.sampler not in ("euler", "dpmpp_2m"):
         raise ValueError(f"sampler {s.sampler!r}: expected 'euler' or 'dpmpp_2m'")
     dtype = s.latent_dtype
+    cond, uncond = (Conditioning(c.context.to(s.cond_dtype), c.pooled.to(s.cond_dtype)) for c in (cond, uncond))
     base = (torch.ones(noise.shape) * s.empty_latent if latent is None else latent).to(dtype)
     sigmas = sai_schedule(s.steps, s.shift)[sai_start_index(s.steps, s.denoise):]
     x = sigmas[0] * noise.to(dtype) + (1.0 - sigmas[0]) * base  # noise_scaling, in the latent dtype
@@ -224,6 +226,16 @@ def sai_denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditi
             on_step(i, {"sigma": sigmas[i], "timestep": (sigmas[i] * s_in * 1000).float(), "x0": denoised,
                         "latent": x})
     return x
+
+
+def sai_image_to_tensor(pixels) -> Tensor:
+    """``vae_encode``'s preprocessing: (H, W, 3) uint8 -> float32 / 255 in numpy, channels first, a contiguous
+    (1, 3, H, W) copy, then 2x - 1 in torch (contiguous, unlike diffusers' layout in ``image_to_tensor``)."""
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image: expected an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
+    chw = np.moveaxis(arr.astype(np.float32) / 255.0, 2, 0)
+    return 2.0 * torch.from_numpy(np.ascontiguousarray(chw[None])) - 1.0
 
 
 def sai_to_uint8(image: Tensor) -> Tensor:

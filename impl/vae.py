@@ -65,8 +65,10 @@ class AttnBlock(nn.Module):
         if self.attention == "conv":
             hn = self.norm(x)
             q, k, v = (m(hn).flatten(2).transpose(1, 2)[:, None].contiguous() for m in (self.q, self.k, self.v))
-            out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-            return x + self.proj_out(out)
+            out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
+            # back to (B, C, H, W) as a permuted view with the reference's strides (einops: reshape, permute);
+            # the 1x1 conv picks its kernel by them, even the batch stride of a batch of 1 (measured in fp16)
+            return x + self.proj_out(out.reshape(b, h, w, c).permute(0, 3, 1, 2))
         tokens = self.norm(x.view(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
         q, k, v = (F.linear(tokens, m.weight[:, :, 0, 0], m.bias).view(b, -1, 1, c).transpose(1, 2)
                    for m in (self.q, self.k, self.v))

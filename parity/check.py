@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,20 +214,25 @@ def image_families(model_dir: str | None) -> list[tuple[str, Path]]:
 
 
 def run_image(report: Report, model_dir: str | None, values: dict, run, families: list[str] | None = None,
-              checkpoint: str | None = None) -> None:
+              checkpoint: str | None = None, sai_code: Path | None = None) -> None:
     """Append the image-side records (every step, branch, block, VAE layer, image) of each family, or of the
-    SAI single-file ``checkpoint`` (impl loads it by identity; the reference gets a converted copy)."""
-    if checkpoint is not None:
-        return _run_checkpoint(report, model_dir, values, run, Path(checkpoint))
+    SAI single-file ``checkpoint`` (impl loads it by identity; the reference gets a converted copy). The
+    reference is diffusers' pipeline, or with ``sai_code`` (the sai profile) the SD3.5 reference code run on an
+    SAI single file (the checkpoint, or the family's directory converted to one)."""
+    import tempfile
+
     from impl import embedded
     from impl.mmdit import MMDiT
     from impl.text import load_text_stack
     from impl.vae import VAE
     from impl.weights import load_strict
-    from parity.image_check import image_impl_side, image_ref_side, load_impl_image_parts
+    from parity.convert import diffusers_to_sai_file
+    from parity.image_check import image_impl_side, image_ref_side, image_sai_ref_side, load_impl_image_parts
 
+    if checkpoint is not None:
+        return _run_checkpoint(report, model_dir, values, run, Path(checkpoint), sai_code)
     settings = F.settings(values)
-    with pinned(report.threads):
+    with pinned(report.threads), tempfile.TemporaryDirectory(prefix="sd3parity-sai-") as tmp:
         stack = load_text_stack(model_dir)
         for label, directory in image_families(model_dir):
             family = label.removeprefix("embedded-")
@@ -243,10 +249,25 @@ def run_image(report: Report, model_dir: str | None, values: dict, run, families
             else:
                 model, vae = load_impl_image_parts(directory, opts)
             impl = image_impl_side(label, model.eval(), vae.eval(), stack, settings, run, opts)
-            compare_sides(report, impl, image_ref_side(label, directory, model, vae, run))
+            if sai_code is None:
+                ref = image_ref_side(label, directory, model, vae, run)
+            else:
+                single = Path(tmp) / f"{family}.safetensors"
+                with contextlib.redirect_stdout(io.StringIO()):
+                    diffusers_to_sai_file(directory, single)
+                ref = image_sai_ref_side(label, sai_code, single, directory, model, vae, run, _sai_sampler(opts))
+            compare_sides(report, impl, ref)
 
 
-def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, checkpoint: Path) -> None:
+def _sai_sampler(opts: dict) -> str:
+    """The reference's ``--sampler`` for the impl sampler flag (the diffusers form has no SD3.5-code twin)."""
+    if not opts["sampler"].startswith("sai_"):
+        raise ValueError(f"--flag sampler={opts['sampler']}: the SD3.5 reference code runs sai_euler or sai_dpmpp_2m")
+    return opts["sampler"].removeprefix("sai_")
+
+
+def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, checkpoint: Path,
+                    sai_code: Path | None = None) -> None:
     import tempfile
 
     from impl.checkpoint import infer_mmdit_config, infer_vae_config, match_presets
@@ -256,7 +277,7 @@ def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, ch
     from impl.weights import load_strict
     from parity.convert import pipeline_from_checkpoint
     from parity.embedded import model_dir as embedded_dir
-    from parity.image_check import image_impl_side, image_ref_side
+    from parity.image_check import image_impl_side, image_ref_side, image_sai_ref_side
 
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
@@ -278,7 +299,11 @@ def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, ch
                               enc.get("t5", stack.t5))
             report.notes += [f"--checkpoint text encoders: {', '.join(enc)}"] + notes
         impl = image_impl_side(label, model.eval(), vae.eval(), stack, F.settings(values), run, opts)
-        compare_sides(report, impl, image_ref_side(label, Path(tmp), model, vae, run))
+        if sai_code is None:
+            ref = image_ref_side(label, Path(tmp), model, vae, run)
+        else:
+            ref = image_sai_ref_side(label, sai_code, checkpoint, Path(tmp), model, vae, run, _sai_sampler(opts))
+        compare_sides(report, impl, ref)
 
 
 def _where(r: dict) -> str:

@@ -17,10 +17,14 @@ def _check(args) -> int:
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     height, width = _size(args.size)
     report = run_check(args.model, prompts, args.profile, args.dtype, overrides, args.threads, args.max_ulp)
+    from parity.sai_reference import ENV, code_dir
+
+    sai_code = code_dir(args.sai_code) if args.profile == "sai" else None
     if args.text_only:
         report.notes.append("image side not run (--text-only)")
-    elif args.profile != "diffusers":
-        report.notes.append("image side not run: only the diffusers profile is implemented so far")
+    elif args.profile == "sai" and sai_code is None:
+        report.notes.append(f"image side not run: the sai profile's image reference is the SD3.5 code "
+                            f"(Stability-AI/sd3.5); point --sai-code or ${ENV} at a local checkout")
     else:
         from parity.check import DTYPES
 
@@ -30,7 +34,7 @@ def _check(args) -> int:
                        strength=args.strength)
         before = len(report.records)
         run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family,
-                  args.checkpoint)
+                  args.checkpoint, sai_code)
         if len(report.records) == before:
             report.notes.append("image side not run: the model directory has no transformer/ and vae/")
     if args.json:
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")
     c.add_argument("--slg", type=int, action="append", default=[], metavar="LAYER",
                    help="skip-layer guidance layer (repeatable; diffusers' window and scale)")
+    c.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the image reference "
+                   "of the sai profile (default: $SD3PARITY_SAI_CODE)")
     c.set_defaults(fn=_check)
     t = sub.add_parser("tokens", help="token ids of a prompt under every tokenizer mode and profile")
     t.add_argument("prompt")

@@ -81,7 +81,8 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers to_q/to_k/to_v (the converter splits the fused weight); sd3.5 SelfAttention.qkv one Linear",
          "q, k, v by GEMM blocking (ulps; equal on the tiny embedded sizes)", "image"),
     Flag("qk_norm_form", "M6", ("upcast", "native"), "upcast", "native",
-         "diffusers RMSNorm: float32 variance, cast to weight dtype, times weight; sd3.5 RMSNorm in the input dtype",
+         "diffusers RMSNorm: float32 variance, cast to weight dtype, times weight (per head); sd3.5 mmditx.RMSNorm in "
+         "the input dtype, on the per-token (B, L, H, E) view",
          "qk-norm outputs in half precision (equal in float32)", "image"),
     Flag("vae_attention", "V1b", ("linear", "conv"), "linear", "conv",
          "diffusers AutoencoderKL Attention to_q/k/v Linear; sd3.5 AttnBlock 1x1 Conv2d",

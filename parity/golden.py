@@ -182,7 +182,8 @@ class Settings:
 
 def sides(s: Settings, with_reference: bool) -> tuple[R.Side, R.Side | None]:
     """impl's records and, when asked, the reference's, for the settings of a golden set. The image side has a
-    reference for the diffusers profile only (the SD3.5 code is not runnable here)."""
+    reference for the diffusers profile only: the sai profile's is the SD3.5 code, which is not a package (its
+    records are impl's, ``source: impl``; ``sd3parity check --sai-code`` compares them with that code)."""
     from impl.text import load_text_stack
     from parity import flags as F
     from parity.check import DTYPES, text_impl_side, text_ref_side, text_run

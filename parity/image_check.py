@@ -1,11 +1,13 @@
-"""The image side of ``sd3parity check``: one txt2img run through impl and through diffusers' real
-``StableDiffusion3Pipeline.__call__``, compared at every transformer call (step x branch x block x stream x
-sub-op), at the sampler (timestep, guided velocity, latent after each step) and through the VAE decoder to the
-uint8 image. The diffusers profile only (the SAI sampler forms are not implemented yet).
+"""The image side of ``sd3parity check``: one txt2img (or img2img) run through impl and through a reference,
+compared at every transformer call (step x branch x block x stream x sub-op), at the sampler (timestep, guided
+velocity or x0, latent after each step) and through the VAE to the uint8 image. The reference is diffusers' real
+``StableDiffusion3(Img2Img)Pipeline.__call__`` (diffusers profile) or the SD3.5 reference code from a local
+checkout (sai profile; ``parity.sai_reference``).
 """
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,8 @@ def _calls(model, store: list, captured: dict):
         if kwargs.get("hidden_states") is not None:
             inputs = (kwargs["hidden_states"], kwargs["timestep"], kwargs["encoder_hidden_states"],
                       kwargs["pooled_projections"])
+        elif "context" in kwargs:  # the SD3.5 reference's MMDiTX: (x, t, context=, y=)
+            inputs = (args[0], args[1], kwargs["context"], kwargs["y"])
         else:  # impl: (x, t, y, context)
             inputs = (args[0], args[1], args[3], args[2])
         store.append((inputs, {k: len(v) for k, v in captured.items()}))
@@ -94,19 +98,29 @@ def _maps(impl_model, impl_vae, img2img: bool):
             vae_encoder_map(len(vc.ch_mult), vc.num_res_blocks) if img2img else [])
 
 
+def sai_settings(run: ImageRun, sampler: str):
+    """The SD3.5-reference sampler settings of a run, given to impl and (as ``do_sampling`` arguments) to the
+    reference alike. Skip-layer guidance: the 3.5-Medium profile's scale and window (QUIRKS G5)."""
+    from impl import sampling
+
+    return sampling.SaiSettings(steps=run.steps, shift=3.0, guidance=run.guidance, sampler=sampler,
+                                model_dtype=run.dtype, slg_layers=run.slg_layers, slg_scale=2.5, slg_start=0.01,
+                                slg_end=0.20, denoise=1.0 if run.init_image is None else run.strength)
+
+
 def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: ImageRun, opts: dict) -> R.Side:
     """impl's records of one txt2img (or img2img) run from its own parts."""
     from impl import sampling
     from impl.text import encode_prompt
 
     img2img = run.init_image is not None
-    if img2img and opts["sampler"] != "diffusers_euler":
-        raise ValueError("img2img is compared in the diffusers sampler form only")
+    sai_form = opts["sampler"] != "diffusers_euler"
     pts, vpts, epts = _maps(impl_model, impl_vae, img2img)
     st = {"mmdit": {}, "vae": {}, "enc": {}, "calls": [], "steps": []}
     impl_model, impl_vae = impl_model.to(run.dtype), impl_vae.to(run.dtype)
-    cond = encode_prompt(stack, run.prompt, settings, run.dtype)
-    unc = encode_prompt(stack, run.negative, settings, run.dtype)
+    text_dtype = torch.float32 if sai_form else run.dtype  # sd3_infer.get_cond returns float32
+    cond = encode_prompt(stack, run.prompt, settings, text_dtype)
+    unc = encode_prompt(stack, run.negative, settings, text_dtype)
     c, f = impl_model.config, impl_vae.config.downscale
     shape = (1, c.in_channels, run.height // f, run.width // f)
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
@@ -115,28 +129,87 @@ def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: Imag
         es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in vpts}, st["vae"]))
         es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in epts}, st["enc"]))
         es.callback(_calls(impl_model, st["calls"], st["mmdit"]).remove)
-        keep = lambda i, d: st["steps"].append({k: d[k] for k in ("velocity", "latent") if k in d})  # noqa: E731
+        keep = lambda i, d: st["steps"].append({k: d[k] for k in ("velocity", "x0", "latent") if k in d})  # noqa: E731
         start = 0
-        if img2img:
+        if sai_form:
+            sai = sai_settings(run, opts["sampler"].removeprefix("sai_"))
+            latent = None
+            if img2img:  # vae_encode (posterior noise: the seed the reference side gives the global generator)
+                mean, std = impl_vae.encode_moments(sampling.sai_image_to_tensor(run.init_image).to(run.dtype))
+                noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(run.seed + 1))
+                latent = impl_vae.latent_in(mean + std * noise.to(mean.dtype))
+                start = sampling.sai_start_index(run.steps, run.strength)
+            latents = sampling.sai_denoise(impl_model, sampling.sai_noise(run.seed, shape, sai.latent_dtype), *conds,
+                                           sai, latent=latent, on_step=keep)
+        elif img2img:
             s_img = sampling.SamplerSettings(steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers)
             image_in = sampling.image_to_tensor(run.init_image).to(run.dtype)
             noised, start = sampling.img2img_latent(impl_vae, image_in, s_img, run.strength,
                                                     torch.Generator("cpu").manual_seed(run.seed))
             latents = sampling.denoise(impl_model, noised, *conds, s_img, on_step=keep, start=start)
-        elif opts["sampler"] == "diffusers_euler":
+        else:
             noise = torch.randn(shape, dtype=run.dtype, generator=torch.Generator("cpu").manual_seed(run.seed))
             latents = sampling.denoise(impl_model, noise, *conds, sampling.SamplerSettings(
                 steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers), on_step=keep)
-        else:
-            sai = sampling.SaiSettings(steps=run.steps, shift=3.0, guidance=run.guidance,
-                                       sampler=opts["sampler"].removeprefix("sai_"), model_dtype=run.dtype,
-                                       slg_layers=run.slg_layers)
-            latents = sampling.sai_denoise(impl_model, sampling.sai_noise(run.seed, shape, sai.latent_dtype), *conds,
-                                           sai, on_step=keep)
         image = impl_vae.decode(impl_vae.latent_out(latents).to(run.dtype))
         pixels = (sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8)(image)[0]
-    order = ("uncond", "cond") if opts["sampler"] == "diffusers_euler" else ("cond", "uncond")
+    order = ("cond", "uncond") if sai_form else ("uncond", "cond")
     return _side(label, pts, vpts, epts, st, run, pixels, order, start, transform=False)
+
+
+def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path, impl_model, impl_vae,
+                       run: ImageRun, sampler: str) -> R.Side:
+    """The records of the SD3.5 reference code (a local checkout ``code``) on the SAI single file ``checkpoint``:
+    its own ``SD3Inferencer.do_sampling`` / ``vae_encode`` / ``vae_decode`` (see ``parity.sai_reference`` for
+    what the harness adapts). The conditioning is the text reference's (``parity.reference.sai_encode`` on
+    ``text_dir``), float32 as ``get_cond`` returns it."""
+    from types import SimpleNamespace
+
+    from parity import reference
+    from parity import sai_reference as S
+
+    img2img = run.init_image is not None
+    c, vc = impl_model.config, impl_vae.config
+    pts = LM.sai_mmdit_map(c.depth, c.qk_norm, c.dual_attention_layers)
+    vpts = [LM.Point(p.layer, p.impl, p.impl) for p in vae_map(len(vc.ch_mult), vc.num_res_blocks + 1)]
+    epts = [LM.Point(p.layer, p.impl, p.impl) for p in vae_encoder_map(len(vc.ch_mult), vc.num_res_blocks)] if img2img else []
+    text = reference.load(text_dir, torch.float32)
+    cond, neg = (reference.sai_encode(text, p, torch.float32) for p in (run.prompt, run.negative))
+    s = sai_settings(run, sampler)
+    slg = {"scale": s.slg_scale, "start": s.slg_start, "end": s.slg_end,
+           "layers": list(s.slg_layers)} if s.slg_layers else {}
+    st = {"mmdit": {}, "vae": {}, "enc": {}, "calls": [], "steps": []}
+    with S.imported(code) as ref, S.on_this_machine(), torch.random.fork_rng(devices=[]):
+        model, vae = S.load(ref, checkpoint, vc, run.dtype, s.shift)
+        LM.check_coverage(pts, impl_model, model.diffusion_model, LM.MMDIT_SKIP_IMPL, LM.SAI_MMDIT_SKIP,
+                          f"{label} mmdit (SD3.5 reference)")
+        inferencer = ref.infer.SD3Inferencer()
+        inferencer.verbose = False
+        inferencer.sd3, inferencer.vae = SimpleNamespace(model=model), SimpleNamespace(model=vae)
+        hooks = S.Hooks(ref)
+        with contextlib.ExitStack() as es:
+            es.enter_context(hooks.active())
+            es.enter_context(LM.capture(model.diffusion_model, {p.layer: (p.ref, p.ref_reads) for p in pts}, st["mmdit"]))
+            es.enter_context(LM.capture(vae, {p.layer: (p.ref, p.ref_reads) for p in vpts}, st["vae"]))
+            es.enter_context(LM.capture(vae, {p.layer: (p.ref, p.ref_reads) for p in epts}, st["enc"]))
+            es.callback(_calls(model.diffusion_model, st["calls"], st["mmdit"]).remove)
+            if run.dtype != torch.float32 and not torch.cuda.is_available():
+                for part in (vae.encoder, vae.decoder):
+                    es.callback(S.half_input_hook(part, run.dtype).remove)
+            latent, start = inferencer.get_empty_latent(run.width, run.height), 0
+            if img2img:
+                from PIL import Image
+
+                torch.manual_seed(run.seed + 1)  # the posterior's randn_like (unseeded in the reference)
+                latent = ref.impls.SD3LatentFormat().process_in(inferencer.vae_encode(Image.fromarray(run.init_image)))
+                start = int(run.steps * (1 - s.denoise))
+            with contextlib.redirect_stderr(io.StringIO()):  # tqdm progress bars
+                sampled = inferencer.do_sampling(latent, run.seed, cond, neg, run.steps, run.guidance, sampler,
+                                                 s.denoise, slg)
+            image = inferencer.vae_decode(sampled)
+        st["steps"] = hooks.per_step()
+    pixels = torch.from_numpy(np.asarray(image).copy())
+    return _side(label, pts, vpts, epts, st, run, pixels, ("cond", "uncond"), start, transform=True)
 
 
 def image_ref_side(label: str, pipe_dir: Path, impl_model, impl_vae, run: ImageRun) -> R.Side:
@@ -209,11 +282,11 @@ def _side(label, pts, vpts, epts, st, run, pixels, cfg_order, step0: int, transf
                 if t is None:  # a skipped layer (skip-layer guidance)
                     continue
                 t = t[b: b + 1]
-                if transform and p.transform == "swap_halves":
-                    t = torch.cat(t.chunk(2, dim=-1)[::-1], dim=-1)
+                if transform:
+                    t = LM.apply_transform(p.transform, t)
                 R.put(side, t, component="mmdit", layer=p.layer, **at)
     for i, d in enumerate(st["steps"]):
-        for name in [n for n in ("velocity", "latent") if n in d]:  # the x0-form samplers have no velocity
+        for name in [n for n in ("velocity", "x0", "latent") if n in d]:  # diffusers: velocity; SAI forms: x0
             R.put(side, d[name], model=label, component="sampler", layer=name, step=step0 + i)
     for p in vpts:
         R.put(side, st["vae"][p.layer][0], model=label, component="vae", layer=p.layer)

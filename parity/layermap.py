@@ -11,6 +11,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -19,8 +20,8 @@ class Point:
     layer: str
     impl: str
     ref: str
-    ref_reads: str = "output"  # "input" (first argument), or "output.K" (element K of a tuple output)
-    transform: str = ""  # applied to the reference tensor before comparing: "swap_halves" (QUIRKS M2)
+    ref_reads: str = "output"  # "input" (first argument), "input.K" (argument K), "output.K" (element K of a tuple)
+    transform: str = ""  # applied to the reference tensor before comparing (``apply_transform``)
     impl_reads: str = "output"
 
 
@@ -155,6 +156,52 @@ MMDIT_SKIP_REF = {
 }
 
 
+def sai_mmdit_map(depth: int, qk_norm: bool, dual: tuple[int, ...]) -> list[Point]:
+    """impl <-> the SD3.5 reference's ``MMDiTX``: the same module names (impl took SAI's), except impl's capture
+    points that no reference module returns: ``tokens`` is joint block 0's image input, ``c`` the final layer's
+    conditioning input, q/k/v the thirds of the fused ``qkv`` output, and ln_q/ln_k are read per token
+    (B, L, H, E) where impl has them per head (B, H, L, E). No swapped halves: both split (shift, scale)."""
+    pts = []
+    for p in mmdit_map(depth, qk_norm, dual):
+        ref, reads, transform = p.impl, p.impl_reads, ""
+        if p.layer == "tokens":
+            ref, reads = "joint_blocks.0", "input.1"
+        elif p.layer == "c":
+            ref, reads = "final_layer", "input.1"
+        elif re.search(r"\.attn2?\.[qkv]$", p.impl):
+            ref, transform = p.impl[:-1] + "qkv", f"third.{'qkv'.index(p.impl[-1])}"
+        elif re.search(r"\.attn2?\.ln_[qk]$", p.impl):
+            transform = "heads_first"
+        pts.append(Point(p.layer, p.impl, ref, reads, transform, p.impl_reads))
+    return pts
+
+
+SAI_MMDIT_SKIP = {
+    r"": "the whole model", r"joint_blocks": "container",
+    r"joint_blocks\.\d+\.(x|context)_block(\.attn2?)?": "stream / attention containers; their parts are captured",
+    r"joint_blocks\.\d+\.(x|context)_block\.(norm1|norm2)": "parameter-free LayerNorm inside the block",
+    r"joint_blocks\.\d+\.(x|context)_block\.attn2?\.ln_[qk]": "Identity without qk-norm (SD3-Medium)",
+    r"joint_blocks\.\d+\.(x|context)_block\.adaLN_modulation(\.0)?": "Sequential / SiLU; the Linear is captured",
+    r"joint_blocks\.\d+\.(x|context)_block\.mlp(\.act)?": _ELEMENTWISE,
+    r"x_embedder": "container of proj", r"(t|y)_embedder\.mlp(\.\d)?": "inside the captured embedder",
+    r"final_layer\.(norm_final|linear|adaLN_modulation(\.0)?)": "inside the captured final layer",
+}
+
+
+def apply_transform(name: str, t):
+    """A reference tensor in impl's form: ``swap_halves`` (diffusers' (scale, shift), M2), ``third.K`` (part K of
+    a fused q|k|v projection), ``heads_first`` ((B, L, H, E) -> (B, H, L, E))."""
+    if not name:
+        return t
+    if name == "swap_halves":
+        return torch.cat(t.chunk(2, dim=-1)[::-1], dim=-1)
+    if name.startswith("third."):
+        return t.chunk(3, dim=-1)[int(name.split(".")[1])]
+    if name == "heads_first":
+        return t.transpose(1, 2)
+    raise ValueError(f"unknown layer-map transform {name!r}")
+
+
 class CoverageError(ValueError):
     pass
 
@@ -187,8 +234,8 @@ def capture(model: nn.Module, where: dict[str, tuple[str, str]], store: dict[str
     handles = []
     for name, (mod, reads) in where.items():
         def hook(_m, args, out, name=name, reads=reads):
-            if reads.startswith("output."):
-                t = out[int(reads.split(".")[1])]
+            if reads.startswith(("output.", "input.")):
+                t = (out if reads.startswith("output.") else args)[int(reads.split(".")[1])]
             else:
                 t = _first_tensor(args if reads == "input" else out)
             store.setdefault(name, []).append(t.detach().clone())

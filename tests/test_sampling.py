@@ -103,7 +103,7 @@ def test_sai_euler_close_to_diffusers_on_the_tiny_model():
     noise = torch.randn(1, 16, 4, 4, generator=g)
     with torch.no_grad():
         a = S.sai_denoise(model, noise, cond, unc, S.SaiSettings(steps=4, guidance=1.0, sampler="euler",
-                          latent_dtype=torch.float32, model_dtype=torch.float32))
+                          latent_dtype=torch.float32, model_dtype=torch.float32, cond_dtype=torch.float32))
         b = S.denoise(model, noise, cond, unc, S.SamplerSettings(steps=4, guidance=1.0))
     assert 0 < (a - b).abs().max() < 1e-4
 
