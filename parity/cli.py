@@ -30,7 +30,7 @@ def _check(args) -> int:
 
         init = _read_image(args.image, height, width) if args.image else None
         run = ImageRun(prompt=prompts[0], steps=args.steps, guidance=args.guidance, seed=args.seed, height=height,
-                       width=width, slg_layers=tuple(args.slg), dtype=DTYPES[args.dtype], init_image=init,
+                       width=width, slg_layers=tuple(args.slg), shift=args.shift, dtype=DTYPES[args.dtype], init_image=init,
                        strength=args.strength)
         before = len(report.records)
         run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family,
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--steps", type=int, default=2, help="denoising steps of the image run (default 2)")
     c.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0; <= 1 runs no CFG batch)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--shift", type=float, default=3.0, help="sigma shift on both sides (default 3.0; the SD3.5 "
+                   "reference uses 1.0 for SD3-Medium)")
     c.add_argument("--size", default="64x64", help="HEIGHTxWIDTH in pixels (default 64x64)")
     c.add_argument("--image", help="img2img from this image (its size must equal --size)")
     c.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")

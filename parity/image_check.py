@@ -29,6 +29,7 @@ class ImageRun:
     height: int = 64
     width: int = 64
     slg_layers: tuple[int, ...] = ()
+    shift: float = 3.0  # sigma shift, both sides (the SD3.5 reference's SD3-Medium profile uses 1.0, QUIRKS S2)
     dtype: torch.dtype = torch.float32  # the pipeline dtype (torch_dtype of from_pretrained)
     init_image: np.ndarray | None = None  # (H, W, 3) uint8: img2img from it
     strength: float = 0.6
@@ -103,7 +104,7 @@ def sai_settings(run: ImageRun, sampler: str):
     reference alike. Skip-layer guidance: the 3.5-Medium profile's scale and window (QUIRKS G5)."""
     from impl import sampling
 
-    return sampling.SaiSettings(steps=run.steps, shift=3.0, guidance=run.guidance, sampler=sampler,
+    return sampling.SaiSettings(steps=run.steps, shift=run.shift, guidance=run.guidance, sampler=sampler,
                                 model_dtype=run.dtype, slg_layers=run.slg_layers, slg_scale=2.5, slg_start=0.01,
                                 slg_end=0.20, denoise=1.0 if run.init_image is None else run.strength)
 
@@ -142,7 +143,8 @@ def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: Imag
             latents = sampling.sai_denoise(impl_model, sampling.sai_noise(run.seed, shape, sai.latent_dtype), *conds,
                                            sai, latent=latent, on_step=keep)
         elif img2img:
-            s_img = sampling.SamplerSettings(steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers)
+            s_img = sampling.SamplerSettings(steps=run.steps, shift=run.shift, guidance=run.guidance,
+                                             slg_layers=run.slg_layers)
             image_in = sampling.image_to_tensor(run.init_image).to(run.dtype)
             noised, start = sampling.img2img_latent(impl_vae, image_in, s_img, run.strength,
                                                     torch.Generator("cpu").manual_seed(run.seed))
@@ -150,7 +152,7 @@ def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: Imag
         else:
             noise = torch.randn(shape, dtype=run.dtype, generator=torch.Generator("cpu").manual_seed(run.seed))
             latents = sampling.denoise(impl_model, noise, *conds, sampling.SamplerSettings(
-                steps=run.steps, guidance=run.guidance, slg_layers=run.slg_layers), on_step=keep)
+                steps=run.steps, shift=run.shift, guidance=run.guidance, slg_layers=run.slg_layers), on_step=keep)
         image = impl_vae.decode(impl_vae.latent_out(latents).to(run.dtype))
         pixels = (sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8)(image)[0]
     order = ("cond", "uncond") if sai_form else ("uncond", "cond")
@@ -231,6 +233,8 @@ def image_ref_side(label: str, pipe_dir: Path, impl_model, impl_vae, run: ImageR
         if part is not None:
             own_storage(part.eval())
     pipe.set_progress_bar_config(disable=True)
+    if pipe.scheduler.config.shift != run.shift:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=run.shift)
     pts, vpts, epts = _maps(impl_model, impl_vae, img2img)
     LM.check_coverage(pts, impl_model, pipe.transformer, LM.MMDIT_SKIP_IMPL, LM.MMDIT_SKIP_REF, f"{label} mmdit")
     st = {"mmdit": {}, "vae": {}, "enc": {}, "calls": [], "steps": []}

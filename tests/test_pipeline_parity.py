@@ -228,3 +228,24 @@ def test_generate_function_matches_the_diffusers_pipelines():
         sai = PipelineSettings(form="sai", sampler="dpmpp_2m", steps=3, guidance=5.0, seed=11, height=64, width=48)
         a, b = generate(stack, model, vae, "a red cat", sai, text), generate(stack, model, vae, "a red cat", sai, text)
     assert torch.equal(a.image, b.image) and a.image.shape == (64, 48, 3) and not torch.equal(a.image, ours.image)
+
+
+def test_shift_reaches_both_sides():
+    """--shift 1.0 (the SD3.5 reference's SD3-Medium value, QUIRKS S2): with 2 steps the second timestep is
+    sigma_min * 1000 = 1.0 unshifted on both sides (8.93 with shift 3), and the run stays bitwise."""
+    from parity.embedded import model_dir
+    from parity.image_check import ImageRun, image_impl_side, image_ref_side
+
+    values = F.profile_values("diffusers")
+    opts = F.image_options(values)
+    model, vae = MMDiT(embedded.MMDIT["sd3-medium"], opts["mmdit"]), VAE(embedded.VAE, opts["vae_attention"])
+    load_strict(model, embedded.mmdit_weights("sd3-medium"), "tiny")
+    load_strict(vae, embedded.vae_weights(), "tiny vae")
+    with pinned(1):
+        for shift, want in ((1.0, 1.0), (3.0, 8.93)):
+            run = ImageRun(prompt="a cat", shift=shift)
+            impl = image_impl_side("m", model.eval(), vae.eval(), load_text_stack(None), F.settings(values), run, opts)
+            ref = image_ref_side("m", model_dir("sd3-medium"), model, vae, run)
+            t = [side[k][1] for side in (impl, ref) for k in side if k.endswith("|sampler|input.timestep|1|cond")]
+            assert len(t) == 2 and torch.equal(*t) and round(float(t[0]), 2) == want
+            assert all(torch.equal(impl[k][1], ref[k][1]) for k in ref)
