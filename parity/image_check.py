@@ -85,6 +85,18 @@ def _calls(model, store: list, captured: dict):
     return model.register_forward_pre_hook(pre, with_kwargs=True)
 
 
+def _capture(es: contextlib.ExitStack, model, vae, maps: tuple, st: dict, side: str) -> None:
+    """Hook one side's transformer (records and call inputs) and VAE (decoder and encoder records) into ``st``
+    for the life of ``es``. ``side``: "impl" reads each point's impl module, "ref" its reference module."""
+    def where(points):
+        return {p.layer: ((p.impl, p.impl_reads) if side == "impl" else (p.ref, p.ref_reads)) for p in points}
+    pts, vpts, epts = maps
+    es.enter_context(LM.capture(model, where(pts), st["mmdit"]))
+    es.enter_context(LM.capture(vae, where(vpts), st["vae"]))
+    es.enter_context(LM.capture(vae, where(epts), st["enc"]))
+    es.callback(_calls(model, st["calls"], st["mmdit"]).remove)
+
+
 def _of_call(captured: dict, calls: list, n: int, layer: str):
     """The tensor ``layer`` captured during call ``n``, or None if that call skipped it."""
     start = calls[n][1].get(layer, 0)
@@ -126,10 +138,7 @@ def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: Imag
     shape = (1, c.in_channels, run.height // f, run.width // f)
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     with contextlib.ExitStack() as es:
-        es.enter_context(LM.capture(impl_model, {p.layer: (p.impl, p.impl_reads) for p in pts}, st["mmdit"]))
-        es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in vpts}, st["vae"]))
-        es.enter_context(LM.capture(impl_vae, {p.layer: (p.impl, p.impl_reads) for p in epts}, st["enc"]))
-        es.callback(_calls(impl_model, st["calls"], st["mmdit"]).remove)
+        _capture(es, impl_model, impl_vae, (pts, vpts, epts), st, "impl")
         keep = lambda i, d: st["steps"].append({k: d[k] for k in ("velocity", "x0", "latent") if k in d})  # noqa: E731
         start = 0
         if sai_form:
@@ -167,6 +176,7 @@ def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path,
     ``text_dir``), float32 as ``get_cond`` returns it."""
     from types import SimpleNamespace
 
+    from impl import sampling
     from parity import reference
     from parity import sai_reference as S
 
@@ -191,10 +201,7 @@ def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path,
         hooks = S.Hooks(ref)
         with contextlib.ExitStack() as es:
             es.enter_context(hooks.active())
-            es.enter_context(LM.capture(model.diffusion_model, {p.layer: (p.ref, p.ref_reads) for p in pts}, st["mmdit"]))
-            es.enter_context(LM.capture(vae, {p.layer: (p.ref, p.ref_reads) for p in vpts}, st["vae"]))
-            es.enter_context(LM.capture(vae, {p.layer: (p.ref, p.ref_reads) for p in epts}, st["enc"]))
-            es.callback(_calls(model.diffusion_model, st["calls"], st["mmdit"]).remove)
+            _capture(es, model.diffusion_model, vae, (pts, vpts, epts), st, "ref")
             if run.dtype != torch.float32 and not torch.cuda.is_available():
                 for part in (vae.encoder, vae.decoder):
                     es.callback(S.half_input_hook(part, run.dtype).remove)
@@ -204,7 +211,7 @@ def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path,
 
                 torch.manual_seed(run.seed + 1)  # the posterior's randn_like (unseeded in the reference)
                 latent = ref.impls.SD3LatentFormat().process_in(inferencer.vae_encode(Image.fromarray(run.init_image)))
-                start = int(run.steps * (1 - s.denoise))
+                start = sampling.sai_start_index(run.steps, s.denoise)  # records numbered by schedule index
             with contextlib.redirect_stderr(io.StringIO()):  # tqdm progress bars
                 sampled = inferencer.do_sampling(latent, run.seed, cond, neg, run.steps, run.guidance, sampler,
                                                  s.denoise, slg)
@@ -251,10 +258,7 @@ def image_ref_side(label: str, pipe_dir: Path, impl_model, impl_vae, run: ImageR
 
         kwargs.update(image=Image.fromarray(run.init_image), strength=run.strength)
     with contextlib.ExitStack() as es:
-        es.enter_context(LM.capture(pipe.transformer, {p.layer: (p.ref, p.ref_reads) for p in pts}, st["mmdit"]))
-        es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in vpts}, st["vae"]))
-        es.enter_context(LM.capture(pipe.vae, {p.layer: (p.ref, p.ref_reads) for p in epts}, st["enc"]))
-        es.callback(_calls(pipe.transformer, st["calls"], st["mmdit"]).remove)
+        _capture(es, pipe.transformer, pipe.vae, (pts, vpts, epts), st, "ref")
         image = pipe(run.prompt, negative_prompt=run.negative, height=run.height, width=run.width,
                      num_inference_steps=run.steps, guidance_scale=run.guidance, output_type="pil",
                      generator=torch.Generator("cpu").manual_seed(run.seed), **kwargs).images[0]

@@ -39,9 +39,7 @@ def _run(c, impl, ref, inputs):
         b = ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
     unequal = []
     for p in pts:
-        want = sr[p.layer][0]
-        if p.transform == "swap_halves":
-            want = torch.cat(want.chunk(2, dim=-1)[::-1], dim=-1)
+        want = LM.apply_transform(p.transform, sr[p.layer][0])
         if not torch.equal(si[p.layer][0], want):
             unequal.append(p.layer)
     return a, b, unequal, len(pts)
