@@ -1,17 +1,16 @@
 """txt2img / img2img: text encoders, sampler and VAE tied together, every knob an argument.
 
-``form="diffusers"`` is ``StableDiffusion3Pipeline`` / ``StableDiffusion3Img2ImgPipeline`` (bitwise on CPU, see
-``tests/test_pipeline_parity.py``); ``form="sai"`` is the SD3.5 reference's ``sd3_infer`` procedure (its sampler,
-CFG, fp16 latent, noise and uint8 forms from ``impl.sampling``; pass the matching ``TextSettings`` and
-``MMDiTOptions`` / VAE attention for its text side and op orders). Randomness comes from ``seed`` only, except
-the SAI img2img posterior, which the reference draws unseeded: pass it as ``posterior_noise`` to reproduce a run.
+With ``sampling.Form()`` and ``uint8="round"`` this is ``StableDiffusion3Pipeline`` /
+``StableDiffusion3Img2ImgPipeline`` (bitwise on CPU, see ``tests/test_pipeline_parity.py``); with ``sampling.SAI``
+and ``uint8="truncate"`` it is the SD3.5 reference's ``sd3_infer`` procedure (pass the matching ``TextSettings``
+and ``MMDiTOptions`` / VAE attention for its text side and op orders). Randomness comes from ``seed``; the SAI
+img2img posterior, which the reference draws unseeded, can be given as ``posterior_noise``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from impl import sampling
@@ -20,20 +19,12 @@ from impl.text import TextSettings, TextStack, encode_prompt
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineSettings:
-    form: str = "diffusers"  # "diffusers" or "sai"
-    sampler: str = "euler"  # sai form: "euler" or "dpmpp_2m" (diffusers has Euler only)
-    steps: int = 28
-    shift: float = 3.0
-    guidance: float = 7.0
+    sampler: sampling.SamplerSettings = field(default_factory=sampling.SamplerSettings)
     seed: int = 0
     height: int = 1024
     width: int = 1024
-    dtype: torch.dtype = torch.float32  # the pipeline / model dtype
-    slg_layers: tuple[int, ...] = ()
-    slg_scale: float | None = None  # default: 2.8 (diffusers), 2.5 (sai)
-    slg_start: float = 0.01
-    slg_stop: float = 0.2
     strength: float = 0.6  # img2img: diffusers' strength, the reference's denoise
+    uint8: str = "round"  # V3: "round" (diffusers) or "truncate" (the reference)
 
 
 @dataclass
@@ -47,41 +38,25 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
              on_step: Callable[[int, dict], None] | None = None) -> Result:
     """One image. ``init_image``: (1, 3, H, W) in [-1, 1] for img2img (``sampling.image_to_tensor`` builds it from
     pixels with diffusers' layout, ``sampling.sai_image_to_tensor`` with the reference's)."""
-    if s.form not in ("diffusers", "sai"):
-        raise ValueError(f"form {s.form!r}: expected 'diffusers' or 'sai'")
+    ss = s.sampler
     if s.height % 16 or s.width % 16:
         raise ValueError(f"size {s.height}x{s.width}: height and width must be multiples of 16")
-    model, vae = model.to(s.dtype), vae.to(s.dtype)
-    text_dtype = s.dtype if s.form == "diffusers" else torch.float32  # sd3_infer.get_cond returns float32
-    cond = encode_prompt(stack, prompt, text, text_dtype)
-    unc = encode_prompt(stack, negative, text, text_dtype)
+    if s.uint8 not in ("round", "truncate"):
+        raise ValueError(f"uint8 {s.uint8!r}: expected 'round' or 'truncate'")
+    model, vae = model.to(ss.dtype), vae.to(ss.dtype)
+    text_dtype = text.encoder_dtype or ss.dtype  # the reference's get_cond returns its float32 encoders' output
+    cond, unc = (encode_prompt(stack, p, text, text_dtype) for p in (prompt, negative))
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     f = vae.config.downscale
     shape = (1, model.config.in_channels, s.height // f, s.width // f)
-    if s.form == "diffusers":
-        settings = sampling.SamplerSettings(steps=s.steps, shift=s.shift, guidance=s.guidance, slg_layers=s.slg_layers,
-                                            slg_scale=2.8 if s.slg_scale is None else s.slg_scale,
-                                            slg_start=s.slg_start, slg_stop=s.slg_stop)
-        generator = torch.Generator("cpu").manual_seed(s.seed)
-        if init_image is None:
-            latents = sampling.denoise(model, torch.randn(shape, dtype=s.dtype, generator=generator), *conds,
-                                       settings, on_step=on_step)
-        else:
-            start_latent, start = sampling.img2img_latent(vae, init_image.to(s.dtype), settings, s.strength, generator)
-            latents = sampling.denoise(model, start_latent, *conds, settings, on_step=on_step, start=start)
-        image = vae.decode(vae.latent_out(latents))
-        return Result(sampling.to_uint8(image)[0], latents)
-    sai = sampling.SaiSettings(steps=s.steps, shift=s.shift, guidance=s.guidance, sampler=s.sampler,
-                               model_dtype=s.dtype, slg_layers=s.slg_layers,
-                               slg_scale=2.5 if s.slg_scale is None else s.slg_scale, slg_start=s.slg_start,
-                               slg_end=s.slg_stop, denoise=1.0 if init_image is None else s.strength)
-    start_latent = None
-    if init_image is not None:  # vae_encode: posterior sample, then process_in
-        mean, std = vae.encode_moments(init_image.to(s.dtype))
-        if posterior_noise is None:
-            posterior_noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(s.seed + 1))
-        start_latent = vae.latent_in(mean + std * posterior_noise.to(mean.dtype)).float()
-    noise = sampling.sai_noise(s.seed, shape, sai.latent_dtype)
-    latents = sampling.sai_denoise(model, noise, *conds, sai, latent=start_latent, on_step=on_step)
-    image = vae.decode(vae.latent_out(latents).to(s.dtype))  # process_out, then the VAE in its dtype
-    return Result(sampling.sai_to_uint8(image)[0], latents)
+    start, base = 0, None
+    if init_image is None:
+        noise, _ = sampling.draws(ss, s.seed, shape)
+    else:
+        start = sampling.start_index(ss, s.strength)
+        mean, std = vae.encode_moments(init_image.to(ss.dtype))
+        noise, drawn = sampling.draws(ss, s.seed, shape, tuple(mean.shape))
+        base = vae.latent_in(mean + std * (drawn if posterior_noise is None else posterior_noise).to(mean.dtype))
+    latents = sampling.denoise(model, sampling.start_latent(ss, noise, base, start), *conds, ss, start, on_step)
+    image = vae.decode(vae.latent_out(latents).to(ss.dtype))  # process_out, then the VAE in its dtype
+    return Result((sampling.to_uint8 if s.uint8 == "round" else sampling.sai_to_uint8)(image)[0], latents)

@@ -1,15 +1,16 @@
-"""Flow-matching sampling as pure functions: sigma schedules, CFG, skip-layer guidance, Euler, and the txt2img
-loop that ties a transformer and a VAE together. All randomness comes in as tensors (``noise``).
+"""Flow-matching sampling as pure functions: sigma schedules, the noise and start latent, and one denoising loop
+(CFG, skip-layer guidance, Euler and DPM-Solver++(2M) updates). Randomness comes in as tensors or seeds.
 
-Two families of forms, each exactly as its reference computes it:
+Each quirk between the two references is one field of ``Form``, so any one can be switched alone:
 
-* diffusers: ``FlowMatchEulerDiscreteScheduler`` schedule and step, CFG on the velocity with the batch
-  [uncond, cond] and only when guidance > 1, skip-layer guidance on the loop index (QUIRKS S3, S6, G2, G3, G5);
-* SD3.5 reference (``sd3_impls`` / ``sd3_infer``): float32 torch schedule, k-diffusion Euler and DPM-Solver++(2M)
-  on x0 predictions, CFG on x0 with the batch [cond, uncond] at any guidance, the float16 latent whose dtype
-  rounds every timestep (S4) until the first update makes it float32 (S5), the img2img start index (S7) and the
-  truncating uint8 conversion (V3), and its skip-layer guidance (G5: window on the denoiser call count, a third
-  forward on cond only, (cond - skip) * scale added to the CFG'd x0).
+* diffusers (``Form()``): ``FlowMatchEulerDiscreteScheduler`` schedule and step, CFG on the velocity with the batch
+  [uncond, cond] and only when guidance > 1, the latent back in the model dtype after every step, skip-layer
+  guidance added to the velocity (QUIRKS S3, S5, S6, G2, G3, G5);
+* SD3.5 reference (``SAI``, from ``sd3_impls`` / ``sd3_infer``): float32 torch schedule, k-diffusion Euler and
+  DPM-Solver++(2M) on x0 predictions, CFG on x0 with the batch [cond, uncond] at any guidance, the float16 latent
+  whose dtype rounds every timestep (S4) until the first update makes it float32 (S5), ``fix_cond``'s float16
+  conditioning, the img2img start index (S7), skip-layer guidance on the CFG'd x0 (G5), and the truncating uint8
+  conversion (V3).
 """
 from __future__ import annotations
 
@@ -39,59 +40,6 @@ def diffusers_schedule(steps: int, shift: float, train_steps: int = 1000) -> tup
     return torch.cat([sigmas, torch.zeros(1)]), sigmas * train_steps
 
 
-def euler_step(sample: Tensor, velocity: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """diffusers' step: in float32, x + (sigma_next - sigma) * v, cast back to the velocity's dtype (QUIRKS S5/S6)."""
-    return (sample.to(torch.float32) + (sigma_next - sigma) * velocity).to(velocity.dtype)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplerSettings:
-    steps: int = 28
-    shift: float = 3.0
-    guidance: float = 7.0  # CFG runs when guidance > 1 (diffusers' do_classifier_free_guidance)
-    slg_layers: tuple[int, ...] = ()  # skip-layer guidance (diffusers: off unless skip_guidance_layers is given)
-    slg_scale: float = 2.8
-    slg_start: float = 0.01
-    slg_stop: float = 0.2
-
-
-@dataclass
-class Conditioning:
-    context: Tensor  # (1, L, joint)
-    pooled: Tensor  # (1, P)
-
-
-Model = Callable[..., Tensor]  # (x, t, y, context, skip_layers=()) -> velocity
-
-
-def denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditioning, s: SamplerSettings,
-            on_step: Callable[[int, dict], None] | None = None, start: int = 0) -> Tensor:
-    """diffusers' StableDiffusion3Pipeline loop. ``noise`` (1, C, h, w) is the initial latent; ``on_step(i, d)``
-    sees the sigma, timestep, model output, guided velocity and new latent of step ``i``. ``start`` > 0 begins
-    at that schedule index (img2img; ``noise`` is then the noised image latent)."""
-    sigmas, timesteps = diffusers_schedule(s.steps, s.shift)
-    cfg = s.guidance > 1
-    context = torch.cat([uncond.context, cond.context]) if cfg else cond.context
-    pooled = torch.cat([uncond.pooled, cond.pooled]) if cfg else cond.pooled
-    latents = noise
-    for i, t in enumerate(timesteps):
-        if i < start:
-            continue
-        x = torch.cat([latents] * 2) if cfg else latents
-        out = model(x, t.expand(x.shape[0]), pooled, context)
-        v = out
-        if cfg:
-            v_uncond, v_cond = out.chunk(2)
-            v = v_uncond + s.guidance * (v_cond - v_uncond)
-            if s.slg_layers and s.steps * s.slg_start < i < s.steps * s.slg_stop:
-                v_skip = model(latents, t.expand(latents.shape[0]), cond.pooled, cond.context, skip_layers=s.slg_layers)
-                v = v + (v_cond - v_skip) * s.slg_scale
-        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
-        if on_step is not None:
-            on_step(i, {"sigma": sigmas[i], "timestep": t, "model_output": out, "velocity": v, "latent": latents})
-    return latents
-
-
 def diffusers_start_index(steps: int, strength: float) -> int:
     """img2img: ``t_start = int(max(N - min(N * strength, N), 0))`` (strength 0.8 of 40 -> 8; QUIRKS S7)."""
     return int(max(steps - min(steps * strength, steps), 0))
@@ -108,21 +56,6 @@ def image_to_tensor(pixels) -> Tensor:
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image: expected an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
     return 2.0 * torch.from_numpy(arr[None].astype(np.float32) / 255.0).permute(0, 3, 1, 2) - 1.0
-
-
-def img2img_latent(vae, image: Tensor, s: SamplerSettings, strength: float, generator: torch.Generator) -> tuple[Tensor, int]:
-    """diffusers' StableDiffusion3Img2ImgPipeline.prepare_latents: posterior sample (mean + std * randn, drawn
-    first from ``generator``), into the transformer's latent space, then noise (drawn second) mixed in at the
-    start sigma. ``image`` (1, 3, H, W) in [-1, 1], in the VAE dtype. Returns (latent, start index)."""
-    start = diffusers_start_index(s.steps, strength)
-    if start >= s.steps:
-        raise ValueError(f"strength {strength} leaves no denoising step out of {s.steps}")
-    mean, std = vae.encode_moments(image)
-    sample = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-    z = vae.latent_in(sample)
-    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-    sigma = diffusers_schedule(s.steps, s.shift)[0].to(z.dtype)[start]
-    return sigma * noise + (1.0 - sigma) * z, start
 
 
 # ---------------------------------------------------------------------------------------------- SD3.5 reference
@@ -147,87 +80,6 @@ def sai_start_index(steps: int, denoise: float) -> int:
     return int(steps * (1 - denoise))
 
 
-@dataclass(frozen=True, kw_only=True)
-class SaiSettings:
-    steps: int = 40
-    shift: float = 3.0
-    guidance: float = 4.5
-    sampler: str = "dpmpp_2m"  # or "euler"
-    latent_dtype: torch.dtype = torch.float16  # sd3_infer: latent.half() (QUIRKS S4, S5)
-    model_dtype: torch.dtype = torch.float16  # BaseModel.apply_model casts x, context and y to it
-    cond_dtype: torch.dtype = torch.float16  # fix_cond: context and pooled .half(), whatever the model dtype
-    empty_latent: float = 0.0609  # get_empty_latent: ones * 0.0609
-    denoise: float = 1.0
-    slg_layers: tuple[int, ...] = ()  # SkipLayerCFGDenoiser (the 3.5-Medium profile: 7, 8, 9)
-    slg_scale: float = 2.5
-    slg_start: float = 0.01
-    slg_end: float = 0.20
-
-
-def sai_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``get_noise``: float32 CPU ``randn`` from ``torch.manual_seed(seed)``'s generator, cast to the latent dtype."""
-    return torch.randn(shape, dtype=torch.float32, generator=torch.Generator("cpu").manual_seed(seed)).to(dtype)
-
-
-def _sai_x0(model: Model, x: Tensor, sigma: Tensor, pooled: Tensor, context: Tensor, model_dtype: torch.dtype,
-            skip_layers: tuple[int, ...] = ()) -> Tensor:
-    """``BaseModel.apply_model``: timestep ``(sigma * 1000).float()`` from ``sigma`` in the latent's dtype (S4),
-    inputs cast to the model dtype, x0 = x - v * sigma with v in float32."""
-    kwargs = {"skip_layers": skip_layers} if skip_layers else {}
-    v = model(x.to(model_dtype), (sigma * 1000).float(), pooled.to(model_dtype), context.to(model_dtype), **kwargs).float()
-    return x - v * sigma.view(sigma.shape[:1] + (1,) * (v.ndim - 1))
-
-
-def sai_cfg_x0(model: Model, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning,
-               guidance: float, model_dtype: torch.dtype, skip: tuple[tuple[int, ...], float] | None = None) -> Tensor:
-    """``CFGDenoiser``: batch [cond, uncond] whatever the guidance (G3), CFG on x0 (G2): uncond + (cond - uncond)
-    * scale. ``skip`` = (layers, scale) adds ``SkipLayerCFGDenoiser``'s (cond - skip) * scale (G5)."""
-    x0 = _sai_x0(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond.pooled, uncond.pooled]),
-                 torch.cat([cond.context, uncond.context]), model_dtype)
-    pos, neg = x0.chunk(2)
-    scaled = neg + (pos - neg) * guidance
-    if skip is not None:
-        skipped = _sai_x0(model, x, sigma, cond.pooled, cond.context, model_dtype, skip[0])
-        scaled = scaled + (pos - skipped) * skip[1]
-    return scaled
-
-
-def sai_denoise(model: Model, noise: Tensor, cond: Conditioning, uncond: Conditioning, s: SaiSettings,
-                latent: Tensor | None = None, on_step: Callable[[int, dict], None] | None = None) -> Tensor:
-    """``SD3Inferencer.do_sampling`` without the device moves: returns the latent after the last step (the caller
-    applies ``process_out``). ``latent`` is the img2img start latent (default: the constant empty latent)."""
-    if s.sampler not in ("euler", "dpmpp_2m"):
-        raise ValueError(f"sampler {s.sampler!r}: expected 'euler' or 'dpmpp_2m'")
-    dtype = s.latent_dtype
-    cond, uncond = (Conditioning(c.context.to(s.cond_dtype), c.pooled.to(s.cond_dtype)) for c in (cond, uncond))
-    base = (torch.ones(noise.shape) * s.empty_latent if latent is None else latent).to(dtype)
-    sigmas = sai_schedule(s.steps, s.shift)[sai_start_index(s.steps, s.denoise):]
-    x = sigmas[0] * noise.to(dtype) + (1.0 - sigmas[0]) * base  # noise_scaling, in the latent dtype
-    s_in = x.new_ones([x.shape[0]])  # made once: the latent dtype stays in every sigma * s_in (S4)
-    old = None
-    for i in range(len(sigmas) - 1):
-        window = s.slg_layers and s.slg_start * s.steps < i < s.slg_end * s.steps  # the denoiser's call count
-        denoised = sai_cfg_x0(model, x, sigmas[i] * s_in, cond, uncond, s.guidance, s.model_dtype,
-                              (s.slg_layers, s.slg_scale) if window else None)
-        if s.sampler == "euler":
-            d = (x - denoised) / sigmas[i]
-            x = x + d * (sigmas[i + 1] - sigmas[i])
-        else:
-            t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
-            h = t_next - t
-            if old is None or sigmas[i + 1] == 0:
-                x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised
-            else:
-                r = (t + sigmas[i - 1].log()) / h
-                x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised
-                                                                        - (1 / (2 * r)) * old)
-            old = denoised
-        if on_step is not None:
-            on_step(i, {"sigma": sigmas[i], "timestep": (sigmas[i] * s_in * 1000).float(), "x0": denoised,
-                        "latent": x})
-    return x
-
-
 def sai_image_to_tensor(pixels) -> Tensor:
     """``vae_encode``'s preprocessing: (H, W, 3) uint8 -> float32 / 255 in numpy, channels first, a contiguous
     (1, 3, H, W) copy, then 2x - 1 in torch (contiguous, unlike diffusers' layout in ``image_to_tensor``)."""
@@ -249,3 +101,163 @@ def to_uint8(image: Tensor) -> Tensor:
     (B, 3, H, W) -> (B, H, W, 3) uint8."""
     x = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
     return (x * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+@dataclass(frozen=True, kw_only=True)
+class Form:
+    """How the loop computes, one field per quirk, each independent of the others. The defaults are diffusers'
+    ``StableDiffusion3Pipeline``; ``SAI`` holds the SD3.5 reference's values (``sd3_infer`` / ``sd3_impls``)."""
+    schedule: str = "diffusers"  # S3: "diffusers" (numpy float64 linspace) or "sai" (torch float32)
+    update: str = "diffusers_euler"  # S1/S6: x + dt * v, or "sai_euler" (k-diffusion, on x0) or "sai_dpmpp_2m"
+    cfg_batch: str = "uncond_first"  # G2: the order of the CFG batch, "uncond_first" or "cond_first"
+    cfg_space: str = "velocity"  # G2: guide the model output in its dtype, or "x0" = x - v * sigma in float32
+    cfg_always: bool = False  # G3: run the two-branch batch even at guidance <= 1
+    timestep_dtype: torch.dtype = torch.float32  # S4: sigma in this dtype gives the timestep and the x0 sigma
+    latent_dtype: torch.dtype | None = None  # S5: None: the model dtype after every step; else the start
+    #                                          latent's dtype, then whatever the update promotes it to
+    cond_dtype: torch.dtype | None = None  # sd3_infer.fix_cond: context and pooled rounded through float16
+    slg: str = "diffusers"  # G5: default scale 2.8 ("diffusers") or 2.5 ("sai"); the term is added in cfg_space
+    noise: str = "diffusers"  # N1: "diffusers" (one generator, model dtype) or "sai" (float32 draw, to float16)
+    img2img: str = "diffusers"  # S7: start index and the noising of the start latent
+
+
+SAI = Form(schedule="sai", update="sai_dpmpp_2m", cfg_batch="cond_first", cfg_space="x0", cfg_always=True,
+           timestep_dtype=torch.float16, latent_dtype=torch.float16, cond_dtype=torch.float16, slg="sai",
+           noise="sai", img2img="sai")
+_CHOICES = {"schedule": ("diffusers", "sai"), "update": ("diffusers_euler", "sai_euler", "sai_dpmpp_2m"),
+            "cfg_batch": ("uncond_first", "cond_first"), "cfg_space": ("velocity", "x0"), "slg": ("diffusers", "sai"),
+            "noise": ("diffusers", "sai"), "img2img": ("diffusers", "sai")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerSettings:
+    steps: int = 28
+    shift: float = 3.0
+    guidance: float = 7.0
+    dtype: torch.dtype = torch.float32  # the model dtype: every model input is cast to it
+    slg_layers: tuple[int, ...] = ()  # skip-layer guidance (off unless layers are given)
+    slg_scale: float | None = None  # None: the form's default (G5)
+    slg_start: float = 0.01  # window: steps * start < k < steps * stop, k counting the denoiser calls
+    slg_stop: float = 0.2
+    form: Form = Form()
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name, choices in _CHOICES.items():
+            if getattr(self.form, name) not in choices:
+                raise ValueError(f"sampler form {name}={getattr(self.form, name)!r}: expected one of {choices}")
+
+
+def sigmas(s: SamplerSettings) -> Tensor:
+    """The (steps + 1,) float32 sigmas, ending in 0, of the form's schedule (S3)."""
+    return diffusers_schedule(s.steps, s.shift)[0] if s.form.schedule == "diffusers" else sai_schedule(s.steps, s.shift)
+
+
+def start_index(s: SamplerSettings, strength: float) -> int:
+    """img2img: the first schedule index run (S7)."""
+    f = diffusers_start_index if s.form.img2img == "diffusers" else sai_start_index
+    start = f(s.steps, strength)
+    if start >= s.steps:
+        raise ValueError(f"strength {strength} leaves no denoising step out of {s.steps}")
+    return start
+
+
+def draws(s: SamplerSettings, seed: int, shape: tuple[int, ...], posterior: tuple[int, ...] | None = None
+          ) -> tuple[Tensor, Tensor | None]:
+    """(noise, img2img posterior noise) from ``seed`` (N1). diffusers: one CPU generator, ``randn`` in the model
+    dtype, the posterior drawn first (``prepare_latents``). sai: ``get_noise``, a float32 ``randn`` from
+    ``torch.manual_seed(seed)`` cast to the reference's float16 latent; its posterior is an unseeded
+    ``randn_like``, drawn here in float32 from ``seed + 1`` (what the harness seeds the reference with)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    if s.form.noise == "diffusers":
+        first = None if posterior is None else torch.randn(posterior, dtype=s.dtype, generator=g)
+        return torch.randn(shape, dtype=s.dtype, generator=g), first
+    noise = torch.randn(shape, dtype=torch.float32, generator=g).to(torch.float16)
+    return noise, None if posterior is None else torch.randn(posterior, generator=torch.Generator("cpu").manual_seed(seed + 1))
+
+
+def start_latent(s: SamplerSettings, noise: Tensor, base: Tensor | None, start: int = 0) -> Tensor:
+    """The latent the loop starts from, in the start dtype (S5). txt2img (``base`` None): the noise; the sai noise
+    form mixes it with ``get_empty_latent``'s constant 0.0609 (at sigma 1, which leaves the noise). img2img:
+    sigma * noise + (1 - sigma) * base at the start index, with sigma cast to the latent dtype (diffusers'
+    ``scale_noise``) or in float32 (the reference's ``noise_scaling``) (S7)."""
+    dtype = s.form.latent_dtype or s.dtype
+    if base is None:
+        if s.form.noise == "diffusers":
+            return noise.to(dtype)
+        base = torch.ones(noise.shape) * 0.0609
+    sigma = sigmas(s)[start]
+    if s.form.img2img == "diffusers":
+        sigma = sigma.to(dtype)
+    return sigma * noise.to(dtype) + (1.0 - sigma) * base.to(dtype)
+
+
+@dataclass
+class Conditioning:
+    context: Tensor  # (1, L, joint)
+    pooled: Tensor  # (1, P)
+
+
+Model = Callable[..., Tensor]  # (x, t, y, context, skip_layers=()) -> velocity
+
+
+def denoise(model: Model, latent: Tensor, cond: Conditioning, uncond: Conditioning, s: SamplerSettings,
+            start: int = 0, on_step: Callable[[int, dict], None] | None = None) -> Tensor:
+    """The denoising loop from schedule index ``start`` on ``latent`` (``start_latent``); returns the last latent.
+    With ``Form()`` it is diffusers' pipeline loop, with ``SAI`` the reference's ``do_sampling`` (its samplers
+    and ``CFGDenoiser`` / ``SkipLayerCFGDenoiser``). ``on_step(i, d)`` sees step ``i``'s sigma, timestep,
+    model output, guided output (``velocity`` or ``x0``, by the CFG space) and new latent."""
+    f = s.form
+    sig = sigmas(s)
+    if f.cond_dtype is not None:
+        cond, uncond = (Conditioning(c.context.to(f.cond_dtype), c.pooled.to(f.cond_dtype)) for c in (cond, uncond))
+    cfg = f.cfg_always or s.guidance > 1
+    pair = (uncond, cond) if f.cfg_batch == "uncond_first" else (cond, uncond)
+    context = torch.cat([c.context for c in pair]) if cfg else cond.context
+    pooled = torch.cat([c.pooled for c in pair]) if cfg else cond.pooled
+    scale = s.slg_scale if s.slg_scale is not None else (2.8 if f.slg == "diffusers" else 2.5)
+    x, old = latent, None
+    for i in range(start, s.steps):
+        sigma_t = sig[i].to(f.timestep_dtype)  # S4: the reference's sigma * s_in in the start latent's dtype
+        timestep = (sigma_t * 1000).float()
+
+        def call(x_in, y, c, skip=()):
+            kwargs = {"skip_layers": skip} if skip else {}
+            out = model(x_in.to(s.dtype), timestep.expand(x_in.shape[0]), y.to(s.dtype), c.to(s.dtype), **kwargs)
+            return out if f.cfg_space == "velocity" else x_in - out.float() * sigma_t
+
+        out = call(torch.cat([x, x]) if cfg else x, pooled, context)
+        guided = out
+        if cfg:
+            first, second = out.chunk(2)
+            pos, neg = (second, first) if f.cfg_batch == "uncond_first" else (first, second)
+            guided = neg + (pos - neg) * s.guidance
+            if s.slg_layers and s.steps * s.slg_start < i - start < s.steps * s.slg_stop:
+                guided = guided + (pos - call(x, cond.pooled, cond.context, s.slg_layers)) * scale
+        x, old = _update(f.update, f.cfg_space, x, guided, sig, i, sigma_t, old)
+        if f.latent_dtype is None:
+            x = x.to(s.dtype)
+        if on_step is not None:
+            on_step(i, {"sigma": sig[i], "timestep": timestep, "model_output": out, f.cfg_space: guided, "latent": x})
+    return x
+
+
+def _update(rule: str, space: str, x: Tensor, guided: Tensor, sig: Tensor, i: int, sigma_t: Tensor,
+            old: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One step of the update rule from the guided output (converted when it is in the other space)."""
+    if rule == "diffusers_euler":  # diffusers' FlowMatchEulerDiscreteScheduler.step, on the velocity
+        v = guided if space == "velocity" else (x - guided) / sig[i]
+        return x.to(torch.float32) + (sig[i + 1] - sig[i]) * v, None
+    x0 = guided if space == "x0" else x - guided.float() * sigma_t
+    if rule == "sai_euler":  # sd3_impls.sample_euler: d = (x - x0) / sigma
+        return x + (x - x0) / sig[i] * (sig[i + 1] - sig[i]), x0
+    t, t_next = -sig[i].log(), -sig[i + 1].log()  # sd3_impls.sample_dpmpp_2m, in t = -log(sigma)
+    h = t_next - t
+    d = x0
+    if old is not None and sig[i + 1] != 0:  # the second-order correction with the previous x0
+        r = (t + sig[i - 1].log()) / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
+    return ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * d, x0

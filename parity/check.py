@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,22 +249,35 @@ def run_image(report: Report, model_dir: str | None, values: dict, run, families
                 load_strict(vae, weights["vae"], "embedded vae")
             else:
                 model, vae = load_impl_image_parts(directory, opts)
-            impl = image_impl_side(label, model.eval(), vae.eval(), stack, settings, run, opts)
+            impl = image_impl_side(label, model.eval(), vae.eval(), stack, settings,
+                                   with_shift(run, values["shift"], label, directory), opts)
+            r = with_shift(run, _ref_shift_rule(sai_code), label, directory)
             if sai_code is None:
-                ref = image_ref_side(label, directory, model, vae, run)
+                ref = image_ref_side(label, directory, model, vae, r)
             else:
                 single = Path(tmp) / f"{family}.safetensors"
                 with contextlib.redirect_stdout(io.StringIO()):
                     diffusers_to_sai_file(directory, single)
-                ref = image_sai_ref_side(label, sai_code, single, directory, model, vae, run, _sai_sampler(opts))
+                ref = image_sai_ref_side(label, sai_code, single, directory, model, vae, r, _sai_sampler(opts))
             compare_sides(report, impl, ref)
+
+
+def with_shift(run, rule: str, label: str, pipeline_dir: Path | None):
+    """``run`` with its shift resolved for one model: ``--shift``, else ``rule`` (a ``shift`` flag value). impl
+    follows the flag, each reference its own rule (diffusers: the scheduler config; the SD3.5 code: CONFIGS)."""
+    return run if run.shift is not None else dataclasses.replace(run, shift=F.shift(rule, label, pipeline_dir))
+
+
+def _ref_shift_rule(sai_code) -> str:
+    return "scheduler_config" if sai_code is None else "sai_config"
 
 
 def _sai_sampler(opts: dict) -> str:
     """The reference's ``--sampler`` for the impl sampler flag (the diffusers form has no SD3.5-code twin)."""
-    if not opts["sampler"].startswith("sai_"):
-        raise ValueError(f"--flag sampler={opts['sampler']}: the SD3.5 reference code runs sai_euler or sai_dpmpp_2m")
-    return opts["sampler"].removeprefix("sai_")
+    update = opts["form"].update
+    if not update.startswith("sai_"):
+        raise ValueError(f"--flag sampler={update}: the SD3.5 reference code runs sai_euler or sai_dpmpp_2m")
+    return update.removeprefix("sai_")
 
 
 def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, checkpoint: Path,
@@ -298,7 +312,9 @@ def _run_checkpoint(report: Report, model_dir: str | None, values: dict, run, ch
             stack = TextStack(stack.vocab, stack.spiece, enc.get("clip_l", stack.clip_l), enc.get("clip_g", stack.clip_g),
                               enc.get("t5", stack.t5))
             report.notes += [f"--checkpoint text encoders: {', '.join(enc)}"] + notes
-        impl = image_impl_side(label, model.eval(), vae.eval(), stack, F.settings(values), run, opts)
+        impl = image_impl_side(label, model.eval(), vae.eval(), stack, F.settings(values),
+                               with_shift(run, values["shift"], label, Path(tmp)), opts)
+        run = with_shift(run, _ref_shift_rule(sai_code), label, Path(tmp))
         if sai_code is None:
             ref = image_ref_side(label, Path(tmp), model, vae, run)
         else:

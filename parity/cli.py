@@ -156,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--steps", type=int, default=2, help="denoising steps of the image run (default 2)")
     c.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0; <= 1 runs no CFG batch)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--shift", type=float, default=3.0, help="sigma shift on both sides (default 3.0; the SD3.5 "
-                   "reference uses 1.0 for SD3-Medium)")
+    c.add_argument("--shift", type=float, help="sigma shift on both sides (default: the shift flag's rule, the "
+                   "pipeline's scheduler config or the SD3.5 reference's 1.0 for SD3-Medium, 3.0 otherwise)")
     c.add_argument("--size", default="64x64", help="HEIGHTxWIDTH in pixels (default 64x64)")
     c.add_argument("--image", help="img2img from this image (its size must equal --size)")
     c.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")
     c.add_argument("--slg", type=int, action="append", default=[], metavar="LAYER",
-                   help="skip-layer guidance layer (repeatable; diffusers' window and scale)")
+                   help="skip-layer guidance layer (repeatable; window 0.01-0.2, scale by the slg flag)")
     c.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the image reference "
                    "of the sai profile (default: $SD3PARITY_SAI_CODE)")
     c.set_defaults(fn=_check)

@@ -5,7 +5,9 @@ A profile is only a named set of flag values. ``settings(profile, overrides)`` t
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,10 +89,55 @@ FLAGS: tuple[Flag, ...] = (
     Flag("vae_attention", "V1b", ("linear", "conv"), "linear", "conv",
          "diffusers AutoencoderKL Attention to_q/k/v Linear; sd3.5 AttnBlock 1x1 Conv2d",
          "VAE mid-block attention by ulps, then every later decoder layer", "image"),
-    Flag("sampler", "S1 S3-S6 G2 G3 N1", ("diffusers_euler", "sai_euler", "sai_dpmpp_2m"), "diffusers_euler",
-         "sai_dpmpp_2m", "diffusers FlowMatchEulerDiscreteScheduler + velocity CFG [uncond, cond]; sd3.5 "
-         "sd3_impls.sample_dpmpp_2m/sample_euler on x0, CFGDenoiser [cond, uncond], fp16 latent and s_in",
-         "timesteps (fp16-rounded), batch order, CFG space, every step's latent", "image"),
+    Flag("sampler", "S1 S6", ("diffusers_euler", "sai_euler", "sai_dpmpp_2m"), "diffusers_euler", "sai_dpmpp_2m",
+         "diffusers FlowMatchEulerDiscreteScheduler.step x + dt * v; sd3.5 sd3_infer --sampler dpmpp_2m by default "
+         "(euler for Large-Turbo): sd3_impls.sample_dpmpp_2m / sample_euler on the x0 prediction",
+         "the update of every step (rounding for sai_euler; the 2M correction from the second step on)", "image"),
+    Flag("schedule", "S3", ("diffusers", "sai"), "diffusers", "sai",
+         "diffusers FlowMatchEulerDiscreteScheduler.set_timesteps: np.linspace in float64, shifted again, cast to "
+         "float32; sd3.5 SD3Inferencer.get_sigmas: torch.linspace and the shift in float32",
+         "sigmas and timesteps by at most 1.2e-7", "image"),
+    Flag("cfg_batch", "G2", ("uncond_first", "cond_first"), "uncond_first", "cond_first",
+         "diffusers torch.cat([negative_prompt_embeds, prompt_embeds]); sd3.5 CFGDenoiser torch.cat([cond, uncond])",
+         "which batch row each branch is computed in (equal on CPU here: the kernels are row-invariant)", "image"),
+    Flag("cfg_space", "G2", ("velocity", "x0"), "velocity", "x0",
+         "diffusers uncond + scale * (cond - uncond) on the transformer output in its dtype; sd3.5 CFGDenoiser on "
+         "apply_model's x0 = x - v * sigma in float32",
+         "the guided output (recorded as velocity or x0) and every latent after it", "image"),
+    Flag("cfg_always", "G3", (False, True), False, True,
+         "diffusers do_classifier_free_guidance = guidance_scale > 1; sd3.5 CFGDenoiser batches [cond, uncond] at "
+         "any cfg (Large-Turbo runs cfg 1.0)",
+         "at guidance <= 1: an uncond branch and uncond + (cond - uncond) * 1 instead of cond", "image"),
+    Flag("timestep_dtype", "S4", ("float32", "float16"), "float32", "float16",
+         "diffusers timesteps = sigmas * 1000 in float32; sd3.5 sample_*: sigma * s_in with s_in = x.new_ones() "
+         "of the float16 latent, then BaseModel.apply_model (sigma * 1000).float()",
+         "every timestep (by up to 0.46 at 28 steps) and the sigma of x0 = x - v * sigma", "image"),
+    Flag("latent_dtype", "S5", ("model", "float16"), "model", "float16",
+         "diffusers scheduler.step casts the new latent to the model dtype; sd3.5 do_sampling latent.half(), "
+         "float32 from the first update on",
+         "the start latent (rounded to float16) and, in half precision, every latent", "image"),
+    Flag("cond_dtype", "N3", ("model", "float16"), "model", "float16",
+         "diffusers passes prompt_embeds in the pipeline dtype; sd3.5 SD3Inferencer.fix_cond: cond[0].half(), "
+         "cond[1].half() whatever the model dtype (measured against the code, session 3)",
+         "context and pooled rounded through float16 before the model sees them", "image"),
+    Flag("noise", "N1", ("diffusers", "sai"), "diffusers", "sai",
+         "diffusers randn_tensor(shape, generator, dtype=prompt dtype), img2img posterior drawn first from the same "
+         "generator; sd3.5 get_noise: float32 randn from torch.manual_seed(seed) cast to the float16 latent, "
+         "posterior an unseeded randn_like (drawn from seed + 1 here)",
+         "the noise rounded to float16; img2img: other posterior and noise draws", "image"),
+    Flag("slg", "G5", ("diffusers", "sai"), "diffusers", "sai",
+         "diffusers skip_layer_guidance_scale default 2.8; sd3.5 sd3_infer CONFIGS sd3.5_medium skip_layer_config "
+         "scale 2.5 (both add the term in their CFG space, cfg_space)",
+         "the guided output of the steps in the skip window", "image"),
+    Flag("img2img", "S7", ("diffusers", "sai"), "diffusers", "sai",
+         "diffusers get_timesteps t_start = int(N - min(N * strength, N)), scale_noise with sigma in the latent "
+         "dtype, VaeImageProcessor's channels-last image; sd3.5 sigmas[int(steps * (1 - denoise)):], "
+         "noise_scaling with the float32 sigma, vae_encode's contiguous image",
+         "img2img: the first step run (8 vs 7 of 40 at 0.8), the start latent, the encoder input", "image"),
+    Flag("shift", "S2 G4", ("scheduler_config", "sai_config"), "scheduler_config", "sai_config",
+         "diffusers reads scheduler/scheduler_config.json (shift 3.0 in every SD3 and SD3.5 release); sd3.5 "
+         "sd3_infer CONFIGS: shift 1.0 for sd3_medium, 3.0 for the others (--shift overrides both)",
+         "SD3-Medium: every sigma and timestep", "image"),
     Flag("uint8", "V3", ("round", "truncate"), "round", "truncate",
          "diffusers VaeImageProcessor.numpy_to_pil round(); sd3.5 vae_decode astype(uint8)",
          "about half of the pixels by 1", "image"),
@@ -118,12 +165,30 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def image_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The image-side flag values as impl arguments."""
+    """The image-side flag values as impl arguments (the shift rule is applied per model: ``shift``)."""
     from impl.mmdit import MMDiTOptions
+    from impl.sampling import Form
 
+    half = {"float16": torch.float16}
+    form = Form(schedule=values["schedule"], update=values["sampler"], cfg_batch=values["cfg_batch"],
+                cfg_space=values["cfg_space"], cfg_always=values["cfg_always"],
+                timestep_dtype=half.get(values["timestep_dtype"], torch.float32),
+                latent_dtype=half.get(values["latent_dtype"]), cond_dtype=half.get(values["cond_dtype"]),
+                slg=values["slg"], noise=values["noise"], img2img=values["img2img"])
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
                                   qk_norm=values["qk_norm_form"]),
-            "vae_attention": values["vae_attention"], "sampler": values["sampler"], "uint8": values["uint8"]}
+            "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"]}
+
+
+def shift(rule: str, label: str, pipeline_dir: Path | None) -> float:
+    """The sigma shift of one model under a ``shift`` flag value: the pipeline's scheduler config (diffusers'
+    FlowMatchEulerDiscreteScheduler default 1.0 when it has none), or the SD3.5 reference's per-model value."""
+    if rule == "sai_config":
+        return 1.0 if "sd3-medium" in label.removeprefix("embedded-").split("/") else 3.0
+    config = None if pipeline_dir is None else Path(pipeline_dir) / "scheduler" / "scheduler_config.json"
+    if config is None or not config.is_file():
+        return 1.0
+    return float(json.loads(config.read_text()).get("shift", 1.0))
 
 
 def settings(values: dict[str, Any]) -> TextSettings:

@@ -186,7 +186,7 @@ def sides(s: Settings, with_reference: bool) -> tuple[R.Side, R.Side | None]:
     records are impl's, ``source: impl``; ``sd3parity check --sai-code`` compares them with that code)."""
     from impl.text import load_text_stack
     from parity import flags as F
-    from parity.check import DTYPES, text_impl_side, text_ref_side, text_run
+    from parity.check import DTYPES, text_impl_side, text_ref_side, text_run, with_shift
     from parity.determinism import pinned
     from parity.image_check import ImageRun, image_impl_side, image_ref_side
 
@@ -202,9 +202,11 @@ def sides(s: Settings, with_reference: bool) -> tuple[R.Side, R.Side | None]:
                        width=s.width, dtype=DTYPES[s.dtype])
         opts = F.image_options(t.values)
         for label, directory, model, vae in _image_models(s, opts):
-            impl.update(image_impl_side(label, model.eval(), vae.eval(), stack, t.settings, run, opts))
+            impl.update(image_impl_side(label, model.eval(), vae.eval(), stack, t.settings,
+                                        with_shift(run, t.values["shift"], label, directory), opts))
             if ref is not None and s.profile == "diffusers":
-                ref.update(image_ref_side(label, directory, model, vae, run))
+                ref.update(image_ref_side(label, directory, model, vae, with_shift(run, "scheduler_config", label,
+                                                                                   directory)))
     return impl, ref
 
 

@@ -29,7 +29,7 @@ class ImageRun:
     height: int = 64
     width: int = 64
     slg_layers: tuple[int, ...] = ()
-    shift: float = 3.0  # sigma shift, both sides (the SD3.5 reference's SD3-Medium profile uses 1.0, QUIRKS S2)
+    shift: float | None = None  # sigma shift, both sides; None: the shift flag's value for the model (QUIRKS S2)
     dtype: torch.dtype = torch.float32  # the pipeline dtype (torch_dtype of from_pretrained)
     init_image: np.ndarray | None = None  # (H, W, 3) uint8: img2img from it
     strength: float = 0.6
@@ -111,61 +111,36 @@ def _maps(impl_model, impl_vae, img2img: bool):
             vae_encoder_map(len(vc.ch_mult), vc.num_res_blocks) if img2img else [])
 
 
-def sai_settings(run: ImageRun, sampler: str):
-    """The SD3.5-reference sampler settings of a run, given to impl and (as ``do_sampling`` arguments) to the
-    reference alike. Skip-layer guidance: the 3.5-Medium profile's scale and window (QUIRKS G5)."""
+def sampler_settings(run: ImageRun, form):
+    """impl's sampler settings of a run (the shift resolved: ``flags.shift``)."""
     from impl import sampling
 
-    return sampling.SaiSettings(steps=run.steps, shift=run.shift, guidance=run.guidance, sampler=sampler,
-                                model_dtype=run.dtype, slg_layers=run.slg_layers, slg_scale=2.5, slg_start=0.01,
-                                slg_end=0.20, denoise=1.0 if run.init_image is None else run.strength)
+    if run.shift is None:
+        raise ValueError("ImageRun.shift: resolve it per model first (parity.flags.shift)")
+    return sampling.SamplerSettings(steps=run.steps, shift=run.shift, guidance=run.guidance, dtype=run.dtype,
+                                    slg_layers=run.slg_layers, form=form)
 
 
 def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: ImageRun, opts: dict) -> R.Side:
-    """impl's records of one txt2img (or img2img) run from its own parts."""
+    """impl's records of one txt2img (or img2img) run: ``impl.pipeline.generate`` with the flags' form."""
     from impl import sampling
-    from impl.text import encode_prompt
+    from impl.pipeline import PipelineSettings, generate
 
-    img2img = run.init_image is not None
-    sai_form = opts["sampler"] != "diffusers_euler"
-    pts, vpts, epts = _maps(impl_model, impl_vae, img2img)
+    form = opts["form"]
+    s = PipelineSettings(sampler=sampler_settings(run, form), seed=run.seed, height=run.height, width=run.width,
+                         strength=run.strength, uint8=opts["uint8"])
+    init, start = None, 0
+    if run.init_image is not None:  # the layout of each reference's preprocessing (S7)
+        to_tensor = sampling.image_to_tensor if form.img2img == "diffusers" else sampling.sai_image_to_tensor
+        init, start = to_tensor(run.init_image), sampling.start_index(s.sampler, run.strength)
+    pts, vpts, epts = _maps(impl_model, impl_vae, init is not None)
     st = {"mmdit": {}, "vae": {}, "enc": {}, "calls": [], "steps": []}
-    impl_model, impl_vae = impl_model.to(run.dtype), impl_vae.to(run.dtype)
-    text_dtype = torch.float32 if sai_form else run.dtype  # sd3_infer.get_cond returns float32
-    cond = encode_prompt(stack, run.prompt, settings, text_dtype)
-    unc = encode_prompt(stack, run.negative, settings, text_dtype)
-    c, f = impl_model.config, impl_vae.config.downscale
-    shape = (1, c.in_channels, run.height // f, run.width // f)
-    conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     with contextlib.ExitStack() as es:
         _capture(es, impl_model, impl_vae, (pts, vpts, epts), st, "impl")
         keep = lambda i, d: st["steps"].append({k: d[k] for k in ("velocity", "x0", "latent") if k in d})  # noqa: E731
-        start = 0
-        if sai_form:
-            sai = sai_settings(run, opts["sampler"].removeprefix("sai_"))
-            latent = None
-            if img2img:  # vae_encode (posterior noise: the seed the reference side gives the global generator)
-                mean, std = impl_vae.encode_moments(sampling.sai_image_to_tensor(run.init_image).to(run.dtype))
-                noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(run.seed + 1))
-                latent = impl_vae.latent_in(mean + std * noise.to(mean.dtype))
-                start = sampling.sai_start_index(run.steps, run.strength)
-            latents = sampling.sai_denoise(impl_model, sampling.sai_noise(run.seed, shape, sai.latent_dtype), *conds,
-                                           sai, latent=latent, on_step=keep)
-        elif img2img:
-            s_img = sampling.SamplerSettings(steps=run.steps, shift=run.shift, guidance=run.guidance,
-                                             slg_layers=run.slg_layers)
-            image_in = sampling.image_to_tensor(run.init_image).to(run.dtype)
-            noised, start = sampling.img2img_latent(impl_vae, image_in, s_img, run.strength,
-                                                    torch.Generator("cpu").manual_seed(run.seed))
-            latents = sampling.denoise(impl_model, noised, *conds, s_img, on_step=keep, start=start)
-        else:
-            noise = torch.randn(shape, dtype=run.dtype, generator=torch.Generator("cpu").manual_seed(run.seed))
-            latents = sampling.denoise(impl_model, noise, *conds, sampling.SamplerSettings(
-                steps=run.steps, shift=run.shift, guidance=run.guidance, slg_layers=run.slg_layers), on_step=keep)
-        image = impl_vae.decode(impl_vae.latent_out(latents).to(run.dtype))
-        pixels = (sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8)(image)[0]
-    order = ("cond", "uncond") if sai_form else ("uncond", "cond")
-    return _side(label, pts, vpts, epts, st, run, pixels, order, start, transform=False)
+        result = generate(stack, impl_model, impl_vae, run.prompt, s, settings, run.negative, init, on_step=keep)
+    order = ("uncond", "cond") if form.cfg_batch == "uncond_first" else ("cond", "uncond")
+    return _side(label, pts, vpts, epts, st, result.image, order, start, transform=False)
 
 
 def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path, impl_model, impl_vae,
@@ -187,12 +162,11 @@ def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path,
     epts = [LM.Point(p.layer, p.impl, p.impl) for p in vae_encoder_map(len(vc.ch_mult), vc.num_res_blocks)] if img2img else []
     text = reference.load(text_dir, torch.float32)
     cond, neg = (reference.sai_encode(text, p, torch.float32) for p in (run.prompt, run.negative))
-    s = sai_settings(run, sampler)
-    slg = {"scale": s.slg_scale, "start": s.slg_start, "end": s.slg_end,
-           "layers": list(s.slg_layers)} if s.slg_layers else {}
+    denoise = 1.0 if run.init_image is None else run.strength
+    slg = {"scale": 2.5, "start": 0.01, "end": 0.20, "layers": list(run.slg_layers)} if run.slg_layers else {}  # G5
     st = {"mmdit": {}, "vae": {}, "enc": {}, "calls": [], "steps": []}
     with S.imported(code) as ref, S.on_this_machine(), torch.random.fork_rng(devices=[]):
-        model, vae = S.load(ref, checkpoint, vc, run.dtype, s.shift)
+        model, vae = S.load(ref, checkpoint, vc, run.dtype, run.shift)
         LM.check_coverage(pts, impl_model, model.diffusion_model, LM.MMDIT_SKIP_IMPL, LM.SAI_MMDIT_SKIP,
                           f"{label} mmdit (SD3.5 reference)")
         inferencer = ref.infer.SD3Inferencer()
@@ -211,14 +185,14 @@ def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path,
 
                 torch.manual_seed(run.seed + 1)  # the posterior's randn_like (unseeded in the reference)
                 latent = ref.impls.SD3LatentFormat().process_in(inferencer.vae_encode(Image.fromarray(run.init_image)))
-                start = sampling.sai_start_index(run.steps, s.denoise)  # records numbered by schedule index
+                start = sampling.sai_start_index(run.steps, denoise)  # records numbered by schedule index
             with contextlib.redirect_stderr(io.StringIO()):  # tqdm progress bars
                 sampled = inferencer.do_sampling(latent, run.seed, cond, neg, run.steps, run.guidance, sampler,
-                                                 s.denoise, slg)
+                                                 denoise, slg)
             image = inferencer.vae_decode(sampled)
         st["steps"] = hooks.per_step()
     pixels = torch.from_numpy(np.asarray(image).copy())
-    return _side(label, pts, vpts, epts, st, run, pixels, ("cond", "uncond"), start, transform=True)
+    return _side(label, pts, vpts, epts, st, pixels, ("cond", "uncond"), start, transform=True)
 
 
 def image_ref_side(label: str, pipe_dir: Path, impl_model, impl_vae, run: ImageRun) -> R.Side:
@@ -263,26 +237,25 @@ def image_ref_side(label: str, pipe_dir: Path, impl_model, impl_vae, run: ImageR
                      num_inference_steps=run.steps, guidance_scale=run.guidance, output_type="pil",
                      generator=torch.Generator("cpu").manual_seed(run.seed), **kwargs).images[0]
     start = run.steps - len(st["steps"])
-    return _side(label, pts, vpts, epts, st, run, torch.from_numpy(np.asarray(image).copy()), ("uncond", "cond"),
+    return _side(label, pts, vpts, epts, st, torch.from_numpy(np.asarray(image).copy()), ("uncond", "cond"),
                  start, transform=True)
 
 
-def _side(label, pts, vpts, epts, st, run, pixels, cfg_order, step0: int, transform: bool) -> R.Side:
+def _side(label, pts, vpts, epts, st, pixels, cfg_order, step0: int, transform: bool) -> R.Side:
     """Records of one side. Calls are attributed to steps (a batch-1 call inside CFG is the skip-layer call of
     the step before it) and split into named branches, so a sampler batching [cond, uncond] still pairs cond
     with cond. ``transform`` applies the map's transforms (reference side)."""
-    cfg = run.guidance > 1
     side: R.Side = {}
     for p in epts:
         R.put(side, st["enc"][p.layer][0], model=label, component="vae", layer=p.layer)
-    step, steps = step0 - 1, []
-    for call, _ in st["calls"]:
-        step = step if (steps and call[0].shape[0] == 1 and cfg) else step + 1
-        steps.append(step)
+    step, prev = step0 - 1, 0
     for n, (call, _) in enumerate(st["calls"]):
-        branches = list(cfg_order) if cfg and call[0].shape[0] == 2 else (["skip"] if cfg else ["cond"])
+        batch = call[0].shape[0]
+        skip = batch == 1 and prev == 2  # the third forward of a CFG step (skip-layer guidance)
+        step, prev = (step if skip else step + 1), batch
+        branches = list(cfg_order) if batch == 2 else (["skip"] if skip else ["cond"])
         for b, branch in enumerate(branches):
-            at = {"model": label, "step": steps[n], "branch": branch}
+            at = {"model": label, "step": step, "branch": branch}
             for name, t in zip(("latent_in", "timestep", "context", "pooled"), call):
                 R.put(side, t[b: b + 1], component="sampler", layer=f"input.{name}", **at)
             for p in pts:
@@ -294,7 +267,7 @@ def _side(label, pts, vpts, epts, st, run, pixels, cfg_order, step0: int, transf
                     t = LM.apply_transform(p.transform, t)
                 R.put(side, t, component="mmdit", layer=p.layer, **at)
     for i, d in enumerate(st["steps"]):
-        for name in [n for n in ("velocity", "x0", "latent") if n in d]:  # diffusers: velocity; SAI forms: x0
+        for name in [n for n in ("velocity", "x0", "latent") if n in d]:  # by the CFG space
             R.put(side, d[name], model=label, component="sampler", layer=name, step=step0 + i)
     for p in vpts:
         R.put(side, st["vae"][p.layer][0], model=label, component="vae", layer=p.layer)

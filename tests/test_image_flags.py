@@ -10,13 +10,29 @@ from parity.cli import main
 
 pytest.importorskip("diffusers")
 
-FLIPS = [
-    ("attention_order=context_first", [], ("mmdit", "block.0.x.attn.proj")),  # M3: the joint softmax order
-    ("qk_norm_form=native", ["--dtype", "bfloat16"], ("mmdit", "block.0.x.attn.ln_q")),  # M6: half precision only
+IMG = ["--image", "{image}", "--steps", "4"]  # img2img from a 64x64 test picture: start index 1 of 4 (strength 0.6)
+FLIPS = [  # (flag, extra arguments, first divergence (component, layer, step) or None)
+    ("attention_order=context_first", [], ("mmdit", "block.0.x.attn.proj", 0)),  # M3: the joint softmax order
+    ("qk_norm_form=native", ["--dtype", "bfloat16"], ("mmdit", "block.0.x.attn.ln_q", 0)),  # M6: half precision
     ("qk_norm_form=native", [], None),  # M6: the same operations in float32
-    ("sampler=sai_euler", [], ("sampler", "input.latent_in")),  # N1/S5: the noise is rounded to the fp16 latent
-    ("sampler=sai_dpmpp_2m", [], ("sampler", "input.latent_in")),
-    ("uint8=truncate", [], ("vae", "image_uint8")),  # V3: only the last record
+    # S1/S6: step 0's update differs, so step 1's input latent is the first record that differs
+    ("sampler=sai_euler", [], ("sampler", "input.latent_in", 1)),
+    ("sampler=sai_dpmpp_2m", [], ("sampler", "input.latent_in", 1)),
+    ("schedule=sai", ["--steps", "4"], ("sampler", "input.latent_in", 1)),  # S3: sigma 1 ends both schedules' step 0
+    # G2: the batch order alone: each row's kernels are row-invariant on CPU (the branches pair by name)
+    ("cfg_batch=cond_first", [], None),
+    ("cfg_space=x0", [], ("sampler", "input.latent_in", 1)),  # G2: x0 in float32 vs the velocity
+    ("cfg_always=true", ["--guidance", "1"], ("mmdit", "patch_embed", 0)),  # G3: batch 2 vs 1 changes the conv
+    ("timestep_dtype=float16", [], ("sampler", "input.timestep", 1)),  # S4: sigma 1 -> 1000 exactly at step 0
+    ("latent_dtype=float16", [], ("sampler", "input.latent_in", 0)),  # S5: the start latent rounded to fp16
+    ("latent_dtype=float16", ["--dtype", "bfloat16"], ("sampler", "latent", 0)),  # S5: fp32 latent vs bf16
+    ("cond_dtype=float16", [], ("sampler", "input.context", 0)),  # fix_cond
+    ("noise=sai", [], ("sampler", "input.latent_in", 0)),  # N1: the fp16 noise
+    ("noise=sai", IMG, ("sampler", "input.latent_in", 1)),  # N1: other posterior and noise draws
+    ("slg=sai", ["--slg", "1", "--steps", "6"], ("sampler", "input.latent_in", 2)),  # G5: scale 2.5 at step 1
+    ("img2img=sai", IMG, ("vae", "encoder.conv_in", None)),  # S7: the contiguous input (then the start index)
+    ("shift=sai_config", ["--family", "sd3-medium"], ("sampler", "input.latent_in", 1)),  # S2: shift 1.0
+    ("uint8=truncate", [], ("vae", "image_uint8", None)),  # V3: only the last record
     # M4: one GEMM or three on CPU (oneDNN/MKL) gave bitwise equal q, k, v for every size tried, fp32/bf16/fp16
     ("qkv_fusion=fused", [], None),
     # V1b: with batch 1 the 1x1 convs and the Linear layers agree here; batch 2 differs (test_vae_bitwise)
@@ -24,13 +40,25 @@ FLIPS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("flips") / "in.png"
+    Image.fromarray((np.arange(64 * 64 * 3).reshape(64, 64, 3) * 37 % 256).astype(np.uint8)).save(path)
+    return str(path)
+
+
 @pytest.mark.parametrize("flag, extra, first", FLIPS)
-def test_image_flag_flip(flag, extra, first, capsys):
-    rc = main(["check", "--json", "--family", "sd3.5-medium", "--prompt", "a cat", "--flag", flag, *extra])
+def test_image_flag_flip(flag, extra, first, image, capsys):
+    extra = [a.format(image=image) for a in extra]
+    family = [] if "--family" in extra else ["--family", "sd3.5-medium"]
+    rc = main(["check", "--json", *family, "--prompt", "a cat", "--flag", flag, *extra])
     out = json.loads(capsys.readouterr().out)
     fd = out["first_divergence"]
     assert rc == (0 if first is None else 1)
-    assert (None if fd is None else (fd["component"], fd["layer"])) == first
+    assert (None if fd is None else (fd["component"], fd["layer"], fd.get("step"))) == first
 
 
 def test_every_image_flag_is_flipped():

@@ -162,8 +162,10 @@ def test_img2img_bitwise(family, strength, steps):
         image = sampling.image_to_tensor(pixels)
         contiguous = vae.encode_moments(image.contiguous())[0]
         settings = sampling.SamplerSettings(steps=steps, guidance=5.0)
-        start_latent, start = sampling.img2img_latent(vae, image, settings, strength,
-                                                      torch.Generator("cpu").manual_seed(3))
+        start = sampling.start_index(settings, strength)
+        mean, std = vae.encode_moments(image)
+        noise, posterior = sampling.draws(settings, 3, (1, 16, 8, 6), tuple(mean.shape))
+        start_latent = sampling.start_latent(settings, noise, vae.latent_in(mean + std * posterior), start)
         latents = []
         final = sampling.denoise(model, start_latent, sampling.Conditioning(cond.context, cond.pooled),
                                  sampling.Conditioning(unc.context, unc.pooled), settings, start=start,
@@ -210,7 +212,7 @@ def test_generate_function_matches_the_diffusers_pipelines():
         vae = VAE(embedded.VAE)
         load_strict(vae, embedded.vae_weights(), "vae")
         text = F.settings(F.profile_values("diffusers"))
-        s = PipelineSettings(steps=3, guidance=5.0, seed=11, height=64, width=48)
+        s = PipelineSettings(sampler=sampling.SamplerSettings(steps=3, guidance=5.0), seed=11, height=64, width=48)
         ours = generate(stack, model, vae, "a red cat", s, text)
         ours_i2i = generate(stack, model, vae, "a red cat", s, text, init_image=sampling.image_to_tensor(pixels))
         from PIL import Image
@@ -225,7 +227,8 @@ def test_generate_function_matches_the_diffusers_pipelines():
             pipe.set_progress_bar_config(disable=True)
             ref = pipe("a red cat", generator=torch.Generator("cpu").manual_seed(11), **kw, **extra).images[0]
             assert torch.equal(got.image, torch.from_numpy(np.asarray(ref).copy()))
-        sai = PipelineSettings(form="sai", sampler="dpmpp_2m", steps=3, guidance=5.0, seed=11, height=64, width=48)
+        sai = PipelineSettings(sampler=sampling.SamplerSettings(steps=3, guidance=5.0, form=sampling.SAI), seed=11,
+                               height=64, width=48, uint8="truncate")
         a, b = generate(stack, model, vae, "a red cat", sai, text), generate(stack, model, vae, "a red cat", sai, text)
     assert torch.equal(a.image, b.image) and a.image.shape == (64, 48, 3) and not torch.equal(a.image, ours.image)
 

@@ -56,9 +56,20 @@ def test_sai_img2img_is_bitwise_equal_to_the_reference_code(tmp_path, capsys):
     ("qk_norm_form=upcast", ["--dtype", "bfloat16"], ("mmdit", "block.0.x.attn.ln_q")),  # M6
     ("uint8=round", [], ("vae", "image_uint8")),  # V3
     ("vae_attention=linear", ["--dtype", "float16"], ("vae", "decoder.mid.attn_1")),  # V1b
+    # each sampler quirk alone, back to its diffusers value: the reference code computes the sai one
+    ("schedule=diffusers", ["--steps", "4"], ("sampler", "input.latent_in")),  # S3
+    ("cfg_space=velocity", [], ("sampler", "input.latent_in")),  # G2
+    ("cfg_always=false", ["--guidance", "1"], ("mmdit", "patch_embed")),  # G3: batch 1, no uncond branch
+    ("timestep_dtype=float32", [], ("sampler", "input.timestep")),  # S4
+    ("latent_dtype=model", [], ("sampler", "input.latent_in")),  # S5: the fp32 start latent
+    ("cond_dtype=model", [], ("sampler", "input.context")),  # fix_cond
+    ("noise=diffusers", ["--dtype", "bfloat16"], ("sampler", "input.latent_in")),  # N1: bf16 noise, then fp16
+    ("slg=diffusers", ["--slg", "1", "--steps", "6"], ("sampler", "input.latent_in")),  # G5: scale 2.8
+    ("shift=scheduler_config", ["--family", "sd3-medium"], ("sampler", "input.latent_in")),  # S2
 ])
 def test_sai_flag_flips_against_the_reference_code(flag, extra, first, capsys):
-    rc, out = _check(capsys, "--family", "sd3.5-medium", "--flag", flag, *extra)
+    family = [] if "--family" in extra else ["--family", "sd3.5-medium"]
+    rc, out = _check(capsys, *family, "--flag", flag, *extra)
     fd = out["first_divergence"]
     assert rc == 1 and (fd["component"], fd["layer"]) == first
 
@@ -112,7 +123,7 @@ def test_fix_cond_rounds_the_conditioning_to_float16():
 
     g = torch.Generator().manual_seed(0)
     c = S.Conditioning(torch.randn(1, 3, 8, generator=g), torch.randn(1, 4, generator=g))
-    S.sai_denoise(model, torch.zeros(1, 16, 2, 2), c, c, S.SaiSettings(steps=1, model_dtype=torch.float32))
+    S.denoise(model, torch.zeros(1, 16, 2, 2), c, c, S.SamplerSettings(steps=1, form=S.SAI))
     y, context = seen[0]
     assert y.dtype == context.dtype == torch.float32
     assert torch.equal(context[:1], c.context.half().float()) and not torch.equal(context[:1], c.context)

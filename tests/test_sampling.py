@@ -1,4 +1,6 @@
 """Sampler forms of both references, checked against the measured facts of QUIRKS.md (S1-S7, G2, G3, V3)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -31,52 +33,108 @@ def test_s3_schedules_differ_by_at_most_one_ulp_of_one(steps):
     assert round(float(sai[-2]), 6) == 0.008929 and sai[-1] == 0  # the double shift of sigma_min
 
 
+def _sai(**form):
+    return replace(S.SAI, **form)
+
+
 def test_s4_s5_fp16_timesteps_and_latent_dtype():
     model, (cond, unc) = Recorder(), _conds()
     latents = []
-    S.sai_denoise(model, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=28, sampler="euler",
-                  model_dtype=torch.float32), on_step=lambda i, d: latents.append(d["latent"].dtype))
+    s = S.SamplerSettings(steps=28, form=_sai(update="sai_euler"))
+    S.denoise(model, S.start_latent(s, torch.zeros(1, 16, 2, 2), None), cond, unc, s,
+              on_step=lambda i, d: latents.append(d["latent"].dtype))
     t_sai = torch.stack([c["t"][0] for c in model.calls])
     t_dif = S.diffusers_schedule(28, 3.0)[1]
     assert float(t_dif[1]) == pytest.approx(987.3806) and float(t_sai[1]) == 987.5  # QUIRKS S4's example
     assert 0.4 < (t_sai - t_dif).abs().max() < 0.5  # fp16 sigma (spacing 2**-11) times 1000, rounded in fp16
     assert model.calls[0]["x"].dtype == torch.float32  # cast to the model dtype for the call
     assert latents[0] == torch.float32  # fp16 latent + fp32 update = fp32 from the first step on (S5)
-    model32 = Recorder()
-    S.sai_denoise(model32, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=28, latent_dtype=torch.float32,
-                  model_dtype=torch.float32))
+    model32, dif = Recorder(), Recorder()
+    s32 = S.SamplerSettings(steps=28, form=_sai(timestep_dtype=torch.float32))  # the flag alone
+    S.denoise(model32, torch.zeros(1, 16, 2, 2), cond, unc, s32)
     assert torch.equal(torch.stack([c["t"][0] for c in model32.calls]), S.sai_schedule(28, 3.0)[:-1] * 1000)
+    S.denoise(dif, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=28, form=S.Form(
+        timestep_dtype=torch.float16)))
+    assert float(dif.calls[1]["t"][0]) == 987.5  # the diffusers form with fp16 timesteps only
+
+
+def test_s5_latent_dtype_alone():
+    """diffusers keeps the latent in the model dtype; latent_dtype=float16 starts in fp16, then the update
+    promotes it to float32 (bfloat16 model: the latent stays float32)."""
+    cond, unc = _conds()
+    for form, want in ((S.Form(), torch.bfloat16), (S.Form(latent_dtype=torch.float16), torch.float32)):
+        s, seen = S.SamplerSettings(steps=3, dtype=torch.bfloat16, form=form), []
+        start = S.start_latent(s, torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(0)), None)
+        S.denoise(Recorder(), start, cond, unc, s, on_step=lambda i, d: seen.append(d["latent"].dtype))
+        assert start.dtype == (form.latent_dtype or torch.bfloat16) and set(seen) == {want}
 
 
 def test_g2_g3_batch_order_and_cfg_at_guidance_one():
     cond, unc = _conds()
     sai, dif = Recorder(), Recorder()
-    S.sai_denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=2, guidance=1.0))
+    S.denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=1.0, form=S.SAI))
     S.denoise(dif, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=1.0))
     assert sai.calls[0]["context"].shape[0] == 2 and sai.calls[0]["context"][0].mean() == 1  # [cond, uncond]
     assert dif.calls[0]["context"].shape[0] == 1  # guidance <= 1: no CFG batch
-    dif2 = Recorder()
+    dif2, cond_first, always = Recorder(), Recorder(), Recorder()
     S.denoise(dif2, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=5.0))
     assert dif2.calls[0]["context"][0].mean() == 0  # [uncond, cond]
+    S.denoise(cond_first, torch.zeros(1, 16, 2, 2), cond, unc,
+              S.SamplerSettings(steps=2, guidance=5.0, form=S.Form(cfg_batch="cond_first")))
+    assert cond_first.calls[0]["context"][0].mean() == 1  # the batch order alone
+    S.denoise(always, torch.zeros(1, 16, 2, 2), cond, unc,
+              S.SamplerSettings(steps=2, guidance=1.0, form=S.Form(cfg_always=True)))
+    assert always.calls[0]["context"].shape[0] == 2  # G3 alone
+
+
+def test_g2_cfg_space_alone():
+    """The same model outputs guided on the velocity (model dtype) or on x0 (float32): equal up to rounding."""
+    cond, unc = _conds()
+    noise = torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for space in ("velocity", "x0"):
+        steps = []
+        S.denoise(Recorder(), noise, cond, unc, S.SamplerSettings(steps=3, guidance=5.0, form=S.Form(cfg_space=space)),
+                  on_step=lambda i, d: steps.append(d))
+        assert space in steps[0]
+        out[space] = steps[-1]["latent"]
+    assert torch.allclose(out["velocity"], out["x0"], atol=1e-5) and not torch.equal(out["velocity"], out["x0"])
 
 
 def test_s1_dpmpp_2m_first_step_is_euler_and_last_step_returns_x0():
     cond, unc = _conds()
     noise = torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(0))
-    settings = dict(steps=3, latent_dtype=torch.float32, model_dtype=torch.float32)
     euler, dpm = [], []
-    S.sai_denoise(Recorder(), noise, cond, unc, S.SaiSettings(sampler="euler", **settings),
-                  on_step=lambda i, d: euler.append(d))
-    S.sai_denoise(Recorder(), noise, cond, unc, S.SaiSettings(sampler="dpmpp_2m", **settings),
-                  on_step=lambda i, d: dpm.append(d))
+    S.denoise(Recorder(), noise, cond, unc, S.SamplerSettings(steps=3, form=_sai(update="sai_euler",
+              latent_dtype=torch.float32)), on_step=lambda i, d: euler.append(d))
+    S.denoise(Recorder(), noise, cond, unc, S.SamplerSettings(steps=3, form=_sai(latent_dtype=torch.float32)),
+              on_step=lambda i, d: dpm.append(d))
     assert torch.allclose(euler[0]["latent"], dpm[0]["latent"], atol=1e-6)
     assert not torch.allclose(euler[1]["latent"], dpm[1]["latent"], atol=1e-4)  # the 2M correction acts
     assert torch.equal(dpm[-1]["latent"], dpm[-1]["x0"])  # sigma_next = 0: x = x0 exactly
 
 
+def test_n1_noise_forms():
+    """diffusers: randn in the model dtype from the seeded generator, the img2img posterior drawn first; sai: the
+    float32 draw cast to float16, the posterior from seed + 1."""
+    dif, sai = S.SamplerSettings(), S.SamplerSettings(form=S.SAI)
+    n, p = S.draws(dif, 5, (1, 16, 2, 2), (1, 16, 2, 2))
+    g = torch.Generator().manual_seed(5)
+    first = torch.randn(1, 16, 2, 2, generator=g)
+    assert torch.equal(p, first) and torch.equal(n, torch.randn(1, 16, 2, 2, generator=g))
+    n16, p16 = S.draws(sai, 5, (1, 16, 2, 2), (1, 16, 2, 2))
+    assert n16.dtype == torch.float16 and torch.equal(n16, first.half())
+    assert torch.equal(p16, torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(6)))
+    assert torch.equal(S.start_latent(sai, n16, None), n16)  # sigma 1 leaves the noise (get_empty_latent mix)
+
+
 def test_s7_img2img_start_index():
     assert S.sai_start_index(40, 0.8) == 7  # 1 - 0.8 = 0.19999999999999996
     assert int(40 - min(40 * 0.8, 40)) == 8  # diffusers' t_start for strength 0.8
+    assert S.start_index(S.SamplerSettings(steps=40), 0.8) == 8
+    assert S.start_index(S.SamplerSettings(steps=40, form=S.Form(img2img="sai")), 0.8) == 7
+    with pytest.raises(ValueError, match="no denoising step"):
+        S.start_index(S.SamplerSettings(steps=4), 0.0)
 
 
 def test_v3_truncation_vs_rounding():
@@ -102,8 +160,8 @@ def test_sai_euler_close_to_diffusers_on_the_tiny_model():
     unc = S.Conditioning(torch.randn(1, 10, 96, generator=g), torch.randn(1, 80, generator=g))
     noise = torch.randn(1, 16, 4, 4, generator=g)
     with torch.no_grad():
-        a = S.sai_denoise(model, noise, cond, unc, S.SaiSettings(steps=4, guidance=1.0, sampler="euler",
-                          latent_dtype=torch.float32, model_dtype=torch.float32, cond_dtype=torch.float32))
+        a = S.denoise(model, noise, cond, unc, S.SamplerSettings(steps=4, guidance=1.0, form=_sai(
+            update="sai_euler", latent_dtype=torch.float32, timestep_dtype=torch.float32, cond_dtype=None)))
         b = S.denoise(model, noise, cond, unc, S.SamplerSettings(steps=4, guidance=1.0))
     assert 0 < (a - b).abs().max() < 1e-4
 
@@ -114,13 +172,13 @@ def test_g5_skip_layer_guidance_windows():
     on the loop index, in velocity space."""
     cond, unc = _conds()
     sai = Recorder()
-    S.sai_denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=10, slg_layers=(7, 8, 9)))
+    S.denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, slg_layers=(7, 8, 9), form=S.SAI))
     skipped = [k for k, c in enumerate(sai.calls) if c["skip"]]
     assert [c["x"].shape[0] for c in sai.calls[:4]] == [2, 2, 1, 2] and skipped == [2]  # step 1 only: 0.1 < 1 < 2
     assert sai.calls[2]["skip"] == (7, 8, 9) and sai.calls[2]["context"].mean() == 1  # cond
     plain, guided = [], []
-    S.sai_denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=10, slg_layers=()),
-                  on_step=lambda i, d: plain.append(d["x0"]))
-    S.sai_denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SaiSettings(steps=10, slg_layers=(1,)),
-                  on_step=lambda i, d: guided.append(d["x0"]))
+    S.denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, form=S.SAI),
+              on_step=lambda i, d: plain.append(d["x0"]))
+    S.denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, slg_layers=(1,), form=S.SAI),
+              on_step=lambda i, d: guided.append(d["x0"]))
     assert torch.equal(plain[0], guided[0]) and not torch.equal(plain[1], guided[1])
