@@ -55,6 +55,7 @@ class MMDiTOptions:
     attention_order: str = "image_first"  # "image_first" (diffusers) or "context_first" (SD3.5 reference)
     qkv: str = "split"  # "split" (diffusers) or "fused" (SD3.5 reference)
     qk_norm: str = "upcast"  # "upcast" (diffusers) or "native" (SD3.5 reference)
+    casts: str = "diffusers"  # the explicit dtype casts of "diffusers" or of the "sai" code (QUIRKS N3)
 
     def __post_init__(self):
         if self.attention_order not in ("image_first", "context_first"):
@@ -63,6 +64,8 @@ class MMDiTOptions:
             raise ValueError(f"qkv {self.qkv!r}: expected 'split' or 'fused'")
         if self.qk_norm not in ("upcast", "native"):
             raise ValueError(f"qk_norm {self.qk_norm!r}: expected 'upcast' or 'native'")
+        if self.casts not in ("diffusers", "sai"):
+            raise ValueError(f"casts {self.casts!r}: expected 'diffusers' or 'sai'")
 
 
 class QKNorm(RMSNorm):
@@ -103,10 +106,17 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B, H, L, E) x3 -> (B, L, H*E)."""
+def sdpa(q: Tensor, k: Tensor, v: Tensor, cast: bool = True) -> Tensor:
+    """(B, H, L, E) x3 -> (B, L, H*E); ``cast``: back to q's dtype (diffusers' processor)."""
     out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3]).to(q.dtype)
+    out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3])
+    return out.to(q.dtype) if cast else out
+
+
+def ada_linear(ada: nn.Sequential, c: Tensor, x: Tensor, cast: bool) -> Tensor:
+    """SiLU, then Linear; ``cast``: SiLU's output to x's dtype first (diffusers' AdaLayerNormContinuous)."""
+    h = ada[0](c)
+    return ada[1](h.to(x.dtype) if cast else h)
 
 
 class Mlp(nn.Module):
@@ -140,10 +150,10 @@ class DismantledBlock(nn.Module):
     def norm(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def pre(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor | None, tuple]:
+    def pre(self, x: Tensor, c: Tensor, cast: bool = True) -> tuple[Tensor, Tensor | None, tuple]:
         """Modulated input of the joint attention, of the second attention (MMDiT-X), and the later modulations."""
         if self.pre_only:  # diffusers' AdaLayerNormContinuous: SiLU, cast to x's dtype, Linear; (shift, scale) here
-            shift, scale = self.adaLN_modulation[1](self.adaLN_modulation[0](c).to(x.dtype)).chunk(2, dim=1)
+            shift, scale = ada_linear(self.adaLN_modulation, c, x, cast).chunk(2, dim=1)
             return modulate(self.norm(x), shift, scale), None, ()
         mods = self.adaLN_modulation(c).chunk(9 if self.dual else 6, dim=1)
         normed = self.norm(x)
@@ -151,11 +161,12 @@ class DismantledBlock(nn.Module):
         second = modulate(normed, mods[6], mods[7]) if self.dual else None
         return modulate(normed, shift_msa, scale_msa), second, (gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods[8:])
 
-    def post(self, x: Tensor, attn: Tensor, mods: tuple, second: Tensor | None = None, qkv: str = "split") -> Tensor:
+    def post(self, x: Tensor, attn: Tensor, mods: tuple, second: Tensor | None = None, qkv: str = "split",
+             cast: bool = True) -> Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:4]
         x = x + gate_msa[:, None] * self.attn.proj(attn)
         if self.dual:
-            x = x + mods[4][:, None] * self.attn2.proj(sdpa(*self.attn2.project(second, qkv)))
+            x = x + mods[4][:, None] * self.attn2.proj(sdpa(*self.attn2.project(second, qkv), cast=cast))
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
 
 
@@ -166,18 +177,19 @@ class JointBlock(nn.Module):
         self.x_block = DismantledBlock(c, dual=dual, norm_form=norm_form)
 
     def forward(self, context: Tensor, x: Tensor, c: Tensor, opt: MMDiTOptions) -> tuple[Tensor | None, Tensor]:
+        cast = opt.casts == "diffusers"
         x_in, x_second, x_mods = self.x_block.pre(x, c)
-        ctx_in, _, ctx_mods = self.context_block.pre(context, c)
+        ctx_in, _, ctx_mods = self.context_block.pre(context, c, cast)
         xq, xk, xv = self.x_block.attn.project(x_in, opt.qkv)
         cq, ck, cv = self.context_block.attn.project(ctx_in, opt.qkv)
         n = x.shape[1]
         if opt.attention_order == "image_first":
-            attn = sdpa(torch.cat([xq, cq], 2), torch.cat([xk, ck], 2), torch.cat([xv, cv], 2))
+            attn = sdpa(torch.cat([xq, cq], 2), torch.cat([xk, ck], 2), torch.cat([xv, cv], 2), cast)
             x_attn, ctx_attn = attn[:, :n], attn[:, n:]
         else:
-            attn = sdpa(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2))
+            attn = sdpa(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2), cast)
             ctx_attn, x_attn = attn[:, : attn.shape[1] - n], attn[:, attn.shape[1] - n:]
-        x = self.x_block.post(x, x_attn, x_mods, x_second, opt.qkv)
+        x = self.x_block.post(x, x_attn, x_mods, x_second, opt.qkv, cast)
         if self.context_block.pre_only:
             return None, x
         return self.context_block.post(context, ctx_attn, ctx_mods), x
@@ -207,8 +219,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(c.hidden, c.patch * c.patch * c.out_channels)
         self.eps = c.eps
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation[1](self.adaLN_modulation[0](c).to(x.dtype)).chunk(2, dim=1)  # QUIRKS M2
+    def forward(self, x: Tensor, c: Tensor, cast: bool = True) -> Tensor:
+        shift, scale = ada_linear(self.adaLN_modulation, c, x, cast).chunk(2, dim=1)  # QUIRKS M2
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale))
 
 
@@ -260,13 +272,16 @@ class MMDiT(nn.Module):
         self.check_size(height, width)
         p = self.config.patch
         h, w = height // p, width // p
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        tokens = self.tokens((tokens + self.cropped_pos_embed(h, w)).to(tokens.dtype).contiguous())
-        c = self.cond(self.t_embedder(timestep_embedding(t, self.config.freq_dim).to(y.dtype)) + self.y_embedder(y))
+        cast = self.options.casts == "diffusers"  # diffusers casts back where the SD3.5 code lets dtypes promote
+        patches = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = patches + self.cropped_pos_embed(h, w)
+        tokens = self.tokens((tokens.to(patches.dtype) if cast else tokens).contiguous())
+        t_emb = timestep_embedding(t, self.config.freq_dim).to(y.dtype if cast else tokens.dtype)
+        c = self.cond(self.t_embedder(t_emb) + self.y_embedder(y))
         ctx = self.context_embedder(context)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip_layers:
                 ctx, tokens = block(ctx, tokens, c, self.options)
-        out = self.final_layer(tokens, c)  # (B, N, p*p*C)
+        out = self.final_layer(tokens, c, cast)  # (B, N, p*p*C)
         out = out.reshape(b, h, w, p, p, self.config.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, self.config.out_channels, height, width)

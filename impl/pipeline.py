@@ -8,12 +8,14 @@ img2img posterior, which the reference draws unseeded, can be given as ``posteri
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import Tensor
 
 from impl import sampling
+from impl.autocast import CudaAutocastFp16
 from impl.text import TextSettings, TextStack, encode_prompt
 
 
@@ -25,6 +27,7 @@ class PipelineSettings:
     width: int = 1024
     strength: float = 0.6  # img2img: diffusers' strength, the reference's denoise
     uint8: str = "round"  # V3: "round" (diffusers) or "truncate" (the reference)
+    autocast: bool = False  # N2/V2: the sampler and the VAE under CUDA autocast's float16 policy (the reference)
 
 
 @dataclass
@@ -49,14 +52,19 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     f = vae.config.downscale
     shape = (1, model.config.in_channels, s.height // f, s.width // f)
+    scope = CudaAutocastFp16 if s.autocast else contextlib.nullcontext
     start, base = 0, None
     if init_image is None:
         noise, _ = sampling.draws(ss, s.seed, shape)
     else:
         start = sampling.start_index(ss, s.strength)
-        mean, std = vae.encode_moments(init_image.to(ss.dtype))
+        with scope():  # under autocast the first convolution casts the image; without it, the VAE dtype
+            mean, std = vae.encode_moments(init_image if s.autocast else init_image.to(ss.dtype))
         noise, drawn = sampling.draws(ss, s.seed, shape, tuple(mean.shape))
         base = vae.latent_in(mean + std * (drawn if posterior_noise is None else posterior_noise).to(mean.dtype))
-    latents = sampling.denoise(model, sampling.start_latent(ss, noise, base, start), *conds, ss, start, on_step)
-    image = vae.decode(vae.latent_out(latents).to(ss.dtype))  # process_out, then the VAE in its dtype
+    with scope():
+        latents = sampling.denoise(model, sampling.start_latent(ss, noise, base, start), *conds, ss, start, on_step)
+    z = vae.latent_out(latents)  # process_out
+    with scope():
+        image = vae.decode(z if s.autocast else z.to(ss.dtype))
     return Result((sampling.to_uint8 if s.uint8 == "round" else sampling.sai_to_uint8)(image)[0], latents)

@@ -188,7 +188,8 @@ def compare_sides(report: Report, impl: R.Side, ref: R.Side) -> None:
 def _add(report: Report, prompt: int, component: str, layer: str, a: torch.Tensor, b: torch.Tensor,
          **coords) -> None:
     m = compare(a, b)
-    ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and m["max_ulp"] <= report.max_ulp)
+    ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and "dtype_mismatch" not in m
+                                           and m["max_ulp"] <= report.max_ulp)
     report.records.append({"model": coords.pop("model", report.model), "prompt": prompt, "component": component,
                            "layer": layer, **coords, "shape": list(a.shape),
                            "dtype": str(a.dtype).removeprefix("torch."), "ok": bool(ok), **m})
@@ -352,5 +353,6 @@ def format_table(report: Report, prompts: list[str]) -> str:
                  f"{len(report.failures)} exceed it")
     lines.append("first divergence: " + ("none (every record bitwise equal)" if fd is None else
                                          f"{_where(fd)} {fd['component']} {fd['layer']} "
-                                         f"(max_abs {fd.get('max_abs_err', float('nan')):.3g}, ulp {fd.get('max_ulp', '-')})"))
+                                         f"(max_abs {fd.get('max_abs_err', float('nan')):.3g}, ulp {fd.get('max_ulp', '-')}"
+                                         + (f", dtype {fd['dtype_mismatch']})" if "dtype_mismatch" in fd else ")")))
     return "\n".join(lines)

@@ -86,6 +86,11 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers RMSNorm: float32 variance, cast to weight dtype, times weight (per head); sd3.5 mmditx.RMSNorm in "
          "the input dtype, on the per-token (B, L, H, E) view",
          "qk-norm outputs in half precision (equal in float32)", "image"),
+    Flag("casts", "N3", ("diffusers", "sai"), "diffusers", "sai",
+         "diffusers casts back: PatchEmbed (latent + pos_embed).to(latent.dtype), the timestep projection to the "
+         "pooled dtype, AdaLayerNormContinuous silu(emb).to(x.dtype), the attention output to the query dtype; "
+         "sd3.5 mmditx lets them promote (t_embedder(t, dtype=x.dtype))",
+         "nothing while every tensor has the model dtype; under autocast the residual stream's dtype", "image"),
     Flag("vae_attention", "V1b", ("linear", "conv"), "linear", "conv",
          "diffusers AutoencoderKL Attention to_q/k/v Linear; sd3.5 AttnBlock 1x1 Conv2d",
          "VAE mid-block attention by ulps, then every later decoder layer", "image"),
@@ -138,6 +143,11 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers reads scheduler/scheduler_config.json (shift 3.0 in every SD3 and SD3.5 release); sd3.5 "
          "sd3_infer CONFIGS: shift 1.0 for sd3_medium, 3.0 for the others (--shift overrides both)",
          "SD3-Medium: every sigma and timestep", "image"),
+    Flag("autocast", "N2 V2", ("off", "cuda_fp16"), "off", "cuda_fp16",
+         "diffusers runs every op in the module dtype; sd3.5 sd3_impls.sample_euler / sample_dpmpp_2m and "
+         "SDVAE.encode / decode are decorated @torch.autocast('cuda', dtype=torch.float16) (emulated off CUDA: "
+         "impl.autocast, op lists from torch's ATen/autocast_mode.h)",
+         "Linear, SDPA and convolutions in float16, norms, softmax, exp and upsampling in float32", "image"),
     Flag("uint8", "V3", ("round", "truncate"), "round", "truncate",
          "diffusers VaeImageProcessor.numpy_to_pil round(); sd3.5 vae_decode astype(uint8)",
          "about half of the pixels by 1", "image"),
@@ -176,8 +186,9 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
                 latent_dtype=half.get(values["latent_dtype"]), cond_dtype=half.get(values["cond_dtype"]),
                 slg=values["slg"], noise=values["noise"], img2img=values["img2img"])
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
-                                  qk_norm=values["qk_norm_form"]),
-            "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"]}
+                                  qk_norm=values["qk_norm_form"], casts=values["casts"]),
+            "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"],
+            "autocast": values["autocast"] == "cuda_fp16"}
 
 
 def shift(rule: str, label: str, pipeline_dir: Path | None) -> float:

@@ -128,7 +128,7 @@ def image_impl_side(label: str, impl_model, impl_vae, stack, settings, run: Imag
 
     form = opts["form"]
     s = PipelineSettings(sampler=sampler_settings(run, form), seed=run.seed, height=run.height, width=run.width,
-                         strength=run.strength, uint8=opts["uint8"])
+                         strength=run.strength, uint8=opts["uint8"], autocast=opts["autocast"])
     init, start = None, 0
     if run.init_image is not None:  # the layout of each reference's preprocessing (S7)
         to_tensor = sampling.image_to_tensor if form.img2img == "diffusers" else sampling.sai_image_to_tensor
@@ -174,11 +174,9 @@ def image_sai_ref_side(label: str, code: Path, checkpoint: Path, text_dir: Path,
         inferencer.sd3, inferencer.vae = SimpleNamespace(model=model), SimpleNamespace(model=vae)
         hooks = S.Hooks(ref)
         with contextlib.ExitStack() as es:
+            es.enter_context(S.cuda_autocast(ref))
             es.enter_context(hooks.active())
             _capture(es, model.diffusion_model, vae, (pts, vpts, epts), st, "ref")
-            if run.dtype != torch.float32 and not torch.cuda.is_available():
-                for part in (vae.encoder, vae.decoder):
-                    es.callback(S.half_input_hook(part, run.dtype).remove)
             latent, start = inferencer.get_empty_latent(run.width, run.height), 0
             if img2img:
                 from PIL import Image

@@ -51,4 +51,6 @@ def compare(a: Tensor, b: Tensor) -> dict:
         "mismatched": int((a64 != b64).sum()),
         "nan": [nan_a, nan_b], "inf": [inf_a, inf_b],
     }
+    if a.dtype != b.dtype:  # the ULPs above are in impl's dtype; a dtype difference is never within tolerance
+        out["dtype_mismatch"] = f"{str(a.dtype).removeprefix('torch.')} vs {str(b.dtype).removeprefix('torch.')}"
     return out

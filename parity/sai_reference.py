@@ -20,10 +20,11 @@ What the harness changes, all at the boundary, each written here:
 * VAE size: ``SDVAE()`` hard-codes the released VAE (ch 128, mult 1,2,4,4, 2 blocks). Another configuration
   (the embedded tiny VAE) gets ``sd3_impls.VAEEncoder`` / ``VAEDecoder`` of its dimensions inside an ``SDVAE``
   instance, so ``SDVAE.encode`` / ``decode`` still run.
-* Without CUDA: ``.cuda()`` returns the tensor or module unchanged and ``torch.autocast("cuda")`` is inactive
-  (torch disables it), so the CUDA-autocast precision of the reference (QUIRKS N2, V2) is *not* what runs; a
-  half-precision VAE then gets its input in its own dtype (what autocast does at the first convolution).
-  On a CUDA machine nothing is patched and the reference runs as shipped (impl on CPU will then differ by N2).
+* Without CUDA: ``.cuda()`` returns the tensor or module unchanged, and torch turns the reference's
+  ``@torch.autocast("cuda", dtype=torch.float16)`` decorators off; the decorated functions (its samplers and
+  ``SDVAE.encode`` / ``decode``) then run under ``impl.autocast.CudaAutocastFp16``, the same per-op dtype policy
+  applied at the Python API (QUIRKS N2, V2), with CPU kernels. On a CUDA machine nothing is patched and the
+  reference runs as shipped (impl on CPU then differs from it by the GPU kernels' rounding).
 * Parameters get fresh, aligned storage after ``load_into`` (``determinism.own_storage``): the storage of
   ``get_tensor`` follows the tensor's offset in the file, and single-row GEMMs (the batch-1 skip-layer call)
   round differently by alignment on CPU.
@@ -33,6 +34,7 @@ What the harness changes, all at the boundary, each written here:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import types
@@ -191,6 +193,29 @@ class Hooks:
         return [{"x0": s["x0"], "latent": a} for s, a in zip(self.steps, after)]
 
 
-def half_input_hook(module: torch.nn.Module, dtype: torch.dtype):
-    """Without autocast, a float32 tensor cannot enter a half-precision conv: cast it as autocast would."""
-    return module.register_forward_pre_hook(lambda _m, args: (args[0].to(dtype), *args[1:]))
+@contextlib.contextmanager
+def cuda_autocast(ref: Reference):
+    """Without CUDA, run what the reference decorates with ``@torch.autocast("cuda", dtype=torch.float16)``
+    (``sample_euler``, ``sample_dpmpp_2m``, ``SDVAE.encode``, ``SDVAE.decode``) under ``impl.autocast``'s
+    emulation of that policy, since torch turns the decorators off. With CUDA nothing is patched."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from impl.autocast import CudaAutocastFp16
+
+    def emulated(fn):
+        @functools.wraps(fn)
+        def run(*a, **k):
+            with CudaAutocastFp16():
+                return fn(*a, **k)
+        return run
+    impls = ref.impls
+    saved = [(impls, n, getattr(impls, n)) for n in ("sample_euler", "sample_dpmpp_2m")]
+    saved += [(impls.SDVAE, n, getattr(impls.SDVAE, n)) for n in ("encode", "decode")]
+    for owner, n, fn in saved:
+        setattr(owner, n, emulated(fn))
+    try:
+        yield
+    finally:
+        for owner, n, fn in saved:
+            setattr(owner, n, fn)

@@ -32,6 +32,10 @@ FLIPS = [  # (flag, extra arguments, first divergence (component, layer, step) o
     ("slg=sai", ["--slg", "1", "--steps", "6"], ("sampler", "input.latent_in", 2)),  # G5: scale 2.5 at step 1
     ("img2img=sai", IMG, ("vae", "encoder.conv_in", None)),  # S7: the contiguous input (then the start index)
     ("shift=sai_config", ["--family", "sd3-medium"], ("sampler", "input.latent_in", 1)),  # S2: shift 1.0
+    ("autocast=cuda_fp16", [], ("mmdit", "patch_embed", 0)),  # N2: the patch conv in float16
+    ("autocast=cuda_fp16", ["--dtype", "float16"], ("mmdit", "block.0.x.attn.q", 0)),  # N2: LayerNorm in float32
+    # N3: no-op while every tensor has the model dtype (against the SD3.5 code under autocast: test_sai_reference)
+    ("casts=sai", [], None),
     ("uint8=truncate", [], ("vae", "image_uint8", None)),  # V3: only the last record
     # M4: one GEMM or three on CPU (oneDNN/MKL) gave bitwise equal q, k, v for every size tried, fp32/bf16/fp16
     ("qkv_fusion=fused", [], None),

@@ -59,13 +59,16 @@ def test_sai_img2img_is_bitwise_equal_to_the_reference_code(tmp_path, capsys):
     # each sampler quirk alone, back to its diffusers value: the reference code computes the sai one
     ("schedule=diffusers", ["--steps", "4"], ("sampler", "input.latent_in")),  # S3
     ("cfg_space=velocity", [], ("sampler", "input.latent_in")),  # G2
-    ("cfg_always=false", ["--guidance", "1"], ("mmdit", "patch_embed")),  # G3: batch 1, no uncond branch
+    ("cfg_always=false", ["--guidance", "1"], ("mmdit", "block.0.x.attn.proj")),  # G3: batch 1, no uncond
     ("timestep_dtype=float32", [], ("sampler", "input.timestep")),  # S4
     ("latent_dtype=model", [], ("sampler", "input.latent_in")),  # S5: the fp32 start latent
     ("cond_dtype=model", [], ("sampler", "input.context")),  # fix_cond
     ("noise=diffusers", ["--dtype", "bfloat16"], ("sampler", "input.latent_in")),  # N1: bf16 noise, then fp16
     ("slg=diffusers", ["--slg", "1", "--steps", "6"], ("sampler", "input.latent_in")),  # G5: scale 2.8
     ("shift=scheduler_config", ["--family", "sd3-medium"], ("sampler", "input.latent_in")),  # S2
+    ("autocast=off", [], ("mmdit", "patch_embed")),  # N2: the reference's convolution runs in float16
+    ("autocast=off", ["--dtype", "float16"], ("mmdit", "block.0.x.attn.q")),  # N2: its LayerNorm in float32
+    ("casts=diffusers", [], ("mmdit", "tokens")),  # N3: float16 patches + float32 pos_embed stay float32
 ])
 def test_sai_flag_flips_against_the_reference_code(flag, extra, first, capsys):
     family = [] if "--family" in extra else ["--family", "sd3.5-medium"]
