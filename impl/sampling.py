@@ -50,8 +50,6 @@ def image_to_tensor(pixels) -> Tensor:
     float32 / 255 in numpy, then a *transposed view* (channels-last strides), then 2x - 1. The layout matters on
     CPU: convolutions and GroupNorm take their channels-last kernels for it, and the VAE encoder's posterior
     mean differs from a contiguous input's by ulps (measured; impl mirrors the layout rather than copying)."""
-    import numpy as np
-
     arr = np.asarray(pixels)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image: expected an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
@@ -176,7 +174,9 @@ def draws(s: SamplerSettings, seed: int, shape: tuple[int, ...], posterior: tupl
         first = None if posterior is None else torch.randn(posterior, dtype=s.dtype, generator=g)
         return torch.randn(shape, dtype=s.dtype, generator=g), first
     noise = torch.randn(shape, dtype=torch.float32, generator=g).to(torch.float16)
-    return noise, None if posterior is None else torch.randn(posterior, generator=torch.Generator("cpu").manual_seed(seed + 1))
+    if posterior is None:
+        return noise, None
+    return noise, torch.randn(posterior, generator=torch.Generator("cpu").manual_seed(seed + 1))
 
 
 def start_latent(s: SamplerSettings, noise: Tensor, base: Tensor | None, start: int = 0) -> Tensor:
