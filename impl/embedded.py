@@ -1,9 +1,10 @@
-"""The embedded default: tiny deterministic text encoders and the tokenizer files shipped in ``impl/embedded/``.
+"""The embedded default: tiny deterministic models and the tokenizer files shipped in ``impl/embedded/``.
 
-Weights come from a counter-based generator (SplitMix64 over the tensor name and element index, mapped to
-float32 with exact arithmetic), so the bytes are the same on any torch or numpy version; ``manifest.json`` records
-their sha256 and ``verify`` checks it. CLIP-L and CLIP-G differ in width, heads, depth, activation and pad id so a
-swap is caught. Shipped data: OpenAI's CLIP BPE table (``bpe_simple_vocab_16e6.txt.gz``, MIT licence, copied from
+Configs are committed files (``embedded/model/``, in the diffusers / transformers layout) that impl parses with
+its own config readers and the references with theirs. Weights come from a counter-based generator (SplitMix64
+over the tensor name and element index, mapped to float32 with exact arithmetic), so the bytes are the same on any
+torch or numpy version; ``manifest.json`` records their sha256 (and that of every committed file) and ``verify``
+checks it. Shipped data: OpenAI's CLIP BPE table (``bpe_simple_vocab_16e6.txt.gz``, MIT licence, copied from
 the clip-anytorch 2.6.0 wheel, byte-identical to OpenAI's) and a tiny T5 Unigram ``spiece.model`` trained by
 ``parity/make_spiece.py``.
 """
@@ -26,22 +27,33 @@ DATA = Path(__file__).resolve().parent / "embedded"
 BPE_GZ = DATA / "bpe_simple_vocab_16e6.txt.gz"
 SPIECE = DATA / "spiece.model"
 UNICODE_DELTA = DATA / "unicode_delta.json"
+MODEL = DATA / "model"  # the committed configs and tokenizer settings, in the diffusers / transformers layout
+FAMILIES = ("sd3-medium", "sd3.5-large", "sd3.5-medium")
 
-CLIP_L = ClipConfig(width=32, heads=4, layers=3, intermediate=64, activation="quick_gelu", projection_dim=32)
-CLIP_G = ClipConfig(width=48, heads=3, layers=4, intermediate=96, activation="gelu", projection_dim=48)
-T5 = T5Config(vocab_size=448, d_model=96, d_kv=16, heads=4, d_ff=160, layers=3)  # spiece: 320 pieces + 100 extra ids
 
-# Tiny transformers shaped like each family (SAI rule: hidden = 64 * depth, heads = depth). Context width is the
-# embedded T5 width, pooled width CLIP-L + CLIP-G projections (32 + 48).
-_TEXT = dict(context_dim=T5.d_model, pooled_dim=CLIP_L.projection_dim + CLIP_G.projection_dim)
-MMDIT = {
-    "sd3-medium": MMDiTConfig(depth=2, hidden=128, heads=2, pos_embed_max_size=16, **_TEXT),
-    "sd3.5-large": MMDiTConfig(depth=3, hidden=192, heads=3, pos_embed_max_size=16, qk_norm=True, **_TEXT),
-    "sd3.5-medium": MMDiTConfig(depth=3, hidden=192, heads=3, pos_embed_max_size=24, qk_norm=True,
-                                dual_attention_layers=(0, 1), **_TEXT),
-}
+def config_file(rel: str) -> dict:
+    """A committed config of the embedded default (``text_encoder/config.json``, ``transformer/sd3-medium.json``,
+    ...), parsed as JSON: impl reads it with its own config parsers, the references with theirs."""
+    from impl.weights import read_config
 
-VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)  # 8x downscale like the real one, 32-64 channels
+    return read_config(MODEL / rel)
+
+
+def _configs():
+    src = lambda rel: f"impl/embedded/model/{rel}"  # noqa: E731
+    clip_l = ClipConfig.from_hf(config_file("text_encoder/config.json"), src("text_encoder/config.json"))
+    clip_g = ClipConfig.from_hf(config_file("text_encoder_2/config.json"), src("text_encoder_2/config.json"))
+    t5 = T5Config.from_hf(config_file("text_encoder_3/config.json"), src("text_encoder_3/config.json"))
+    mmdit = {f: MMDiTConfig.from_diffusers(config_file(f"transformer/{f}.json"), src(f"transformer/{f}.json"))
+             for f in FAMILIES}
+    vae = VAEConfig.from_diffusers(config_file("vae/config.json"), src("vae/config.json"))
+    return clip_l, clip_g, t5, mmdit, vae
+
+
+# CLIP-L and CLIP-G differ in width, heads, depth, activation and pad id so a swap is caught; the tiny transformers
+# are shaped like each family (the SAI rule: hidden = 64 * depth, heads = depth), their context width the T5 width
+# and their pooled width the two CLIP projections (32 + 48); the VAE downscales 8x like the real one.
+CLIP_L, CLIP_G, T5, MMDIT, VAE = _configs()
 
 _MASK = (1 << 64) - 1
 
@@ -140,12 +152,14 @@ if __name__ == "__main__":  # developer tool: print the manifest for the current
     print(json.dumps({
         "weights": {**{k: digest(v) for k, v in text_weights().items()},
                     **{f"mmdit-{f}": digest(mmdit_weights(f)) for f in MMDIT}, "vae": digest(vae_weights())},
-        "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (BPE_GZ, SPIECE, UNICODE_DELTA)},
+        "files": {str(p.relative_to(DATA)): hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in (BPE_GZ, SPIECE, UNICODE_DELTA, *sorted(MODEL.rglob("*.json")))},
         "provenance": {
             BPE_GZ.name: "OpenAI CLIP BPE merges (MIT licence, (c) 2021 OpenAI), copied unchanged from the "
                          "clip-anytorch 2.6.0 wheel (clip/bpe_simple_vocab_16e6.txt.gz)",
             SPIECE.name: "tiny T5 Unigram model (320 pieces, nmt_nfkc) trained by parity/make_spiece.py with "
                          "sentencepiece 0.2.3",
+            "model/": "configs and tokenizer settings of the tiny models, written for this project",
             UNICODE_DELTA.name: "the Rust CLIP tokenizer's classes and lower-casing of code points unassigned in "
                                 "Unicode 14, probed with tokenizers 0.23.3 by parity/make_unicode_delta.py",
         },

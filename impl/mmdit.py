@@ -49,6 +49,28 @@ class MMDiTConfig:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    @classmethod
+    def from_diffusers(cls, cfg: dict, source: str) -> "MMDiTConfig":
+        """From a diffusers ``SD3Transformer2DModel`` ``config.json`` (``transformer/`` of SD3 repositories)."""
+        from impl.weights import config_value as v
+
+        heads, head_dim = v(cfg, source, "num_attention_heads"), v(cfg, source, "attention_head_dim")
+        qk = cfg.get("qk_norm")
+        if qk not in (None, "rms_norm"):
+            raise ValueError(f"{source}: qk_norm {qk!r} is not supported (expected null or 'rms_norm')")
+        if v(cfg, source, "caption_projection_dim", int, heads * head_dim) != heads * head_dim:
+            raise ValueError(f"{source}: caption_projection_dim must equal num_attention_heads * attention_head_dim")
+        dual = v(cfg, source, "dual_attention_layers", list, [])
+        if any(not isinstance(i, int) or isinstance(i, bool) for i in dual):
+            raise ValueError(f"{source}: config key 'dual_attention_layers' is {dual!r}; expected a list of integers")
+        return cls(depth=v(cfg, source, "num_layers"), hidden=heads * head_dim, heads=heads,
+                   pos_embed_max_size=v(cfg, source, "pos_embed_max_size"),
+                   context_dim=v(cfg, source, "joint_attention_dim"),
+                   pooled_dim=v(cfg, source, "pooled_projection_dim"), qk_norm=qk == "rms_norm",
+                   dual_attention_layers=tuple(dual), patch=v(cfg, source, "patch_size", int, 2),
+                   in_channels=v(cfg, source, "in_channels", int, 16),
+                   out_channels=v(cfg, source, "out_channels", int, 16))
+
 
 @dataclass(frozen=True, kw_only=True)
 class MMDiTOptions:

@@ -48,7 +48,7 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
         raise ValueError(f"uint8 {s.uint8!r}: expected 'round' or 'truncate'")
     model, vae = model.to(ss.dtype), vae.to(ss.dtype)
     text_dtype = text.encoder_dtype or ss.dtype  # the reference's get_cond returns its float32 encoders' output
-    cond, unc = (encode_prompt(stack, p, text, text_dtype) for p in (prompt, negative))
+    cond, unc = (encode_prompt(stack, p, text, text_dtype, model.config.context_dim) for p in (prompt, negative))
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     f = vae.config.downscale
     shape = (1, model.config.in_channels, s.height // f, s.width // f)

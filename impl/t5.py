@@ -109,8 +109,11 @@ class GatedFF(nn.Module):
         self.wi_0, self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False), nn.Linear(c.d_model, c.d_ff, bias=False)
         self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.wi_0(x)) * self.wi_1(x)
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        """``activation``: a name in ``impl.math.ACTIVATIONS`` instead of the config's (transformers maps
+        ``gated-gelu`` to ``gelu_new``; the SD3.5 reference always runs torch's tanh GELU, ``gelu_tanh``)."""
+        act = self.act if activation is None else ACTIVATIONS[activation]
+        h = act(self.wi_0(x)) * self.wi_1(x)
         return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in float32 (transformers, float16 only)
 
 
@@ -119,8 +122,8 @@ class FFSublayer(nn.Module):
         super().__init__()
         self.DenseReluDense, self.layer_norm = GatedFF(c), RMSNorm(c.d_model, c.eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.DenseReluDense(self.layer_norm(x))
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x), activation)
 
 
 class Block(nn.Module):
@@ -128,9 +131,9 @@ class Block(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([AttentionSublayer(c, has_bias), FFSublayer(c)])
 
-    def forward(self, x: Tensor, bias: Tensor, impl: str = "sdpa") -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor, impl: str = "sdpa", activation: str | None = None) -> Tensor:
         x = _clamp_fp16(self.layer[0](x, bias, impl))
-        return _clamp_fp16(self.layer[1](x))
+        return _clamp_fp16(self.layer[1](x, activation))
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
@@ -165,13 +168,17 @@ class T5Encoder(nn.Module):
                     p.data = p.data.to(torch.float16)
         return self
 
-    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, attention: str = "sdpa") -> Tensor:
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, attention: str = "sdpa",
+                activation: str | None = None) -> Tensor:
         """``ids`` (B, L) -> last hidden state (B, L, d_model). ``attention_mask`` (B, L) bool: True = attend.
-        ``attention``: ``sdpa`` (transformers 5) or ``eager`` (transformers 4.x)."""
+        ``attention``: ``sdpa`` (transformers 5) or ``eager`` (transformers 4.x). ``activation``: the gated
+        feed-forward's activation instead of the config's (``gelu_new`` or ``gelu_tanh``)."""
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"T5 activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
         x = self.shared(ids)
         bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(ids.shape[1])  # (1, H, L, L)
         if attention_mask is not None:
             bias = torch.where(attention_mask[:, None, None, :].bool(), bias, torch.finfo(bias.dtype).min)
         for block in self.encoder.block:
-            x = block(x, bias, attention)
+            x = block(x, bias, attention, activation)
         return self.encoder.final_layer_norm(x)

@@ -32,6 +32,7 @@ class TextSettings:
     t5_max_length: int = 256
     t5_mask: bool = False  # pass the padding mask to T5 (no reference does: T9)
     t5_attention: str = "sdpa"  # "sdpa" (transformers 5) or "eager" (transformers 4.x)
+    t5_activation: str | None = None  # None: the config's (gelu_new for gated-gelu); "gelu_tanh": torch's tanh GELU
     t5_absent: str | None = None  # None: T5 runs; "zeros": zero rows of t5_absent_length; "none": no rows (T10)
     t5_absent_length: int = 256
     clip_pool: str = "argmax"  # T6
@@ -141,7 +142,8 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
         ids["t5"] = t5_ids(stack, prompt, s)
         t5_in = torch.tensor([ids["t5"]])
         mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None  # EOS (1) is never pad (0)
-        t5_hidden = stack.encoder("t5", run_dtype)(t5_in, attention_mask=mask, attention=s.t5_attention).to(dtype)
+        t5_hidden = stack.encoder("t5", run_dtype)(t5_in, attention_mask=mask, attention=s.t5_attention,
+                                                   activation=s.t5_activation).to(dtype)
         t5_rows = t5_hidden
     else:
         width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)

@@ -30,6 +30,24 @@ class VAEConfig:
     def downscale(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    @classmethod
+    def from_diffusers(cls, cfg: dict, source: str) -> "VAEConfig":
+        """From a diffusers ``AutoencoderKL`` ``config.json`` as SD3 uses it (no quant convs)."""
+        from impl.weights import config_value as v
+
+        chans = v(cfg, source, "block_out_channels", list)
+        if not chans or any(not isinstance(c, int) or isinstance(c, bool) or c <= 0 or c % chans[0] for c in chans):
+            raise ValueError(f"{source}: block_out_channels {chans!r} must be positive multiples of the first entry")
+        if cfg.get("use_quant_conv") or cfg.get("use_post_quant_conv"):
+            raise ValueError(f"{source}: quant convs are not part of the SD3 VAE")
+        return cls(ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
+                   num_res_blocks=v(cfg, source, "layers_per_block", int, 2),
+                   z_channels=v(cfg, source, "latent_channels", int, 16),
+                   in_channels=v(cfg, source, "in_channels", int, 3),
+                   groups=v(cfg, source, "norm_num_groups", int, 32),
+                   scaling_factor=v(cfg, source, "scaling_factor", float, 1.5305),
+                   shift_factor=v(cfg, source, "shift_factor", float, 0.0609))
+
 
 def _norm(c: VAEConfig, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(c.groups, channels, eps=c.eps)

@@ -13,18 +13,27 @@ class WeightError(ValueError):
     pass
 
 
-def read_safetensors(path: str | Path) -> dict[str, Tensor]:
-    """Load a .safetensors file, refusing pickles and reporting a damaged header by file name."""
-    path = Path(path)
+class TensorMeta:
+    """A stored tensor's name-level facts (dtype, shape) without its data."""
+
+    def __init__(self, dtype: str, shape: list[int]):
+        self.dtype, self.shape = dtype, torch.Size(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _header(path: Path) -> dict:
+    """The parsed JSON header of a safetensors file, checked for the layout (errors name the file and key)."""
     with open(path, "rb") as f:
         head = f.read(8)
         size = path.stat().st_size
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        brace = b""
         if len(head) == 8 and n <= size - 8:
             brace = f.read(1)
             f.seek(8)
-        else:
-            brace = b""
         # a pickle starts with 0x80 (protocol >= 2) or "PK" (zip): but so may a safetensors header length (its low
         # byte), so the file is a pickle only if it does not look like safetensors ({ right after the length)
         if brace != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
@@ -38,9 +47,37 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise WeightError(f"{path}: safetensors header is {type(header).__name__}, not an object")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
+                or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(v.get("dtype"), str)):
+            raise WeightError(f"{path}: header entry {k!r} lacks integer data_offsets, shape or a dtype")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise WeightError(f"{path}: tensors need {8 + n + end} bytes but the file has {size} (truncated)")
+    return header
+
+
+def read_safetensors_meta(path: str | Path) -> dict[str, TensorMeta]:
+    """Names, dtypes and shapes of a safetensors file, from its header alone (no tensor is read)."""
+    return {k: TensorMeta(v["dtype"], v["shape"]) for k, v in _header(Path(path)).items() if k != "__metadata__"}
+
+
+def safetensors_keys(path: str | Path) -> list[str]:
+    return list(read_safetensors_meta(path))
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """Load a .safetensors file, refusing pickles and reporting a damaged header by file name."""
+    path = Path(path)
+    _header(path)
     from safetensors.torch import load_file
 
     try:

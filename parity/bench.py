@@ -58,12 +58,13 @@ def _openai_simple_tokenizer():
 def bench_tokenizers(repeats: int) -> list[str]:
     from impl import embedded
     from impl.clip_tokenizer import BPEVocab, ClipTokenizer
+    from transformers import CLIPTokenizer
+
     from parity.embedded import model_dir
-    from parity.reference import load_tokenizers
 
     corpus = prompt_corpus()
     vocab = BPEVocab.from_openai_gz(embedded.BPE_GZ)
-    rust = load_tokenizers(model_dir())[0]
+    rust = CLIPTokenizer.from_pretrained(model_dir() / "tokenizer")
     lines = [f"CLIP tokenizer, {len(corpus)} prompts, {sum(map(len, corpus))} characters (median of {repeats}):"]
     pairs = [("hf", "transformers CLIPTokenizer (Rust), one call per prompt",
               lambda: [rust(p, add_special_tokens=False).input_ids for p in corpus]),

@@ -1,71 +1,54 @@
-"""``sd3parity`` command line. Exit codes: 0 ok, 1 a layer exceeds the tolerance, 2 bad input or usage."""
+"""``sd3parity`` command line.
+
+Exit codes of ``check`` (and of every command for the last three): 0 every record within tolerance; 1 a record
+exceeds it; 2 bad input or usage; 3 a reference or model the harness cannot run as asked (the message names what
+differs); 4 an internal error (a one-line message; ``--debug`` shows the traceback). ``verify`` and ``record``
+add their own codes (see ``parity/golden.py`` and the README).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-
-def _check(args) -> int:
-    from parity import flags as F
-    from parity.check import DEFAULT_PROMPTS, format_table, run_check
-
-    from parity.check import run_image
-    from parity.image_check import ImageRun
-
-    overrides = dict(F.parse_override(f) for f in args.flag)
-    prompts = args.prompt or list(DEFAULT_PROMPTS)
-    height, width = _size(args.size)
-    report = run_check(args.model, prompts, args.profile, args.dtype, overrides, args.threads, args.max_ulp)
-    from parity.sai_reference import ENV, code_dir
-
-    sai_code = code_dir(args.sai_code) if args.profile == "sai" else None
-    if args.text_only:
-        report.notes.append("image side not run (--text-only)")
-    elif args.profile == "sai" and sai_code is None:
-        report.notes.append(f"image side not run: the sai profile's image reference is the SD3.5 code "
-                            f"(Stability-AI/sd3.5); point --sai-code or ${ENV} at a local checkout")
-    else:
-        from parity.check import DTYPES
-
-        init = _read_image(args.image, height, width) if args.image else None
-        run = ImageRun(prompt=prompts[0], steps=args.steps, guidance=args.guidance, seed=args.seed, height=height,
-                       width=width, slg_layers=tuple(args.slg), shift=args.shift, dtype=DTYPES[args.dtype], init_image=init,
-                       strength=args.strength)
-        before = len(report.records)
-        run_image(report, args.model, {**F.profile_values(args.profile), **overrides}, run, args.family,
-                  args.checkpoint, sai_code)
-        if len(report.records) == before:
-            report.notes.append("image side not run: the model directory has no transformer/ and vae/")
-    if args.json:
-        print(json.dumps({**report.to_json(), "prompts": prompts}, indent=1))
-    else:
-        print(format_table(report, prompts))
-    return 1 if report.failures else 0
-
-
-def _read_image(path: str, height: int, width: int):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({e})") from None
-    if arr.shape[:2] != (height, width):
-        raise ValueError(f"--image {path}: {arr.shape[0]}x{arr.shape[1]} pixels; --size is {height}x{width} "
-                         "(resize it first: the pipelines' resampling is not compared)")
-    return arr
+EXIT_OK, EXIT_DIVERGENCE, EXIT_USAGE, EXIT_UNSUPPORTED, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 def _size(text: str) -> tuple[int, int]:
     h, sep, w = text.partition("x")
-    if not sep or not h.isdigit() or not w.isdigit() or int(h) <= 0 or int(w) <= 0:
+    if not sep or not h.isdigit() or not w.isdigit():
         raise ValueError(f"--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 64x64")
-    if int(h) % 16 or int(w) % 16:
-        raise ValueError(f"--size {text}: height and width must be multiples of 16 (VAE 8 x patch 2)")
     return int(h), int(w)
+
+
+def spec_from(args):
+    """The run the options describe (``run.Spec``), validated before anything heavy is imported."""
+    from parity import flags as F
+    from parity.run import DEFAULT_PROMPTS, Spec, validate
+
+    height, width = _size(args.size)
+    overrides = tuple(F.parse_override(f) for f in args.flag)
+    s = Spec(model=args.model, checkpoint=getattr(args, "checkpoint", None), config=getattr(args, "config", None),
+             prompts=tuple(args.prompt or DEFAULT_PROMPTS), profile=args.profile, overrides=overrides,
+             dtype=args.dtype, threads=args.threads, text_only=args.text_only, families=tuple(args.family or ()),
+             steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift, height=height, width=width,
+             image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
+             sai_code=args.sai_code, max_ulp=getattr(args, "max_ulp", 0))
+    validate(s)
+    return s
+
+
+def _check(args) -> int:
+    from parity.report import format_table
+    from parity.run import check
+
+    s = spec_from(args)
+    report = check(s)
+    if args.json:
+        print(json.dumps({**report.to_json(), "prompts": list(s.prompts)}, indent=1))
+    else:
+        print(format_table(report, list(s.prompts)))
+    return EXIT_DIVERGENCE if report.failures else EXIT_OK
 
 
 def _tokens(args) -> int:
@@ -73,7 +56,18 @@ def _tokens(args) -> int:
 
     report = tokens_report(args.prompt, args.model)
     print(json.dumps(report, ensure_ascii=True) if args.json else format_tokens(report))
-    return 0
+    return EXIT_OK
+
+
+def _flags(args) -> int:
+    from parity import flags as F
+
+    if args.markdown:
+        print(F.catalogue(), end="")
+    else:
+        for f in F.FLAGS:
+            print(f"{f.name:<24} {f.side:<5} {f.quirk:<10} diffusers={f.diffusers!s:<16} sai={f.sai!s:<16} {f.changes}")
+    return EXIT_OK
 
 
 def _convert(args) -> int:
@@ -83,33 +77,27 @@ def _convert(args) -> int:
 
     src, dst = Path(args.src), Path(args.dst)
     if src.is_file():
-        lines = sai_file_to_diffusers(src, dst)
+        lines = sai_file_to_diffusers(src, dst, Path(args.config) if args.config else None)
     elif src.is_dir():
         lines = diffusers_to_sai_file(src, dst)
     else:
         raise FileNotFoundError(f"{src}: no such file or directory")
     print("\n".join(lines + [f"wrote {dst}"]))
-    return 0
+    return EXIT_OK
 
 
 def _record(args) -> int:
     from pathlib import Path
 
-    from parity.check import DEFAULT_PROMPTS
-    from parity.golden import Settings, record
+    from parity.golden import record
 
-    height, width = _size(args.size)
-    families = [] if args.text_only else (args.family or (["model"] if args.model else
-                                                          ["sd3-medium", "sd3.5-large", "sd3.5-medium"]))
-    s = Settings(model_dir=args.model, prompts=args.prompt or list(DEFAULT_PROMPTS), profile=args.profile, dtype=args.dtype,
-                 threads=args.threads, families=families, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                 height=height, width=width)
+    s = spec_from(args)
     default = f"{Path(args.model).name if args.model else 'embedded'}-{args.profile}-{args.dtype}"
     target = Path(args.golden_dir) / (args.name or default)
-    m = record(target, s)
+    m = record(target, s, force=args.force)
     size = sum(p.stat().st_size for p in target.iterdir())
     print(f"wrote {target}: {len(m['records'])} records, {size / 1e6:.2f} MB")
-    return 0
+    return EXIT_OK
 
 
 def _verify(args) -> int:
@@ -117,6 +105,8 @@ def _verify(args) -> int:
 
     from parity.golden import GoldenError, golden_sets, verify
 
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: at least 1")
     worst = 0
     try:
         sets = golden_sets(Path(args.golden_dir))
@@ -125,7 +115,7 @@ def _verify(args) -> int:
         return e.code
     for d in sets:
         try:
-            v = verify(d, args.threads, False if args.impl_only else None)
+            v = verify(d, args.threads, False if args.impl_only else None, args.sai_code)
             print(f"{d}: {v.kind} (exit {v.code})")
             print("\n".join("  " + line for line in v.lines))
             code = v.code
@@ -136,72 +126,93 @@ def _verify(args) -> int:
     return worst
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run_options(p, check: bool = True) -> None:
+    p.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
+    p.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers",
+                   help="impl's flag values and the reference they are checked against (default diffusers)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE", help="override one flag of the profile")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for every side (default 1)")
+    p.add_argument("--text-only", action="store_true", help="compare the text stack only")
+    p.add_argument("--family", action="append", choices=("sd3-medium", "sd3.5-large", "sd3.5-medium"),
+                   help="embedded transformer family for the image side (repeatable; default: all three)")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps of the image run (default 2)")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0; <= 1 runs no CFG batch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, help="sigma shift on every side (default: the shift flag's rule for impl, "
+                   "each reference its own: diffusers the scheduler config, the SD3.5 code 1.0 for SD3-Medium)")
+    p.add_argument("--size", default="64x64", help="HEIGHTxWIDTH in pixels (default 64x64)")
+    p.add_argument("--slg", type=int, action="append", default=[], metavar="LAYER",
+                   help="skip-layer guidance layer (repeatable; window 0.01-0.2, scale by the slg flag)")
+    p.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the reference of the sai "
+                   "profile (default: $SD3PARITY_SAI_CODE)")
+    if check:
+        p.add_argument("--checkpoint", help="SAI single-file .safetensors (MMDiT + VAE, optionally the text encoders)")
+        p.add_argument("--config", metavar="DIR", help="a diffusers directory with the configs a single file lacks "
+                       "(default: the file's own folder when it holds model_index.json, else --model)")
+        p.add_argument("--image", help="img2img from this image (its size must equal --size)")
+        p.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sd3parity", description="SD3/SD3.5 reference-parity harness")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="impl vs the references, layer by layer: text stack, then txt2img per family")
-    c.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
-    c.add_argument("--checkpoint", help="SAI single-file .safetensors (MMDiT + VAE) for the image side; text parts "
-                   "come from --model or the embedded default")
-    c.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
-    c.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
-    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    c.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE", help="override one flag of the profile")
-    c.add_argument("--threads", type=int, default=1, help="intra-op threads for both sides (default 1)")
+    c = sub.add_parser("check", help="impl vs the references, layer by layer: text stack, then txt2img per model")
+    _run_options(c)
     c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--text-only", action="store_true", help="compare the text stack only")
-    c.add_argument("--family", action="append", choices=("sd3-medium", "sd3.5-large", "sd3.5-medium"),
-                   help="embedded transformer family for the image side (repeatable; default: all three)")
-    c.add_argument("--steps", type=int, default=2, help="denoising steps of the image run (default 2)")
-    c.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0; <= 1 runs no CFG batch)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--shift", type=float, help="sigma shift on both sides (default: the shift flag's rule, the "
-                   "pipeline's scheduler config or the SD3.5 reference's 1.0 for SD3-Medium, 3.0 otherwise)")
-    c.add_argument("--size", default="64x64", help="HEIGHTxWIDTH in pixels (default 64x64)")
-    c.add_argument("--image", help="img2img from this image (its size must equal --size)")
-    c.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")
-    c.add_argument("--slg", type=int, action="append", default=[], metavar="LAYER",
-                   help="skip-layer guidance layer (repeatable; window 0.01-0.2, scale by the slg flag)")
-    c.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the image reference "
-                   "of the sai profile (default: $SD3PARITY_SAI_CODE)")
     c.set_defaults(fn=_check)
     t = sub.add_parser("tokens", help="token ids of a prompt under every tokenizer mode and profile")
     t.add_argument("prompt")
     t.add_argument("--model", help="directory with tokenizer/, tokenizer_2/, tokenizer_3/")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_tokens)
-    v = sub.add_parser("convert", help="SAI single file <-> diffusers layout (transformer, VAE)")
+    f = sub.add_parser("flags", help="the compatibility flags (--markdown: the quirk catalogue, QUIRKS.md)")
+    f.add_argument("--markdown", action="store_true")
+    f.set_defaults(fn=_flags)
+    v = sub.add_parser("convert", help="SAI single file <-> diffusers layout")
     v.add_argument("src", help="an SAI .safetensors file (-> diffusers directory) or a diffusers directory (-> file)")
     v.add_argument("dst", help="the directory or file to create (must not exist)")
+    v.add_argument("--config", metavar="DIR", help="file -> directory: a diffusers directory whose configs give the "
+                   "values no tensor shape carries (heads, norm settings); without it they are inferred and printed")
     v.set_defaults(fn=_convert)
-    r = sub.add_parser("record", help="write a golden set of the embedded default (impl and reference records)")
+    r = sub.add_parser("record", help="write a golden set (impl and reference records)")
+    _run_options(r, check=False)
     r.add_argument("--golden-dir", default="golden")
     r.add_argument("--name", help="set name (default embedded-PROFILE-DTYPE, or MODELDIR-PROFILE-DTYPE)")
-    r.add_argument("--model", help="a diffusers-layout model directory (default: the embedded default)")
-    r.add_argument("--prompt", action="append")
-    r.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers")
-    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--family", action="append", choices=("sd3-medium", "sd3.5-large", "sd3.5-medium"))
-    r.add_argument("--text-only", action="store_true")
-    r.add_argument("--steps", type=int, default=2)
-    r.add_argument("--guidance", type=float, default=5.0)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--size", default="64x64")
+    r.add_argument("--force", action="store_true", help="replace an existing set of that name")
     r.set_defaults(fn=_record)
     v2 = sub.add_parser("verify", help="compare impl (and the installed reference) with golden sets; exit codes "
                         "classify what changed (see parity/golden.py)")
     v2.add_argument("--golden-dir", default="golden", help="a set, or a folder of sets (default golden/)")
     v2.add_argument("--threads", type=int, help="run with this many threads instead of the recorded count")
     v2.add_argument("--impl-only", action="store_true", help="do not run the reference even if it is installed")
+    v2.add_argument("--sai-code", metavar="DIR", help="the SD3.5 code for sets of the sai profile "
+                    "(default: $SD3PARITY_SAI_CODE; without it their reference is not run)")
     v2.set_defaults(fn=_verify)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from parity.run import Unsupported
+
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except Unsupported as e:
+        print(f"sd3parity {args.cmd}: unsupported: {e}", file=sys.stderr)
+        return EXIT_UNSUPPORTED
+    except (ValueError, OSError) as e:  # bad input: options, files, configs, weights (their errors name them)
         print(f"sd3parity {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - an internal error: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"sd3parity {args.cmd}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Write the embedded default in the diffusers / transformers directory layout, so the references load the very
-same weights and tokenizer files (``text_encoder/``, ``text_encoder_2/``, ``text_encoder_3/``, ``tokenizer/``,
-``tokenizer_2/`` with ``!`` as its pad token like the real SD3.5 repositories, ``tokenizer_3/``).
+"""The embedded default as files, so that every side loads the very same bytes its own way.
 
-The directory is built once per content hash under ``$SD3PARITY_CACHE`` (default ``~/.cache/sd3-parity``), in a
+``model_dir()`` is the text parts in the diffusers / transformers layout (``text_encoder*/``, ``tokenizer*/``);
+``model_dir(family)`` the whole pipeline of one tiny family (adds ``transformer/``, ``vae/``, ``scheduler/``,
+``model_index.json``) plus ``<family>.safetensors``, the same MMDiT and VAE as an SAI single file
+(``model.diffusion_model.*``, ``first_stage_model.*``), the form the SD3.5 code reads. Configs and tokenizer
+settings are copied from the committed files in ``impl/embedded/model/``; the references parse them with their own
+readers. The weights are impl's generated ones: text encoders and the SAI file in their native names, the diffusers
+folders through ``parity.convert`` (so a converter fault shows up as a divergence, never on both sides).
+
+Directories are built once per content hash under ``$SD3PARITY_CACHE`` (default ``~/.cache/sd3-parity``), in a
 temporary directory renamed into place, so an interrupted build never leaves a half-written model behind.
 """
 from __future__ import annotations
@@ -16,60 +22,14 @@ import tempfile
 from pathlib import Path
 
 from impl import embedded
-from impl.clip import ClipConfig
 from impl.clip_tokenizer import N_MERGES, BPEVocab
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("SD3PARITY_CACHE", Path.home() / ".cache" / "sd3-parity"))
-
-
-def clip_config_json(c: ClipConfig, architecture: str) -> dict:
-    return {
-        "architectures": [architecture], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
-        "hidden_size": c.width, "intermediate_size": c.intermediate, "num_attention_heads": c.heads,
-        "num_hidden_layers": c.layers, "hidden_act": c.activation, "projection_dim": c.projection_dim,
-        "max_position_embeddings": c.max_positions, "layer_norm_eps": c.eps,
-        # the legacy value the real SD3 configs carry: transformers then pools at argmax(ids) (QUIRKS T6)
-        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float32",
-    }
-
-
-def t5_config_json(c) -> dict:
-    return {
-        "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": c.vocab_size, "d_model": c.d_model,
-        "d_kv": c.d_kv, "d_ff": c.d_ff, "num_layers": c.layers, "num_heads": c.heads,
-        "relative_attention_num_buckets": c.num_buckets, "relative_attention_max_distance": c.max_distance,
-        "layer_norm_epsilon": c.eps, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
-        "is_gated_act": True, "is_encoder_decoder": True, "tie_word_embeddings": False, "dropout_rate": 0.0,
-        "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "float32",
-    }
-
-
-def _added(content: str, normalized: bool) -> dict:
-    return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False,
-            "special": True}
-
-
-def clip_tokenizer_config(pad: str) -> dict:
-    added = {"49406": _added("<|startoftext|>", True), "49407": _added("<|endoftext|>", False)}
-    if pad == "!":
-        added = {"0": _added("!", False), **added}
-    return {"add_prefix_space": False, "added_tokens_decoder": added, "bos_token": "<|startoftext|>",
-            "clean_up_tokenization_spaces": True, "do_lower_case": True, "eos_token": "<|endoftext|>",
-            "errors": "replace", "model_max_length": 77, "pad_token": pad, "tokenizer_class": "CLIPTokenizer",
-            "unk_token": "<|endoftext|>"}
-
-
-def t5_tokenizer_config() -> dict:
-    return {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "extra_ids": 100, "legacy": True,
-            "model_max_length": 512, "tokenizer_class": "T5Tokenizer"}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_clip_vocab(directory: Path) -> None:
@@ -80,75 +40,68 @@ def write_clip_vocab(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _copy_config(rel: str, target: Path, name: str | None = None) -> None:
+    dst = target / (name or rel)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(embedded.MODEL / rel, dst)
+
+
 def build(target: Path) -> None:
     from safetensors.torch import save_file
 
     weights = embedded.text_weights()
     embedded.verify(weights)
-    for sub, key, cfg in (("text_encoder", "clip_l", clip_config_json(embedded.CLIP_L, "CLIPTextModelWithProjection")),
-                          ("text_encoder_2", "clip_g", clip_config_json(embedded.CLIP_G, "CLIPTextModelWithProjection")),
-                          ("text_encoder_3", "t5", t5_config_json(embedded.T5))):
-        d = target / sub
-        d.mkdir(parents=True)
-        _write_json(d / "config.json", cfg)
+    for sub, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5")):
+        _copy_config(f"{sub}/config.json", target)
         state = dict(weights[key])
-        if key == "t5":
+        if key == "t5":  # transformers ties them; both names are stored, as in the SD3 repositories
             state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
-        save_file(state, str(d / "model.safetensors"))
-    for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
-        d = target / sub
-        d.mkdir()
-        write_clip_vocab(d)
-        _write_json(d / "tokenizer_config.json", clip_tokenizer_config(pad))
-        _write_json(d / "special_tokens_map.json", {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                                                    "pad_token": pad, "unk_token": "<|endoftext|>"})
-    d = target / "tokenizer_3"
-    d.mkdir()
-    shutil.copyfile(embedded.SPIECE, d / "spiece.model")
-    _write_json(d / "tokenizer_config.json", t5_tokenizer_config())
-    _write_json(d / "special_tokens_map.json", {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
-
-
-def model_index() -> dict:
-    t, d = "transformers", "diffusers"
-    return {"_class_name": "StableDiffusion3Pipeline", "scheduler": [d, "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": [t, "CLIPTextModelWithProjection"], "text_encoder_2": [t, "CLIPTextModelWithProjection"],
-            "text_encoder_3": [t, "T5EncoderModel"], "tokenizer": [t, "CLIPTokenizer"], "tokenizer_2": [t, "CLIPTokenizer"],
-            "tokenizer_3": [t, "T5Tokenizer"], "transformer": [d, "SD3Transformer2DModel"], "vae": [d, "AutoencoderKL"],
-            "image_encoder": [None, None], "feature_extractor": [None, None]}
+        save_file(state, str(target / sub / "model.safetensors"))
+    for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            _copy_config(f"{sub}/{name}", target)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_clip_vocab(target / sub)
+    shutil.copyfile(embedded.SPIECE, target / "tokenizer_3" / "spiece.model")
 
 
 def build_pipeline(target: Path, family: str) -> None:
-    """The text parts plus ``transformer/`` (the tiny ``family`` MMDiT), ``vae/``, ``scheduler/`` and
-    ``model_index.json``: a directory ``StableDiffusion3Pipeline.from_pretrained`` loads offline."""
+    """The text parts plus ``transformer/`` (the tiny ``family`` MMDiT), ``vae/``, ``scheduler/``,
+    ``model_index.json`` and ``<family>.safetensors``."""
     from safetensors.torch import save_file
 
-    from parity.convert import diffusers_config, diffusers_vae_config, sai_to_diffusers
+    from impl.checkpoint import PREFIXES
+    from parity.convert import sai_to_diffusers
 
     build(target)
-    config = embedded.MMDIT[family]
-    weights = embedded.mmdit_weights(family)
-    vae = embedded.vae_weights()
+    weights, vae = embedded.mmdit_weights(family), embedded.vae_weights()
     embedded.verify({f"mmdit-{family}": weights, "vae": vae})
-    for sub, cfg, state in (("transformer", diffusers_config(config), sai_to_diffusers(weights, config)),
-                            ("vae", diffusers_vae_config(embedded.VAE), sai_to_diffusers(vae, embedded.VAE))):
-        (target / sub).mkdir()
-        _write_json(target / sub / "config.json", cfg)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(target / sub / "diffusion_pytorch_model.safetensors"))
-    (target / "scheduler").mkdir()
-    _write_json(target / "scheduler" / "scheduler_config.json",
-                {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0})
-    _write_json(target / "model_index.json", model_index())
+    _copy_config(f"transformer/{family}.json", target, "transformer/config.json")
+    _copy_config("vae/config.json", target)
+    _copy_config("scheduler/scheduler_config.json", target)
+    _copy_config("model_index.json", target)
+    for sub, state, config in (("transformer", weights, embedded.MMDIT[family]), ("vae", vae, embedded.VAE)):
+        save_file({k: v.contiguous() for k, v in sai_to_diffusers(state, config).items()},
+                  str(target / sub / "diffusion_pytorch_model.safetensors"))
+    single = {**{PREFIXES["mmdit"] + k: v for k, v in weights.items()},
+              **{PREFIXES["vae"] + k: v for k, v in vae.items()}}
+    save_file({k: v.contiguous() for k, v in single.items()}, str(target / f"{family}.safetensors"))
+
+
+def _key() -> str:
+    return hashlib.sha256(json.dumps([LAYOUT_VERSION, embedded.manifest()], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_dir(family: str | None = None) -> Path:
     """The embedded default in diffusers layout, built on first use, atomically: the text parts only, or with
-    ``family`` (a key of ``impl.embedded.MMDIT``) the whole pipeline."""
+    ``family`` (a key of ``impl.embedded.MMDIT``) the whole pipeline. The cache key covers every committed input
+    (the manifest lists the sha256 of the configs, tokenizer files and generated weights)."""
     if family is not None and family not in embedded.MMDIT:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(embedded.MMDIT)}")
-    key = hashlib.sha256(json.dumps([LAYOUT_VERSION, embedded.manifest()], sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_root() / (f"embedded-{key}" if family is None else f"embedded-{family}-{key}")
-    if (target / "tokenizer_3" / "special_tokens_map.json").is_file():
+    embedded.verify({})  # the committed files are those the manifest names
+    target = cache_root() / (f"embedded-{_key()}" if family is None else f"embedded-{family}-{_key()}")
+    done = target / ("model_index.json" if family is not None else "tokenizer_3/spiece.model")
+    if done.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
@@ -157,9 +110,14 @@ def model_dir(family: str | None = None) -> Path:
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first
-            if not target.is_dir():
+            if not done.is_file():
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def single_file(family: str) -> Path:
+    """The SAI single file of an embedded family (inside its pipeline directory)."""
+    return model_dir(family) / f"{family}.safetensors"

@@ -1,18 +1,13 @@
 """Named compatibility flags: the value each reference uses, with a one-line provenance, and the profiles.
 
-A profile is only a named set of flag values. ``settings(profile, overrides)`` turns one into the plain-valued
-``impl.text.TextSettings`` that impl receives (impl never sees a profile name).
+A profile is only a named set of flag values. ``settings`` and ``image_options`` turn the values of a run into
+the plain values impl receives (impl never sees a profile name); they are the only code that reads flags.
+``catalogue()`` writes the quirk catalogue (``QUIRKS.md``) from the provenance lines here.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import torch
-
-from impl.text import TextSettings
 
 
 @dataclass(frozen=True)
@@ -60,6 +55,10 @@ FLAGS: tuple[Flag, ...] = (
          "transformers 5.x T5Attention: SDPA, position bias as attn_mask, scale 1 (both pinned profiles); "
          "transformers 4.57 eager: q k^T + bias, float32 softmax, times v (measured: up to 52 ulp at block 0)",
          "every T5 state from block 0's attention output on"),
+    Flag("t5_activation", "T11", ("gelu_new", "gelu_tanh"), "gelu_new", "gelu_tanh",
+         "transformers T5DenseGatedActDense: ACT2FN['gelu_new'] for feed_forward_proj 'gated-gelu' (a hand-written "
+         "tanh formula); sd3.5 other_impls.T5DenseGatedActDense: torch.nn.functional.gelu(approximate='tanh')",
+         "every T5 state from block 0's feed-forward (wo) on, by ulps in float32"),
     Flag("t5_absent", "T10", (None, "zeros", "none"), None, None,
          "diffusers encode_prompt with text_encoder_3=None: zeros (B, L, joint) (L=256 from 0.36.0, PR #12531); "
          "ComfyUI appends no rows; sd3.5 requires T5",
@@ -72,6 +71,11 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers _get_clip_prompt_embeds uses text_embeds (projected) for both; sd3.5 ClipL "
          "return_projected_pooled=False",
          "CLIP-L half of the pooled vector (0 for real SD3 weights: their CLIP-L projection is the identity)"),
+    Flag("single_file_clip_l_projection", "T6", ("file", "identity"), "identity", "file",
+         "diffusers single_file_utils.create_diffusers_clip_model_from_ldm: text_encoders.clip_l of an SD3 single "
+         "file gets text_projection = torch.eye, whatever the file holds; sd3.5 load_into fills it from the file",
+         "single files whose CLIP-L projection is not the identity (not the released ones): CLIP-L's projected "
+         "output and the diffusers pooled vector"),
     Flag("encoder_dtype", "T7", ("pipeline", "float32"), "pipeline", "float32",
          "diffusers runs encoders in the pipeline dtype; sd3.5 sd3_infer builds CLIP/T5 in float32 on CPU",
          "embeddings in half precision (~1e-3 rel. fp16, ~1e-2 bf16)"),
@@ -175,7 +179,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def image_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The image-side flag values as impl arguments (the shift rule is applied per model: ``shift``)."""
+    """The image-side flag values as impl arguments (the shift rule is applied per model: ``sai_config_shift``)."""
+    import torch
+
     from impl.mmdit import MMDiTOptions
     from impl.sampling import Form
 
@@ -191,24 +197,43 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
             "autocast": values["autocast"] == "cuda_fp16"}
 
 
-def shift(rule: str, label: str, pipeline_dir: Path | None) -> float:
-    """The sigma shift of one model under a ``shift`` flag value: the pipeline's scheduler config (diffusers'
-    FlowMatchEulerDiscreteScheduler default 1.0 when it has none), or the SD3.5 reference's per-model value."""
-    if rule == "sai_config":
-        return 1.0 if "sd3-medium" in label.removeprefix("embedded-").split("/") else 3.0
-    config = None if pipeline_dir is None else Path(pipeline_dir) / "scheduler" / "scheduler_config.json"
-    if config is None or not config.is_file():
-        return 1.0
-    return float(json.loads(config.read_text()).get("shift", 1.0))
+def sai_config_shift(label: str) -> float:
+    """sd3_infer's CONFIGS: shift 1.0 for SD3-Medium, 3.0 for the others (the ``shift`` flag's ``sai_config``)."""
+    return 1.0 if "sd3-medium" in label.removeprefix("embedded-").split("/") else 3.0
 
 
-def settings(values: dict[str, Any]) -> TextSettings:
+def settings(values: dict[str, Any]):
+    """The text flags as ``impl.text.TextSettings``."""
+    import torch
+
+    from impl.text import TextSettings
+
     return TextSettings(
         clip_l_mode=values["clip_l_tokenizer"], clip_g_mode=values["clip_g_tokenizer"],
         clip_l_pad=values["clip_l_pad"], clip_g_pad=values["clip_g_pad"], sai_wordwise=values["sai_wordwise"],
         t5_mode="hf", t5_length_rule=values["t5_length_rule"], t5_max_length=values["t5_max_length"],
         t5_mask=values["t5_mask"], t5_attention=values["t5_attention"], t5_absent=values["t5_absent"],
-        t5_absent_length=values["t5_max_length"],
+        t5_activation=values["t5_activation"], t5_absent_length=values["t5_max_length"],
         clip_pool=values["clip_pool"], clip_l_pooled_projected=values["clip_l_pooled_projected"],
         encoder_dtype=torch.float32 if values["encoder_dtype"] == "float32" else None,
     )
+
+
+def catalogue() -> str:
+    """The quirk catalogue in Markdown: every flag with both references' values, what it changes and where each
+    value comes from. ``QUIRKS.md`` is this text (a test keeps it in step)."""
+    lines = ["# Quirk catalogue", "",
+             "Every known difference between the references that changes numbers is a named flag of `sd3parity`.",
+             "A profile is a set of flag values: `diffusers` (diffusers + transformers) and `sai` (the Stability-AI",
+             "SD3.5 code). Set one flag with `--flag NAME=VALUE`. Generated by `sd3parity flags --markdown` from",
+             "`parity/flags.py`; the ids refer to the rows of the tables below.", ""]
+    for side, title in (("text", "Text side"), ("image", "Image side")):
+        lines += [f"## {title}", "", "| flag | id | diffusers | sai | choices | changes |", "|---|---|---|---|---|---|"]
+        for f in FLAGS:
+            if f.side == side:
+                lines.append(f"| `{f.name}` | {f.quirk} | `{f.diffusers}` | `{f.sai}` | "
+                             f"{', '.join(f'`{c}`' for c in f.choices)} | {f.changes} |")
+        lines.append("")
+    lines += ["## Provenance", ""]
+    lines += [f"- `{f.name}`: {f.provenance}." for f in FLAGS]
+    return "\n".join(lines) + "\n"

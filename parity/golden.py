@@ -16,7 +16,8 @@ point leaves the previous set verifiable.
     0  every record matches
     10 impl changed            impl differs; the reference (when installed) still matches
     11 reference changed       the installed reference differs while impl matches; the version drift is named
-    12 environment changed     impl (and the reference) differ and threads, device, dtype or torch differ
+    12 environment changed     impl (and the reference) differ and threads, device, dtype, torch or the CPU differ;
+                               with the reference installed, impl still agrees with it live on this machine
     13 impl and reference both changed in the recorded environment
     20 golden damaged: a stored tensor does not match its recorded sha256 (e.g. a flipped byte)
     21 golden damaged: the tensor file is missing, truncated or unreadable
@@ -32,7 +33,7 @@ import json
 import os
 import platform
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from torch import Tensor
 from parity import records as R
 
 SCHEMA = "sd3-parity-golden"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: settings are a run.Spec, records carry their execution order (seq)
 FULL_LIMIT = 512
 SAMPLES = 64
 EXIT = {"ok": 0, "impl": 10, "reference": 11, "environment": 12, "both": 13, "tensor_damaged": 20,
@@ -100,6 +101,25 @@ def reference_installed() -> bool:
     return all(_installed(p) for p in REFERENCE_PACKAGES)
 
 
+def cpu() -> dict:
+    """What decides the CPU kernels' rounding: torch's vector capability and the processor's model and ISA
+    extensions (measured: goldens recorded on another x86-64 processor differ from the first attention on)."""
+    import torch
+
+    model, flags = "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma", "f16c", "sse")))
+    except OSError:
+        pass
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "model": model or platform.processor(),
+            "isa": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]}
+
+
 def _installed(pkg: str) -> bool:
     try:
         metadata.version(pkg)
@@ -111,12 +131,14 @@ def _installed(pkg: str) -> bool:
 # ---------------------------------------------------------------------------------------------- writing
 
 def _entries(ref: R.Side, impl: R.Side) -> tuple[list[dict], dict[str, Tensor]]:
-    """Golden entries: the reference's tensor where it produced one (``source: reference``), else impl's
-    (``source: impl``: records no reference computes here, e.g. the SD3.5 forms of the sai profile's image side)."""
+    """Golden entries, in the reference's execution order: the reference's tensor where it produced one
+    (``source: reference``), else impl's (``source: impl``: records no reference computed)."""
     entries, tensors = [], {}
-    merged = {**{k: (v, "reference") for k, v in ref.items()}, **{k: (v, "impl") for k, v in impl.items() if k not in ref}}
-    for k, ((fields, t), source) in merged.items():
-        e = {"key": k, **fields, "source": source, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+    for fields, got, want in R.paired(impl, ref):
+        t, source = (want, "reference") if want is not None else (got, "impl")
+        k = R.key(fields)
+        e = {"key": k, **{f: fields.get(f) for f in (*R.KEY_FIELDS, "block", "stream")}, "seq": len(entries),
+             "source": source, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
              "sha256": tensor_sha256(t)}
         if t.numel() <= FULL_LIMIT:
             e["storage"] = "full"
@@ -125,8 +147,8 @@ def _entries(ref: R.Side, impl: R.Side) -> tuple[list[dict], dict[str, Tensor]]:
             e["storage"] = "sampled"
             e["stats"] = stats(t)
             tensors[k + "#samples"] = _dense(t.flatten()[sample_positions(t.numel())])
-        if k in impl and tensor_sha256(impl[k][1]) != e["sha256"]:
-            e["impl_sha256"] = tensor_sha256(impl[k][1])  # impl differed when recorded (a flipped flag, a quirk)
+        if got is not None and source == "reference" and tensor_sha256(got) != e["sha256"]:
+            e["impl_sha256"] = tensor_sha256(got)  # impl differed when recorded (a flipped flag, a quirk)
         entries.append(e)
     return entries, tensors
 
@@ -163,126 +185,86 @@ def write_set(target: Path, manifest: dict, tensors: dict[str, Tensor]) -> None:
             old.unlink()
 
 
-@dataclass
-class Settings:
-    """Everything a golden run depends on, as recorded in the manifest."""
-    model_dir: str | None = None
-    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
-    profile: str = "diffusers"
-    dtype: str = "float32"
-    threads: int = 1
-    families: list[str] = field(default_factory=list)  # image side: embedded families ([] = text only)
-    steps: int = 2
-    guidance: float = 5.0
-    seed: int = 0
-    height: int = 64
-    width: int = 64
-    overrides: dict = field(default_factory=dict)
+def spec_of(manifest_settings: dict, source: str):
+    """The ``run.Spec`` a manifest's settings describe (lists back to tuples); unknown keys are malformed."""
+    from parity.run import Spec
+
+    fields = Spec.__dataclass_fields__
+    unknown = sorted(set(manifest_settings) - set(fields))
+    if unknown:
+        raise GoldenError("manifest_malformed", f"{source}: settings has unknown keys {unknown}")
+    values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+              for k, v in manifest_settings.items()}
+    return Spec(**values)
 
 
-def sides(s: Settings, with_reference: bool) -> tuple[R.Side, R.Side | None]:
-    """impl's records and, when asked, the reference's, for the settings of a golden set. The image side has a
-    reference for the diffusers profile only: the sai profile's is the SD3.5 code, which is not a package (its
-    records are impl's, ``source: impl``; ``sd3parity check --sai-code`` compares them with that code)."""
-    from impl.text import load_text_stack
-    from parity import flags as F
-    from parity.check import DTYPES, text_impl_side, text_ref_side, text_run, with_shift
-    from parity.determinism import pinned
-    from parity.image_check import ImageRun, image_impl_side, image_ref_side
+def sides(s, with_reference: bool, sai_code: str | None = None):
+    """impl's records and, when asked and available, the reference's, through the run path. The sai profile's
+    reference is the SD3.5 code: without a checkout (``sai_code`` or ``$SD3PARITY_SAI_CODE``) it is not run."""
+    from dataclasses import replace
 
-    t = text_run(s.model_dir, s.prompts, s.profile, s.dtype, s.overrides)
-    impl: R.Side = {}
-    ref: R.Side | None = {} if with_reference else None
-    with pinned(s.threads):
-        stack = load_text_stack(s.model_dir)
-        impl.update(text_impl_side(t, stack))
-        if ref is not None:
-            ref.update(text_ref_side(t, stack))
-        run = ImageRun(prompt=s.prompts[0], steps=s.steps, guidance=s.guidance, seed=s.seed, height=s.height,
-                       width=s.width, dtype=DTYPES[s.dtype])
-        opts = F.image_options(t.values)
-        for label, directory, model, vae in _image_models(s, opts):
-            impl.update(image_impl_side(label, model.eval(), vae.eval(), stack, t.settings,
-                                        with_shift(run, t.values["shift"], label, directory), opts))
-            if ref is not None and s.profile == "diffusers":
-                ref.update(image_ref_side(label, directory, model, vae, with_shift(run, "scheduler_config", label,
-                                                                                   directory)))
-    return impl, ref
+    from parity.run import execute, resolve
+    from parity.sides.sai import code_dir
+
+    if s.profile == "sai":
+        s = replace(s, sai_code=sai_code or s.sai_code)
+        if with_reference and code_dir(s.sai_code) is None:
+            with_reference = False
+    run = resolve(s)
+    impl = execute(run, "impl")
+    ref = execute(run, run.reference) if with_reference else None
+    return run, impl, ref
 
 
-def _image_models(s: Settings, opts: dict):
-    """(label, diffusers directory, impl MMDiT, impl VAE) of each pipeline of the set: the named embedded families,
-    or, for a named model, its own pipeline when ``families`` is not empty and it has ``transformer/`` + ``vae/``."""
-    from impl import embedded
-    from impl.mmdit import MMDiT
-    from impl.vae import VAE
-    from impl.weights import load_strict
-    from parity.check import image_families
-    from parity.embedded import model_dir
-    from parity.image_check import load_impl_image_parts
-
-    if s.model_dir is not None:
-        for label, directory in (image_families(s.model_dir) if s.families else []):
-            yield (label, directory, *load_impl_image_parts(directory, opts))
-        return
-    for family in s.families:
-        weights = {f"mmdit-{family}": embedded.mmdit_weights(family), "vae": embedded.vae_weights()}
-        embedded.verify(weights)
-        model, vae = MMDiT(embedded.MMDIT[family], opts["mmdit"]), VAE(embedded.VAE, opts["vae_attention"])
-        load_strict(model, weights[f"mmdit-{family}"], family)
-        load_strict(vae, weights["vae"], "embedded vae")
-        yield f"embedded-{family}", model_dir(family), model, vae
-
-
-def model_fingerprint(s: Settings) -> dict:
+def model_fingerprint(s) -> dict:
     """What the set was computed from. The embedded default: its manifest's sha256. A named model: per file, the
     sha256 of a safetensors file's header (names, dtypes, shapes, offsets) and size (hashing multi-GB weights on
     every verify would cost minutes), or of the whole file for everything else (configs, tokenizer files)."""
     from impl import embedded
 
-    if s.model_dir is None:
+    if s.model is None and s.checkpoint is None:
         return {"name": "embedded-default",
                 "manifest_sha256": hashlib.sha256(json.dumps(embedded.manifest(), sort_keys=True).encode()).hexdigest()}
-    root = Path(s.model_dir)
     files = {}
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        with open(p, "rb") as f:
-            if p.suffix == ".safetensors":
-                head = f.read(8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else 0
-                digest = hashlib.sha256(head + f.read(min(n, 100_000_000)) + str(p.stat().st_size).encode()).hexdigest()
-            else:
-                digest = hashlib.sha256(f.read()).hexdigest()
-        files[str(p.relative_to(root))] = digest
-    return {"name": str(root), "files": files}
+    for root in [Path(p) for p in (s.model, s.checkpoint, s.config) if p]:
+        for p in sorted([root] if root.is_file() else (q for q in root.rglob("*") if q.is_file())):
+            with open(p, "rb") as f:
+                if p.suffix == ".safetensors":
+                    head = f.read(8)
+                    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                    digest = hashlib.sha256(head + f.read(min(n, 100_000_000)) + str(p.stat().st_size).encode()).hexdigest()
+                else:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            files[str(p if root.is_file() else p.relative_to(root))] = digest
+    return {"name": str(s.model or s.checkpoint), "files": files}
 
 
-def _flag_values(s: Settings) -> dict:
-    from parity import flags as F
-
-    return {k: v for k, v in {**F.profile_values(s.profile), **s.overrides}.items()}
+def environment(s) -> dict:
+    return {"device": "cpu", "threads": s.threads, "dtype": s.dtype, "machine": platform.machine(), "cpu": cpu()}
 
 
-def environment(s: Settings) -> dict:
-    return {"device": "cpu", "threads": s.threads, "dtype": s.dtype, "machine": platform.machine()}
+def record(target: Path, s, force: bool = False) -> dict:
+    """Run impl and the reference with ``s`` and write the golden set at ``target``. Returns the manifest. An
+    existing set is replaced only with ``force``."""
+    from parity.run import spec_json
 
-
-def record(target: Path, s: Settings) -> dict:
-    """Run impl and the reference with ``s`` and write the golden set at ``target``. Returns the manifest."""
+    if (target / "manifest.json").exists() and not force:
+        raise FileExistsError(f"{target}: a golden set exists; --force replaces it")
     if not reference_installed():
         raise ValueError("recording needs the reference libraries (diffusers, transformers, tokenizers)")
-    impl, ref = sides(s, with_reference=True)
-    entries, tensors = _entries(ref, impl)
+    run, (impl, impl_src), ref = sides(s, with_reference=True)
+    if ref is None:
+        raise ValueError("recording the sai profile needs the SD3.5 code: --sai-code DIR or $SD3PARITY_SAI_CODE")
+    entries, tensors = _entries(ref[0], impl)
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_fingerprint(s),
-        "settings": {k: v for k, v in s.__dict__.items()},
-        "flags": _flag_values(s),
+        "model": model_fingerprint(s), "settings": spec_json(s), "flags": dict(run.values),
+        "reference": run.reference, "sources": {"impl": impl_src, run.reference: ref[1]},
         "environment": environment(s), "versions": versions(),
         "tolerance": {"policy": "bitwise: each record's sha256 must match; sampled records are sized on their "
                                 "stored samples and statistics when it does not", "max_ulp": 0},
-        "records": entries,
+        "notes": run.notes, "records": entries,
     }
     write_set(target, manifest, tensors)
     return manifest
@@ -306,6 +288,9 @@ def load_set(d: Path) -> tuple[dict, dict[str, Tensor]]:
     version = manifest.get("schema_version")
     if not isinstance(version, int):
         raise GoldenError("manifest_malformed", f"{path}: schema_version {version!r} is not an integer")
+    if version < SCHEMA_VERSION:
+        raise GoldenError("manifest_malformed", f"{path}: schema_version {version} is older than this sd3-parity "
+                                                f"reads ({SCHEMA_VERSION}); record the set again")
     if version > SCHEMA_VERSION:
         raise GoldenError("newer_schema", f"{path}: schema_version {version} is newer than this sd3-parity reads "
                                           f"({SCHEMA_VERSION}); upgrade sd3-parity")
@@ -374,24 +359,29 @@ def _first_bad(side: R.Side, manifest: dict, tensors: dict, impl: bool) -> str |
     return f"{extra[0]}: not in the golden set" if extra else None
 
 
-def verify(d: Path, threads: int | None = None, with_reference: bool | None = None) -> Verdict:
+def verify(d: Path, threads: int | None = None, with_reference: bool | None = None,
+           sai_code: str | None = None) -> Verdict:
+    from dataclasses import replace
+
     manifest, tensors = load_set(d)
-    s = Settings(**manifest["settings"])
+    s = spec_of(manifest["settings"], str(d / "manifest.json"))
     if threads is not None:
-        s.threads = threads
+        s = replace(s, threads=threads)
     use_ref = reference_installed() if with_reference is None else with_reference
-    impl, ref = sides(s, with_reference=use_ref)
+    run, (impl, _), ref = sides(s, with_reference=use_ref, sai_code=sai_code)
+    ref_side = None if ref is None else ref[0]
     env_now, env_then = environment(s), manifest["environment"]
     now, then = versions(), manifest["versions"]
     env_diff = {k: (env_then.get(k), v) for k, v in env_now.items() if env_then.get(k) != v}
     if now.get("torch") != then.get("torch"):
         env_diff["torch"] = (then.get("torch"), now.get("torch"))
-    drift = {p: (then.get(p), now.get(p)) for p in REFERENCE_PACKAGES if use_ref and then.get(p) != now.get(p)}
+    drift = {p: (then.get(p), now.get(p)) for p in REFERENCE_PACKAGES if ref is not None and then.get(p) != now.get(p)}
     if manifest.get("model") and model_fingerprint(s) != manifest["model"]:
         env_diff["model files"] = ("as recorded", "changed")  # the inputs moved: not impl's or the reference's fault
     impl_bad = _first_bad(impl, manifest, tensors, impl=True)
-    ref_bad = _first_bad(ref, manifest, tensors, impl=False) if ref is not None else None
-    lines = [f"{len(manifest['records'])} records; reference {'compared' if ref is not None else 'not installed: impl only'}"]
+    ref_bad = _first_bad(ref_side, manifest, tensors, impl=False) if ref_side is not None else None
+    lines = [f"{len(manifest['records'])} records; reference "
+             + (f"{run.reference} compared" if ref_side is not None else "not run: impl only")]
     fmt = lambda d_: ", ".join(f"{k} {a} -> {b}" for k, (a, b) in d_.items())  # noqa: E731
     if impl_bad:
         lines.append(f"impl: first difference at {impl_bad}")
@@ -411,7 +401,28 @@ def verify(d: Path, threads: int | None = None, with_reference: bool | None = No
             lines.append("reference versions: unchanged (the same versions produced other numbers)")
     else:
         kind = "environment" if env_diff else "both"
+    if env_diff and impl_bad and ref_side is not None:
+        # another machine computes other bits: the goldens cannot tell, the live comparison can
+        live = _live(impl, ref_side, manifest)
+        lines.append(f"live on this machine: impl vs {run.reference}: " + (live or "every record that agreed when "
+                                                                             "recorded agrees"))
+        if live:
+            kind = "both" if drift else "impl"
     return Verdict(d.name, kind, lines)
+
+
+def _live(impl: R.Side, ref: R.Side, manifest: dict) -> str | None:
+    """The first record, among those impl and the reference agreed on when recorded, where they differ now."""
+    for e in manifest["records"]:
+        if e.get("source") != "reference" or "impl_sha256" in e:
+            continue
+        k = e["key"]
+        if k not in impl or k not in ref:
+            return f"{k}: produced by one side only"
+        if tensor_sha256(impl[k][1]) != tensor_sha256(ref[k][1]):
+            return " ".join(f"{f}={e[f]}" for f in ("model", "prompt", "component", "layer", "step", "branch")
+                            if e.get(f) is not None)
+    return None
 
 
 def golden_sets(root: Path) -> list[Path]:

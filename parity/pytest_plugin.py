@@ -75,11 +75,12 @@ class Golden:
                         "(run with --golden-update to accept it)", pytrace=False)
         want = load_file(str(path))["tensor"]
         m = compare(tensor.detach().cpu(), want)
-        ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and (
+        ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and "dtype_mismatch" not in m and (
             (atol is not None and m["max_abs_err"] <= atol) or (atol is None and m["max_ulp"] <= max_ulp)))
         if not ok:
             _write(path.with_suffix(".safetensors.obtained"), tensor)
-            detail = m.get("shape_mismatch") or f"max_abs {m['max_abs_err']:.3g}, max_ulp {m['max_ulp']}"
+            detail = m.get("shape_mismatch") or (f"dtype {m['dtype_mismatch']}" if "dtype_mismatch" in m else
+                                                 f"max_abs {m['max_abs_err']:.3g}, max_ulp {m['max_ulp']}")
             pytest.fail(f"golden {name} ({path}) differs: {detail} (tolerance: "
                         + (f"atol {atol}" if atol is not None else f"max_ulp {max_ulp}")
                         + f"); obtained tensor written to {path.name}.obtained", pytrace=False)

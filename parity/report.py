@@ -1,0 +1,102 @@
+"""The comparison of two sides' records under one tolerance rule, and its text and JSON forms."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from parity import records as R
+from parity.metrics import compare
+
+WHERE_FIELDS = ("model", "prompt", "component", "layer", "step", "branch", "block", "stream")
+
+
+@dataclass
+class Report:
+    model: str
+    profile: str
+    reference: str
+    dtype: str
+    flags: dict[str, Any]
+    threads: int
+    max_ulp: int
+    records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sources: dict[str, Any] = field(default_factory=dict)  # what each side read (files, code fingerprints)
+
+    @property
+    def failures(self) -> list[dict]:
+        return [r for r in self.records if not r["ok"]]
+
+    @property
+    def first_divergence(self) -> dict | None:
+        """The first record, in the reference's execution order, that is not bitwise equal."""
+        return next((r for r in self.records if not r["bitwise_equal"]), None)
+
+    def add_pairs(self, impl: R.Side, ref: R.Side) -> None:
+        """Compare every record of the two sides, in the reference's execution order (``records.paired``)."""
+        for fields, got, want in R.paired(impl, ref):
+            base = {k: fields.get(k) for k in WHERE_FIELDS} | {"seq": len(self.records)}
+            if got is None or want is None:  # one side did not produce it (a different number of calls, ...)
+                self.records.append({**base, "shape": [], "dtype": "", "ok": False, "bitwise_equal": False,
+                                     "shape_mismatch": "only the reference has it" if got is None else "only impl has it"})
+                continue
+            m = compare(got, want)
+            ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and "dtype_mismatch" not in m
+                                                   and m["max_ulp"] <= self.max_ulp)
+            self.records.append({**base, "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
+                                 "ok": bool(ok), **m})
+
+    def to_json(self) -> dict:
+        fd = self.first_divergence
+        return {"model": self.model, "profile": self.profile, "reference": self.reference, "dtype": self.dtype,
+                "threads": self.threads, "flags": dict(self.flags), "tolerance": {"max_ulp": self.max_ulp},
+                "sources": self.sources, "notes": self.notes, "n_records": len(self.records),
+                "n_failed": len(self.failures),
+                "first_divergence": None if fd is None else {k: fd[k] for k in ("seq", *WHERE_FIELDS) if k in fd},
+                "records": self.records}
+
+
+def _where(r: dict) -> str:
+    """Text records: the prompt index; image records: model, step and branch."""
+    if r["component"] in ("mmdit", "sampler", "vae"):
+        step = "" if r.get("step") is None else f" s{r['step']}"
+        return f"{(r['model'] or '').removeprefix('embedded-')}{step} {r.get('branch') or ''}".rstrip()
+    return f"p{r['prompt']}"
+
+
+def _size(r: dict) -> str:
+    if r.get("shape_mismatch"):
+        return f"{'shape ' + r['shape_mismatch']:>30}"
+    return f"{r['max_abs_err']:>10.3g} {r.get('max_rel_err', 0):>9.3g} {r['max_ulp']:>8}"
+
+
+def verdict(report: Report) -> str:
+    n, bad = len(report.records), len(report.failures)
+    fd = report.first_divergence
+    lines = [f"{n} records, {n - bad} within tolerance, {bad} exceed it"]
+    if fd is None:
+        lines.append("first divergence: none (every record bitwise equal)")
+    else:
+        extra = f", dtype {fd['dtype_mismatch']}" if "dtype_mismatch" in fd else ""
+        size = (f"shape {fd['shape_mismatch']}" if fd.get("shape_mismatch") else
+                f"max_abs {fd.get('max_abs_err', float('nan')):.3g}, ulp {fd.get('max_ulp', '-')}{extra}")
+        lines.append(f"first divergence: #{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']} ({size})")
+    return "\n".join(lines)
+
+
+def format_table(report: Report, prompts: list[str]) -> str:
+    lines = [f"model {report.model}  profile {report.profile}  reference {report.reference}  dtype {report.dtype}  "
+             f"threads {report.threads}  tolerance max_ulp={report.max_ulp}", ""]
+    head = (f"{'seq':>5} {'where':<22} {'component':<12} {'layer':<36} {'shape':<16} {'max_abs':>10} {'max_rel':>9} "
+            f"{'ulp':>8}  bitwise")
+    lines += [head, "-" * len(head)]
+    for r in report.records:
+        mark = "yes" if r["bitwise_equal"] else ("no" if r["ok"] else "NO  <-- exceeds tolerance")
+        lines.append(f"{r['seq']:>5} {_where(r):<22} {r['component']:<12} {r['layer']:<36} "
+                     f"{'x'.join(map(str, r['shape'])):<16} {_size(r)}  {mark}")
+    lines.append("")
+    for name, what in report.sources.items():
+        lines.append(f"{name} read: {what}")
+    lines += [f"note: {n}" for n in report.notes]
+    lines += [f"prompt {i}: {p!r}" for i, p in enumerate(prompts)]
+    return "\n".join(lines + ["", verdict(report)])

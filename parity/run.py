@@ -1,0 +1,407 @@
+"""The one run path: a run is described once (``Spec``), validated before any work (``validate``), resolved once
+into plain impl settings, the models' files and each reference's knobs (``resolve`` -> ``Run``), executed by sides
+(``parity.sides``), and compared under one tolerance rule (``parity.report``). ``check``, ``record``, ``verify``,
+the benchmarks and the tests all go through here.
+
+Independence: each side reads the model's files with its own loader. impl parses the configs with its own readers
+and infers from shapes what a single file does not carry (the report notes each inferred value; ``--config DIR``
+or a diffusers directory beside the file overrides it); the references never see impl's config objects.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROMPTS = (
+    "a photo of a cat",
+    "wow!! amazing! so cool!!!",  # CLIP-G '!' padding (T4)
+    "(masterpiece:1.2), a (red) cat, ((blue eyes))",  # weight syntax (T2)
+)
+DTYPES = ("float32", "bfloat16", "float16")
+FAMILIES = ("sd3-medium", "sd3.5-large", "sd3.5-medium")
+REFERENCES = {"diffusers": "diffusers", "sai": "sai"}  # profile -> the reference it is checked against
+SLG_WINDOW = (0.01, 0.2)  # both references' default skip-layer window (QUIRKS G5)
+
+
+class UsageError(ValueError):
+    """Bad options or input files (exit 2)."""
+
+
+class Unsupported(ValueError):
+    """A reference (a checkout or library) or a model the harness cannot run as asked (exit 3); the message names
+    what differs."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything one run depends on, as the user gave it."""
+    model: str | None = None  # a diffusers-layout directory
+    checkpoint: str | None = None  # an SAI single file
+    config: str | None = None  # a diffusers directory holding the configs a single file lacks
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    profile: str = "diffusers"
+    overrides: tuple[tuple[str, Any], ...] = ()
+    dtype: str = "float32"
+    threads: int = 1
+    text_only: bool = False
+    families: tuple[str, ...] = ()
+    steps: int = 2
+    guidance: float = 5.0
+    seed: int = 0
+    shift: float | None = None
+    height: int = 64
+    width: int = 64
+    image: str | None = None  # img2img from this picture
+    strength: float = 0.6
+    slg: tuple[int, ...] = ()
+    sai_code: str | None = None
+    max_ulp: int = 0
+
+
+def validate(s: Spec) -> None:
+    """Every option checked before any work (no torch import, no model loaded)."""
+    from parity import flags as F
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    need(s.profile in REFERENCES, f"--profile {s.profile!r}: expected one of {', '.join(REFERENCES)}")
+    need(s.dtype in DTYPES, f"--dtype {s.dtype!r}: expected one of {', '.join(DTYPES)}")
+    need(s.threads >= 1, f"--threads {s.threads}: at least 1")
+    need(s.max_ulp >= 0, f"--max-ulp {s.max_ulp}: at least 0")
+    need(len(s.prompts) > 0, "at least one prompt")
+    need(s.steps >= 1, f"--steps {s.steps}: at least 1")
+    need(s.steps <= 1000, f"--steps {s.steps}: at most 1000 (the schedule has 1000 training timesteps)")
+    need(math.isfinite(s.guidance) and s.guidance >= 0, f"--guidance {s.guidance}: a finite value >= 0")
+    need(0 <= s.seed < 2 ** 63, f"--seed {s.seed}: between 0 and 2**63 - 1")
+    need(s.shift is None or (math.isfinite(s.shift) and s.shift > 0), f"--shift {s.shift}: a finite value > 0")
+    need(0 < s.strength <= 1, f"--strength {s.strength}: in (0, 1]")
+    for name, v in (("height", s.height), ("width", s.width)):
+        need(v > 0 and v % 16 == 0, f"--size: {name} {v} must be a positive multiple of 16 (VAE 8 x patch 2)")
+    need(all(f in FAMILIES for f in s.families), f"--family: expected {', '.join(FAMILIES)}")
+    need(not (s.families and (s.model or s.checkpoint)),
+         "--family names embedded families; with --model or --checkpoint the image side runs that model")
+    need(not (s.text_only and (s.image or s.slg or s.families)), "--text-only runs no image: drop --image/--slg/--family")
+    names = [n for n, _ in s.overrides]
+    need(len(names) == len(set(names)), f"--flag given twice: {sorted({n for n in names if names.count(n) > 1})}")
+    for name, value in s.overrides:
+        need(name in F.BY_NAME and value in F.BY_NAME[name].choices, f"--flag {name}={value!r}: not a flag value")
+    need(all(layer >= 0 for layer in s.slg), f"--slg {list(s.slg)}: layers are block indices >= 0")
+    if s.slg:
+        lo, hi = SLG_WINDOW
+        active = [k for k in range(s.steps) if s.steps * lo < k < s.steps * hi]
+        need(bool(active), f"--slg with {s.steps} steps: the skip-layer window ({lo} to {hi} of the steps, exclusive) "
+                           "holds no step; use at least 6 steps")
+    for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code)):
+        need(path is None or Path(path).is_dir(), f"{flag} {path}: not a directory")
+    for flag, path in (("--checkpoint", s.checkpoint), ("--image", s.image)):
+        need(path is None or Path(path).is_file(), f"{flag} {path}: no such file")
+
+
+# ---------------------------------------------------------------------------------------------- resolved run
+
+@dataclass(frozen=True)
+class TextModel:
+    """The files of the text comparison: tokenizers from ``directory``; encoder weights from its ``text_encoder*/``
+    folders or, when ``single_file`` is set, from that file's ``text_encoders.*`` with their configs from
+    ``config_dir`` (None: what no shape carries is inferred)."""
+    label: str
+    directory: Path
+    single_file: Path | None = None
+    config_dir: Path | None = None
+    has_t5: bool = True
+    joint_dim: int | None = None  # the width of diffusers' zero rows when T5 is absent
+
+
+@dataclass(frozen=True)
+class ImageModel:
+    """One pipeline to run: its files, impl's configs (read or inferred) and each side's sigma shift."""
+    label: str
+    directory: Path | None  # diffusers layout: configs and scheduler (and weights unless single_file)
+    single_file: Path | None  # an SAI single file: MMDiT + VAE (+ text encoders)
+    mmdit: Any  # impl.mmdit.MMDiTConfig
+    vae: Any  # impl.vae.VAEConfig
+    shift: dict[str, float]  # side -> sigma shift
+    weights_in_directory: bool = True  # False: only the single file has the weights (``--checkpoint``)
+
+
+@dataclass
+class Run:
+    spec: Spec
+    values: dict[str, Any]  # every flag's value (profile + overrides)
+    text_model: TextModel
+    models: list[ImageModel]
+    reference: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def text(self):
+        from parity import flags as F
+
+        return F.settings(self.values)
+
+    @property
+    def opts(self) -> dict:
+        from parity import flags as F
+
+        return F.image_options(self.values)
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.spec.dtype)
+
+    @property
+    def sai_code(self) -> Path | None:
+        from parity.sides.sai import code_dir
+
+        return code_dir(self.spec.sai_code)
+
+
+def _read_json(path: Path) -> dict:
+    from impl.weights import read_config
+
+    return read_config(path)
+
+
+def _config_dir(s: Spec) -> Path | None:
+    """Where a single file's missing configs come from: ``--config``, a diffusers directory beside the file
+    (``model_index.json`` in its folder), or ``--model`` when it has ``transformer/``."""
+    if s.config:
+        return Path(s.config)
+    if s.checkpoint and (Path(s.checkpoint).parent / "model_index.json").is_file():
+        return Path(s.checkpoint).parent
+    if s.model and (Path(s.model) / "transformer" / "config.json").is_file():
+        return Path(s.model)
+    return None
+
+
+def _text_model(s: Spec, notes: list[str]) -> TextModel:
+    from parity.embedded import model_dir
+
+    directory, label, single, config_dir = Path(s.model) if s.model else model_dir(), \
+        str(s.model) if s.model else "embedded-default", None, None
+    if s.checkpoint:
+        from impl.checkpoint import PREFIXES, split_text_encoders
+        from impl.weights import safetensors_keys
+
+        keys = [k[len(PREFIXES["text_encoders"]):] for k in safetensors_keys(Path(s.checkpoint))
+                if k.startswith(PREFIXES["text_encoders"])]
+        if keys:
+            present = split_text_encoders(dict.fromkeys(keys), s.checkpoint)
+            if set(present) != {"clip_l", "clip_g", "t5"}:
+                raise UsageError(f"--checkpoint {s.checkpoint}: text_encoders.* holds {sorted(present)}; a single file "
+                                 "carries all three text encoders or none")
+            config_dir = _config_dir(s)
+            tokenizers = Path(s.model) if s.model else config_dir
+            if tokenizers is None:
+                raise UsageError(f"--checkpoint {s.checkpoint}: its text encoders need the model's tokenizers, which "
+                                 "a single file does not hold: give --model DIR (or --config DIR) with tokenizer*/")
+            directory, single, label = tokenizers, Path(s.checkpoint), Path(s.checkpoint).name
+            notes.append(f"text encoders from {s.checkpoint}; tokenizers from {directory}")
+    if not (directory / "tokenizer").is_dir():
+        raise UsageError(f"{directory}: no tokenizer/ folder (the tokenizers come from the model's directory)")
+    has_t5 = single is not None or (directory / "text_encoder_3").is_dir()
+    joint_dim = None
+    if not has_t5:
+        path = directory / "transformer" / "config.json"
+        from impl.weights import config_value
+
+        joint_dim = config_value(_read_json(path), path, "joint_attention_dim") if path.is_file() else None
+        if joint_dim is None:
+            raise UsageError(f"{directory}: no text_encoder_3/ and no transformer/config.json to size diffusers' zero "
+                             "T5 rows (joint_attention_dim)")
+        notes.append(f"{directory}: no text_encoder_3/: T5 absent, {joint_dim}-wide zero rows (QUIRKS T10)")
+    return TextModel(label, directory, single, config_dir, has_t5, joint_dim)
+
+
+UNSUPPORTED_SCHEDULER = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,
+                         "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                         "stochastic_sampling": False}
+
+
+def scheduler_shift(directory: Path | None) -> float:
+    """The shift of ``scheduler/scheduler_config.json`` (diffusers' default 1.0 without one). Options of
+    FlowMatchEulerDiscreteScheduler that impl does not reproduce are refused by name."""
+    path = None if directory is None else directory / "scheduler" / "scheduler_config.json"
+    if path is None or not path.is_file():
+        return 1.0
+    cfg = _read_json(path)
+    for k, default in UNSUPPORTED_SCHEDULER.items():
+        if cfg.get(k, default) not in (default, None if default is None else default):
+            raise Unsupported(f"{path}: {k} = {cfg[k]!r} is not reproduced by impl (the SD3 schedule is a fixed "
+                              f"shift); only {k} = {default!r} is supported")
+    from impl.weights import config_value
+
+    shift = config_value(cfg, path, "shift", float, 1.0)
+    if not (math.isfinite(shift) and shift > 0):
+        raise UsageError(f"{path}: shift {shift!r} must be finite and > 0")
+    return shift
+
+
+def _image_models(s: Spec, values: dict, reference: str, notes: list[str]) -> list[ImageModel]:
+    from impl import embedded
+    from parity import flags as F
+    from parity.embedded import model_dir, single_file
+
+    def shifts(label: str, directory: Path | None) -> dict[str, float]:
+        if s.shift is not None:
+            return {"impl": s.shift, reference: s.shift}
+        rule = {"scheduler_config": scheduler_shift(directory)}
+        impl = rule.get(values["shift"]) or F.sai_config_shift(label)
+        ref = rule["scheduler_config"] if reference == "diffusers" else F.sai_config_shift(label)
+        return {"impl": impl, reference: ref}
+
+    if s.text_only:
+        return []
+    if s.checkpoint:
+        return [_checkpoint_model(Path(s.checkpoint), _config_dir(s), notes, shifts)]
+    if s.model:
+        d = Path(s.model)
+        if not ((d / "transformer").is_dir() and (d / "vae").is_dir()):
+            notes.append(f"image side not run: {d} has no transformer/ and vae/")
+            return []
+        from impl.checkpoint import match_presets
+        from impl.mmdit import MMDiTConfig
+        from impl.vae import VAEConfig
+
+        mc = MMDiTConfig.from_diffusers(_read_json(d / "transformer" / "config.json"), str(d / "transformer" / "config.json"))
+        vc = VAEConfig.from_diffusers(_read_json(d / "vae" / "config.json"), str(d / "vae" / "config.json"))
+        label = "/".join(match_presets(mc)) or d.name
+        return [ImageModel(label, d, None, mc, vc, shifts(label, d))]
+    out = []
+    for family in s.families or FAMILIES:
+        label = f"embedded-{family}"
+        d = model_dir(family)
+        out.append(ImageModel(label, d, single_file(family), embedded.MMDIT[family], embedded.VAE, shifts(label, d)))
+    return out
+
+
+def _checkpoint_model(path: Path, config_dir: Path | None, notes: list[str], shifts) -> ImageModel:
+    """impl's configs of an SAI single file: from its shapes, with the values no shape carries read from the
+    configs in ``config_dir`` (else inferred, and noted)."""
+    from impl.checkpoint import PREFIXES, infer_mmdit, infer_vae, match_presets
+    from impl.mmdit import MMDiTConfig
+    from impl.vae import VAEConfig
+    from impl.weights import read_safetensors_meta
+
+    meta = read_safetensors_meta(path)
+    parts = {p: {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)} for p, prefix in PREFIXES.items()}
+    given_m = given_v = None
+    if config_dir is not None:
+        tc, vc = config_dir / "transformer" / "config.json", config_dir / "vae" / "config.json"
+        given_m = MMDiTConfig.from_diffusers(_read_json(tc), str(tc)) if tc.is_file() else None
+        given_v = VAEConfig.from_diffusers(_read_json(vc), str(vc)) if vc.is_file() else None
+        notes.append(f"configs of {path.name} from {config_dir}")
+    mc, inferred = infer_mmdit(parts["mmdit"], f"{path} (model.diffusion_model.*)", given_m)
+    if not parts["vae"]:
+        raise UsageError(f"{path}: no first_stage_model.* (VAE) keys; the image check needs the VAE")
+    vc, inferred_v = infer_vae(parts["vae"], f"{path} (first_stage_model.*)", given_v)
+    notes.extend(inferred + inferred_v)
+    label = "/".join(match_presets(mc)) or path.name
+    return ImageModel(label, config_dir, path, mc, vc, shifts(label, config_dir), weights_in_directory=False)
+
+
+def resolve(s: Spec) -> Run:
+    """The run ``s`` describes: flag values, the models' files and configs, each side's shift; options that need
+    the models' configs (skip layers, image size) are checked here, still before any side runs."""
+    from parity import flags as F
+
+    validate(s)
+    reference = REFERENCES[s.profile]
+    notes: list[str] = []
+    values = {**F.profile_values(s.profile), **dict(s.overrides)}
+    text_model = _text_model(s, notes)
+    if not text_model.has_t5:
+        if reference == "sai":
+            raise Unsupported(f"{text_model.directory}: no text_encoder_3/; the SD3.5 code requires T5")
+        values = {**values, "t5_absent": values["t5_absent"] or "zeros", **dict(s.overrides)}
+    models = _image_models(s, values, reference, notes)
+    for m in models:
+        for layer in s.slg:
+            if layer >= m.mmdit.depth:
+                raise UsageError(f"--slg {layer}: {m.label} has {m.mmdit.depth} blocks (0..{m.mmdit.depth - 1})")
+        p, side = m.mmdit.patch, m.mmdit.pos_embed_max_size
+        for name, v in (("height", s.height), ("width", s.width)):
+            if v // 8 // p > side:
+                raise UsageError(f"--size: {name} {v} gives {v // 8 // p} patches; {m.label}'s position table "
+                                 f"holds {side} (at most {side * p * 8} pixels)")
+    if reference == "sai" and models and any(m.single_file is None for m in models):
+        raise UsageError("the SD3.5 code reads SAI single files: give the model's --checkpoint FILE "
+                         "(e.g. the repository's sd3.5_large.safetensors)")
+    return Run(s, values, text_model, models, reference, notes)
+
+
+# ---------------------------------------------------------------------------------------------- execution
+
+def read_image(path: str, height: int, width: int):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"--image {path}: not a readable image ({e})") from None
+    if arr.shape[:2] != (height, width):
+        raise UsageError(f"--image {path}: {arr.shape[0]}x{arr.shape[1]} pixels; --size is {height}x{width} "
+                         "(resize it first: the pipelines' resampling is not compared)")
+    return arr
+
+
+def execute(run: Run, side_name: str, cache: dict | None = None):
+    """One side's records of the whole run (text, then each model's image run), in its execution order. With
+    ``cache`` (a dict), a side whose inputs are unchanged is computed once (e.g. the reference of a flag sweep)."""
+    from parity import records as R
+    from parity.determinism import pinned
+    from parity.sides import make_side
+
+    side = make_side(side_name, run)
+    key = (side_name, side.key(run)) if cache is not None else None
+    if key is not None and key in cache:
+        return cache[key]
+    init = read_image(run.spec.image, run.spec.height, run.spec.width) if run.spec.image else None
+    with pinned(run.spec.threads):
+        parts = [side.text(run)] + [side.image(run, m, init) for m in run.models]
+    out = R.merge(*parts), side.sources(run)
+    if key is not None:
+        cache[key] = out
+    return out
+
+
+def compare(run: Run, impl, ref):
+    from parity.report import Report
+
+    report = Report(run.text_model.label if not run.models else ", ".join(m.label for m in run.models),
+                    run.spec.profile, run.reference, run.spec.dtype, run.values, run.spec.threads, run.spec.max_ulp,
+                    notes=list(run.notes))
+    report.add_pairs(impl[0], ref[0])
+    report.sources = {"impl": impl[1], run.reference: ref[1]}
+    if run.spec.text_only:
+        report.notes.append("image side not run (--text-only)")
+    return report
+
+
+def check(s: Spec, cache: dict | None = None):
+    """impl against the profile's reference, every record: the ``sd3parity check`` command."""
+    run = resolve(s)
+    impl = execute(run, "impl", cache)
+    try:
+        ref = execute(run, run.reference, cache)
+    except Unsupported as e:
+        inferred = [n for n in run.notes if "inferred" in n]
+        raise Unsupported(str(e) + "".join(f"\n  impl {n}" for n in inferred)) from None
+    return compare(run, impl, ref)
+
+
+def with_overrides(s: Spec, **flags) -> Spec:
+    return replace(s, overrides=tuple(sorted({**dict(s.overrides), **flags}.items())))
+
+
+def spec_json(s: Spec) -> dict:
+    return json.loads(json.dumps({k: getattr(s, k) for k in s.__dataclass_fields__}, default=list))

@@ -1,0 +1,122 @@
+"""Sides: each produces keyed records of what it can compute, on its own, from the model's files.
+
+A side has ``key(run)`` (what its records depend on, for reuse), ``text(run)``, ``image(run, model, init)`` and
+``sources(run)`` (the files and code it read, for the report). ``impl`` is the independent implementation,
+``diffusers`` diffusers + transformers, ``sai`` the Stability-AI SD3.5 code from a local checkout. A golden set is
+read by ``parity.golden``. The image records of every side are assembled the same way here (``ImageCapture``), from
+hooks on the side's own transformer and VAE and from what its sampler computes.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+from parity import layermap as LM
+from parity import naming as N
+from parity import records as R
+
+INPUTS = ("latent_in", "timestep", "context", "pooled")
+
+
+def make_side(name: str, run):
+    if name == "impl":
+        from parity.sides.impl import ImplSide
+
+        return ImplSide()
+    if name == "diffusers":
+        from parity.sides.diffusers import DiffusersSide
+
+        return DiffusersSide()
+    if name == "sai":
+        from parity.sides.sai import SaiSide
+
+        return SaiSide(run.sai_code)
+    raise ValueError(f"unknown side {name!r}")
+
+
+class ImageCapture:
+    """One side's records of one image run. ``attach`` hooks the side's transformer (its inputs per call, every
+    mapped point, its raw output) and VAE; the side's sampler adds ``sigmas`` and, per step, the guided output
+    and the new latent with ``step``. ``assemble`` attributes the calls to steps and CFG branches (a batch-1 call
+    right after a CFG batch is the skip-layer call of that step) and returns the records in execution order."""
+
+    def __init__(self, label: str, side: str, model_config, vae_config, img2img: bool):
+        c, vc = model_config, vae_config
+        self.label, self.rec = label, R.Recorder()
+        self.mmdit = {**N.points(N.mmdit_rows(c.depth, c.qk_norm, c.dual_attention_layers), side),
+                      "output": N.At("", "output")}
+        vrows = N.vae_rows(vc.ch_mult, vc.num_res_blocks)
+        self.encoder = N.vae_points(vrows, side, "encoder") if img2img else {}
+        self.decoder = N.vae_points(vrows, side, "decoder")
+        self.store: dict[str, dict] = {"mmdit": {}, "vae": {}}
+        self.calls: list = []
+        self.steps: list[dict] = []
+        self.sigmas = None
+
+    def attach(self, es: contextlib.ExitStack, model, vae, inputs: Callable, what: str, skip: dict) -> None:
+        """``inputs(args, kwargs)`` -> (latent, timestep, context, pooled) of one transformer call."""
+        N.check_coverage(self.mmdit, model, skip, what)
+        es.enter_context(LM.capture(model, self.mmdit, self.store["mmdit"], self.rec.tick))
+        es.enter_context(LM.capture(vae, {**self.encoder, **self.decoder}, self.store["vae"], self.rec.tick))
+
+        def pre(_m, args, kwargs):
+            counts = {k: len(v) for k, v in self.store["mmdit"].items()}
+            self.calls.append((self.rec.tick(), [t.detach().clone() for t in inputs(args, kwargs)], counts))
+        es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
+
+    def schedule(self, sigmas) -> None:
+        self.sigmas = (self.rec.tick(), sigmas.detach().clone())
+
+    def step(self, **tensors) -> None:
+        """The guided output (``velocity`` or ``x0``) and the ``latent`` after one step, computed now."""
+        now = self.rec.tick()
+        self.steps.append({k: (now, v.detach().clone()) for k, v in tensors.items()})
+
+    def _of_call(self, layer: str, n: int):
+        captured, calls = self.store["mmdit"].get(layer, []), self.calls
+        start = calls[n][2].get(layer, 0)
+        end = calls[n + 1][2].get(layer, 0) if n + 1 < len(calls) else len(captured)
+        return captured[start] if end > start else None  # None: a layer the call skipped (skip-layer guidance)
+
+    def assemble(self, pixels, cfg_order: tuple[str, str], step0: int) -> R.Side:
+        rec, label = self.rec, self.label
+        for layer, at in self.encoder.items():
+            t, v = self.store["vae"][layer][0]
+            rec.put(N.apply_transform(at.transform, v), at=t, model=label, component="vae", layer=layer)
+        if self.sigmas is not None:
+            rec.put(self.sigmas[1], at=self.sigmas[0], model=label, component="sampler", layer="sigmas")
+        step, prev = step0 - 1, 0
+        for n, (time, inputs, _) in enumerate(self.calls):
+            batch = inputs[0].shape[0]
+            skip = batch == 1 and prev == 2
+            step, prev = (step if skip else step + 1), batch
+            branches = list(cfg_order) if batch == 2 else (["skip"] if skip else ["cond"])
+            for b, branch in enumerate(branches):
+                where = {"model": label, "step": step, "branch": branch}
+                for i, (name, t) in enumerate(zip(INPUTS, inputs)):
+                    rec.put(t[b: b + 1], at=time, sub=8 * b + i, component="sampler", layer=f"input.{name}", **where)
+                for layer, at in self.mmdit.items():
+                    got = self._of_call(layer, n)
+                    if got is not None:
+                        rec.put(N.apply_transform(at.transform, got[1][b: b + 1]), at=got[0], sub=b,
+                                component="mmdit", layer=layer, **where)
+        for i, d in enumerate(self.steps):
+            for k, (name, (time, t)) in enumerate(d.items()):
+                rec.put(t, at=time, sub=k, model=label, component="sampler", layer=name, step=step0 + i)
+        for layer, at in self.decoder.items():
+            t, v = self.store["vae"][layer][0]
+            rec.put(N.apply_transform(at.transform, v), at=t, model=label, component="vae", layer=layer)
+        rec.put(pixels, model=label, component="vae", layer="image_uint8")
+        return rec.side()
+
+
+def text_records(rec: R.Recorder, label: str, prompt_index: int, component: str, points: dict,
+                 store: dict, ids) -> None:
+    """The records of one encoder for one prompt: its input ids and every mapped layer."""
+    where = {"model": label, "prompt": prompt_index, "component": component}
+    if ids is not None:
+        rec.put(ids[1], at=ids[0], layer="input_ids", **where)
+    for layer, at in points.items():
+        if store.get(layer):
+            t, v = store[layer][0]
+            rec.put(N.apply_transform(at.transform, v), at=t, layer=layer, **where)

@@ -1,0 +1,194 @@
+"""The diffusers / transformers side: models built by their own loaders from the model's files and run by
+diffusers' own procedure (``StableDiffusion3Pipeline.encode_prompt`` and ``__call__``, or the img2img pipeline).
+
+Loading: a diffusers directory through ``from_pretrained`` (each text encoder through transformers' own
+``from_pretrained`` for the text-only comparison); an SAI single file through diffusers' ``from_single_file`` with
+``config=`` the model's configs (``--config`` or the diffusers directory beside the file: offline, diffusers can
+take them from nowhere else). Imports of the reference libraries stay inside functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from parity import layermap as LM
+from parity import naming as N
+from parity import records as R
+from parity.determinism import own_storage
+from parity.run import Unsupported
+from parity.sides import ImageCapture, text_records
+from parity.sides.impl import text_points
+
+TEXT = (("clip-l", "text_encoder", "tokenizer"), ("clip-g", "text_encoder_2", "tokenizer_2"),
+        ("t5", "text_encoder_3", "tokenizer_3"))
+
+
+def _quiet():
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as hf_logging
+
+    for lg in (d_logging, hf_logging):
+        lg.set_verbosity_error()
+        lg.disable_progress_bar()
+
+
+def _from_single_file(cls, path: Path, config_dir: Path | None, dtype: torch.dtype, **kw):
+    if config_dir is None or not (config_dir / "model_index.json").is_file():
+        raise Unsupported(f"{path}: diffusers' from_single_file needs the model's configs, and offline it can take "
+                          "them only from a diffusers directory with model_index.json: give --config DIR (or put the "
+                          "file in its diffusers repository)")
+    try:
+        return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **kw)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise Unsupported(f"{path}: diffusers' from_single_file refused it: {str(e).splitlines()[0]}") from None
+
+
+def text_pipeline(text_model, dtype: torch.dtype):
+    """A ``StableDiffusion3Pipeline`` holding only the text parts, each loaded by its own library."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    _quiet()
+    d = text_model.directory
+    if text_model.single_file is not None:
+        pipe = _from_single_file(StableDiffusion3Pipeline, text_model.single_file, text_model.config_dir, dtype,
+                                 transformer=None, vae=None, scheduler=None)
+    else:
+        parts = {}
+        for _, sub, tok in TEXT:
+            if sub == "text_encoder_3" and not text_model.has_t5:
+                parts[sub] = parts[tok] = None  # an SD3 model without T5 (QUIRKS T10)
+                continue
+            cls = T5EncoderModel if sub == "text_encoder_3" else CLIPTextModelWithProjection
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parts[sub] = cls.from_pretrained(d / sub, dtype=dtype)
+            parts[tok] = (T5Tokenizer if tok == "tokenizer_3" else CLIPTokenizer).from_pretrained(d / tok)
+        pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **parts)
+    for _, sub, _ in TEXT:
+        if getattr(pipe, sub) is not None:
+            own_storage(getattr(pipe, sub).eval())
+    if pipe.text_encoder_3 is None:  # diffusers reads the zero rows' width from transformer.config
+        pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=text_model.joint_dim))
+    return pipe
+
+
+def image_pipeline(model, run, img2img: bool):
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    _quiet()
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    dtype = run.dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not model.weights_in_directory:
+            text = {}
+            if run.text_model.single_file is None:  # the file has no text encoders: the model directory's
+                t = text_pipeline(run.text_model, dtype)
+                text = {sub: getattr(t, sub) for _, sub, _ in TEXT} | {tok: getattr(t, tok) for _, _, tok in TEXT}
+            pipe = _from_single_file(cls, model.single_file, model.directory, dtype, **text)
+        else:
+            kw = {} if run.text_model.has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+            pipe = cls.from_pretrained(model.directory, dtype=dtype, **kw)
+    # measured: diffusers 0.42.1 without accelerate leaves SD3Transformer2DModel in float32 under dtype=bfloat16
+    # (the VAE and text encoders are cast); cast it explicitly, the same rounding a dtype-converting load does.
+    # Only it: pipe.to() would also cast the float32 T5 `wo` layers transformers keeps in float16 runs.
+    pipe.transformer.to(dtype)
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if part is not None:
+            own_storage(part.eval())
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.scheduler.config.shift != model.shift["diffusers"]:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=model.shift["diffusers"])
+    return pipe
+
+
+class DiffusersSide:
+    name = "diffusers"
+
+    def key(self, run) -> tuple:
+        s = run.spec
+        return (s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps, s.guidance,
+                s.seed, s.height, s.width, s.image, s.strength, s.slg, s.text_only,
+                run.values["t5_max_length"], tuple((m.label, m.shift["diffusers"]) for m in run.models),
+                self._text_dtype(run))
+
+    def sources(self, run) -> dict:
+        from importlib.metadata import version
+
+        files = [str(run.text_model.single_file or run.text_model.directory)]
+        files += [str(m.directory if m.weights_in_directory else m.single_file) for m in run.models]
+        return {"files": sorted(set(files)), "diffusers": version("diffusers"), "transformers": version("transformers")}
+
+    @staticmethod
+    def _text_dtype(run) -> torch.dtype:
+        return torch.float32 if run.values["encoder_dtype"] == "float32" else run.dtype
+
+    def text(self, run) -> R.Side:
+        pipe = text_pipeline(run.text_model, self._text_dtype(run))
+        encoders = {c: getattr(pipe, sub) for c, sub, _ in TEXT if getattr(pipe, sub) is not None}
+        points = {}
+        for comp, model in encoders.items():
+            layers = model.config.num_layers if comp == "t5" else model.config.num_hidden_layers
+            pts = text_points(comp, layers, "diffusers")
+            if comp == "t5" and "encoder.embed_tokens" not in dict(model.named_modules()):
+                pts = N.points(N.t5_rows(layers, ref_embed="shared"), "diffusers")  # transformers 4.x
+            N.check_coverage(pts, model, (N.T5_SKIP if comp == "t5" else N.CLIP_SKIP)["diffusers"],
+                             f"{comp} (transformers)")
+            points[comp] = pts
+        rec, label = R.Recorder(), run.text_model.label
+        for pi, prompt in enumerate(run.spec.prompts):
+            stores: dict[str, dict] = {c: {} for c in encoders}
+            ids: dict[str, tuple] = {}
+            with contextlib.ExitStack() as es:
+                for comp, model in encoders.items():
+                    es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
+
+                    def pre(_m, args, kwargs, comp=comp):
+                        t = args[0] if args else kwargs["input_ids"]
+                        ids.setdefault(comp, (rec.tick(), t[0].detach().clone()))
+                    es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
+                context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
+                                                           max_sequence_length=run.values["t5_max_length"])
+            for comp in encoders:
+                text_records(rec, label, pi, comp, points[comp], stores[comp], ids.get(comp))
+            where = {"model": label, "prompt": pi, "component": "conditioning"}
+            rec.put(context, layer="context", **where)
+            rec.put(pooled, layer="pooled", **where)
+        return rec.side()
+
+    def image(self, run, model, init) -> R.Side:
+        s = run.spec
+        pipe = image_pipeline(model, run, init is not None)
+        cap = ImageCapture(model.label, "diffusers", model.mmdit, model.vae, init is not None)
+        ref_step = pipe.scheduler.step  # wrapped to see the guided velocity and the new latent
+
+        def step(model_output, t, sample, **kw):
+            out = ref_step(model_output, t, sample, **kw)
+            cap.step(velocity=model_output, latent=out[0])
+            return out
+        pipe.scheduler.step = step
+
+        def schedule(_m, args, kwargs):  # before the first call: the sigmas the loop runs
+            if cap.sigmas is None:
+                cap.schedule(pipe.scheduler.sigmas[pipe.scheduler.begin_index or 0:])
+        kwargs = {"skip_guidance_layers": list(s.slg)} if s.slg else {}
+        if init is not None:
+            from PIL import Image
+
+            kwargs.update(image=Image.fromarray(init), strength=s.strength)
+        with contextlib.ExitStack() as es:
+            es.callback(pipe.transformer.register_forward_pre_hook(schedule, with_kwargs=True).remove)
+            cap.attach(es, pipe.transformer, pipe.vae, lambda a, k: (k["hidden_states"], k["timestep"],
+                                                                     k["encoder_hidden_states"], k["pooled_projections"]),
+                       f"{model.label} mmdit (diffusers)", N.MMDIT_SKIP["diffusers"])
+            image = pipe(s.prompts[0], negative_prompt="", height=s.height, width=s.width,
+                         num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="pil",
+                         max_sequence_length=run.values["t5_max_length"],
+                         generator=torch.Generator("cpu").manual_seed(s.seed), **kwargs).images[0]
+        return cap.assemble(torch.from_numpy(np.asarray(image).copy()), ("uncond", "cond"), s.steps - len(cap.steps))

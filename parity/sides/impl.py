@@ -1,0 +1,145 @@
+"""impl's side: the independent implementation, given plain values resolved from the run's flags."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from parity import layermap as LM
+from parity import naming as N
+from parity import records as R
+from parity.sides import ImageCapture, text_records
+
+ENCODERS = (("clip-l", "clip_l"), ("clip-g", "clip_g"), ("t5", "t5"))
+
+
+def text_points(component: str, layers: int, side: str) -> dict:
+    rows = N.t5_rows(layers) if component == "t5" else N.clip_rows(layers)
+    return N.points(rows, side)
+
+
+def load_stack(text_model, clip_l_projection: str = "file"):
+    """impl's tokenizers and encoders: the directory's folders, or the single file's ``text_encoders.*`` with
+    the values no shape carries read from the directory's configs when it has them."""
+    from impl.text import TextStack, load_text_stack
+
+    if text_model.single_file is None:
+        return load_text_stack(text_model.directory), []
+    from impl.checkpoint import PREFIXES, load_text_encoders
+    from impl.clip import ClipConfig
+    from impl.clip_tokenizer import BPEVocab
+    from impl.t5 import T5Config
+    from impl.t5_tokenizer import SentencePieceModel
+    from impl.weights import read_config, read_safetensors
+
+    d, c = text_model.directory, text_model.config_dir
+    given = {}
+    for name, sub, cls in (("clip_l", "text_encoder", ClipConfig), ("clip_g", "text_encoder_2", ClipConfig),
+                           ("t5", "text_encoder_3", T5Config)):
+        path = None if c is None else c / sub / "config.json"
+        if path is not None and path.is_file():
+            given[name] = cls.from_hf(read_config(path), str(path))
+    prefix = PREFIXES["text_encoders"]
+    state = {k[len(prefix):]: v for k, v in read_safetensors(text_model.single_file).items() if k.startswith(prefix)}
+    enc, _, notes = load_text_encoders(state, str(text_model.single_file), given, clip_l_projection)
+    stack = TextStack(BPEVocab.from_dir(d / "tokenizer"), SentencePieceModel.load(d / "tokenizer_3" / "spiece.model"),
+                      enc["clip_l"], enc["clip_g"], enc["t5"])
+    return stack, notes
+
+
+def load_image_parts(model, opts: dict):
+    """impl's MMDiT and VAE: an SAI single file by identity (impl uses its key names), else a diffusers directory
+    through the naming table's weight rules."""
+    from impl.mmdit import MMDiT
+    from impl.vae import VAE
+    from impl.weights import load_strict, read_weights_dir
+
+    mmdit, vae = MMDiT(model.mmdit, opts["mmdit"]), VAE(model.vae, opts["vae_attention"])
+    if model.single_file is not None:
+        from impl.checkpoint import read_sai_checkpoint
+
+        parts = read_sai_checkpoint(model.single_file)
+        load_strict(mmdit, parts["mmdit"], f"{model.single_file} (model.diffusion_model.*)")
+        load_strict(vae, parts["vae"], f"{model.single_file} (first_stage_model.*)")
+    else:
+        from parity.convert import diffusers_to_sai
+
+        d: Path = model.directory
+        load_strict(mmdit, diffusers_to_sai(read_weights_dir(d / "transformer"), model.mmdit, str(d / "transformer")),
+                    str(d / "transformer"))
+        load_strict(vae, diffusers_to_sai(read_weights_dir(d / "vae"), model.vae, str(d / "vae")), str(d / "vae"))
+    return mmdit.eval(), vae.eval()
+
+
+class ImplSide:
+    name = "impl"
+
+    def __init__(self):
+        self._stack = None
+        self._notes: list[str] = []
+
+    def key(self, run) -> tuple:
+        return (repr(run.spec), tuple(sorted(run.values.items(), key=str)))
+
+    def stack(self, run):
+        if self._stack is None:
+            self._stack, self._notes = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
+            run.notes.extend(self._notes)
+        return self._stack
+
+    def sources(self, run) -> dict:
+        files = [str(run.text_model.single_file or run.text_model.directory)]
+        files += [str(m.single_file or m.directory) for m in run.models]
+        return {"files": sorted(set(files))}
+
+    def text(self, run) -> R.Side:
+        from impl.text import encode_prompt
+
+        stack, settings, label = self.stack(run), run.text, run.text_model.label
+        out_dtype = settings.encoder_dtype or run.dtype
+        models = {comp: stack.encoder(attr, out_dtype) for comp, attr in ENCODERS}
+        models = {c: m for c, m in models.items() if m is not None and not (c == "t5" and settings.t5_absent)}
+        rec = R.Recorder()
+        for pi, prompt in enumerate(run.spec.prompts):
+            stores: dict[str, dict] = {c: {} for c in models}
+            points = {c: text_points(c, m.config.layers, "impl") for c, m in models.items()}
+            ids: dict[str, tuple] = {}
+            with contextlib.ExitStack() as es:
+                for comp, model in models.items():
+                    es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
+
+                    def pre(_m, args, kwargs, comp=comp):
+                        ids.setdefault(comp, (rec.tick(), (args[0] if args else kwargs["ids"])[0].detach().clone()))
+                    es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
+                cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim)
+            for comp in models:
+                text_records(rec, label, pi, comp, points[comp], stores[comp], ids.get(comp))
+            where = {"model": label, "prompt": pi, "component": "conditioning"}
+            rec.put(cond.context, layer="context", **where)
+            rec.put(cond.pooled, layer="pooled", **where)
+        return rec.side()
+
+    def image(self, run, model, init) -> R.Side:
+        from impl import sampling
+        from impl.pipeline import PipelineSettings, generate
+
+        s, opts = run.spec, run.opts
+        form = opts["form"]
+        stack = self.stack(run)
+        mmdit, vae = load_image_parts(model, opts)
+        ss = sampling.SamplerSettings(steps=s.steps, shift=model.shift["impl"], guidance=s.guidance, dtype=run.dtype,
+                                      slg_layers=s.slg, form=form)
+        ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
+                              uint8=opts["uint8"], autocast=opts["autocast"])
+        image, start = None, 0
+        if init is not None:  # the layout of each reference's preprocessing (S7)
+            to_tensor = sampling.image_to_tensor if form.img2img == "diffusers" else sampling.sai_image_to_tensor
+            image, start = to_tensor(init), sampling.start_index(ss, s.strength)
+        cap = ImageCapture(model.label, "impl", model.mmdit, model.vae, init is not None)
+        with contextlib.ExitStack() as es:
+            cap.attach(es, mmdit, vae, lambda a, k: (a[0], a[1], a[3], a[2]), f"{model.label} mmdit (impl)",
+                       N.MMDIT_SKIP["impl"])
+            cap.schedule(sampling.sigmas(ss)[start:])
+            result = generate(stack, mmdit, vae, s.prompts[0], ps, run.text, "", image,
+                              on_step=lambda i, d: cap.step(**{form.cfg_space: d[form.cfg_space], "latent": d["latent"]}))
+        order = ("uncond", "cond") if form.cfg_batch == "uncond_first" else ("cond", "uncond")
+        return cap.assemble(result.image, order, start)
