@@ -304,6 +304,10 @@ class MMDiT(nn.Module):
         for i, block in enumerate(self.joint_blocks):
             if i not in skip_layers:
                 ctx, tokens = block(ctx, tokens, c, self.options)
-        out = self.final_layer(tokens, c, cast)  # (B, N, p*p*C)
-        out = out.reshape(b, h, w, p, p, self.config.out_channels)
+        return self.unpatchify(self.final_layer(tokens, c, cast), height, width)
+
+    def unpatchify(self, out: Tensor, height: int, width: int) -> Tensor:
+        """(B, N, p*p*C) patch tokens -> (B, C, H, W) latents."""
+        p, b = self.config.patch, out.shape[0]
+        out = out.reshape(b, height // p, width // p, p, p, self.config.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, self.config.out_channels, height, width)

@@ -234,7 +234,7 @@ def denoise(model: Model, latent: Tensor, cond: Conditioning, uncond: Conditioni
         if cfg:
             first, second = out.chunk(2)
             pos, neg = (second, first) if f.cfg_batch == "uncond_first" else (first, second)
-            guided = neg + (pos - neg) * s.guidance
+            guided = guide(neg, pos, s.guidance)
             if s.slg_layers and s.steps * s.slg_start < i - start < s.steps * s.slg_stop:
                 guided = guided + (pos - call(x, cond.pooled, cond.context, s.slg_layers)) * scale
         x, old = _update(f.update, f.cfg_space, x, guided, sig, i, sigma_t, old)
@@ -243,6 +243,11 @@ def denoise(model: Model, latent: Tensor, cond: Conditioning, uncond: Conditioni
         if on_step is not None:
             on_step(i, {"sigma": sig[i], "timestep": timestep, "model_output": out, f.cfg_space: guided, "latent": x})
     return x
+
+
+def guide(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance, in the order both references write it: uncond + (cond - uncond) * scale."""
+    return uncond + (cond - uncond) * scale
 
 
 def _update(rule: str, space: str, x: Tensor, guided: Tensor, sig: Tensor, i: int, sigma_t: Tensor,

@@ -16,9 +16,11 @@ point leaves the previous set verifiable.
     0  every record matches
     10 impl changed            impl differs; the reference (when installed) still matches
     11 reference changed       the installed reference differs while impl matches; the version drift is named
-    12 environment changed     impl (and the reference) differ and threads, device, dtype, torch or the CPU differ;
-                               with the reference installed, impl still agrees with it live on this machine
+    12 environment changed     impl (and the reference) differ and threads, device, dtype, torch or the model
+                               files differ
     13 impl and reference both changed in the recorded environment
+    14 recorded on another CPU, nothing else changed: the bits may differ (CPU kernels round per processor); with the
+       reference installed, impl still agrees with it live on this machine
     20 golden damaged: a stored tensor does not match its recorded sha256 (e.g. a flipped byte)
     21 golden damaged: the tensor file is missing, truncated or unreadable
     22 golden damaged: manifest.json is missing
@@ -46,7 +48,7 @@ SCHEMA = "sd3-parity-golden"
 SCHEMA_VERSION = 2  # 2: settings are a run.Spec, records carry their execution order (seq)
 FULL_LIMIT = 512
 SAMPLES = 64
-EXIT = {"ok": 0, "impl": 10, "reference": 11, "environment": 12, "both": 13, "tensor_damaged": 20,
+EXIT = {"ok": 0, "impl": 10, "reference": 11, "environment": 12, "both": 13, "other_cpu": 14, "tensor_damaged": 20,
         "tensor_file": 21, "manifest_missing": 22, "manifest_malformed": 23, "newer_schema": 24}
 VERSIONED = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "numpy")
 REFERENCE_PACKAGES = ("diffusers", "transformers", "tokenizers")
@@ -206,8 +208,13 @@ def sides(s, with_reference: bool, sai_code: str | None = None):
     from parity.run import execute, resolve
     from parity.sides.sai import code_dir
 
-    if s.profile == "sai":
-        s = replace(s, sai_code=sai_code or s.sai_code)
+    if s.profile == "sai":  # --sai-code, else $SD3PARITY_SAI_CODE, else the checkout it was recorded with
+        import os
+
+        from parity.sides.sai import ENV
+
+        recorded = s.sai_code if s.sai_code and Path(s.sai_code).is_dir() else None
+        s = replace(s, sai_code=sai_code or os.environ.get(ENV) or recorded)
         if with_reference and code_dir(s.sai_code) is None:
             with_reference = False
     run = resolve(s)
@@ -408,6 +415,8 @@ def verify(d: Path, threads: int | None = None, with_reference: bool | None = No
                                                                              "recorded agrees"))
         if live:
             kind = "both" if drift else "impl"
+    if kind == "environment" and set(env_diff) == {"cpu"}:
+        kind = "other_cpu"
     return Verdict(d.name, kind, lines)
 
 

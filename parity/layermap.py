@@ -35,9 +35,14 @@ def capture(model: nn.Module, where: dict[str, At], store: dict[str, list], cloc
     modules = dict(model.named_modules())
     handles = []
     for name, at in where.items():
-        def hook(_m, args, out, name=name, reads=at.reads):
-            store.setdefault(name, []).append((clock(), read(reads, args, out).detach().clone()))
-        handles.append(modules[at.module].register_forward_hook(hook))
+        if at.reads.startswith("input"):  # read when the module is called: that is when the value exists
+            def pre(_m, args, name=name, reads=at.reads):
+                store.setdefault(name, []).append((clock(), read(reads, args, None).detach().clone()))
+            handles.append(modules[at.module].register_forward_pre_hook(pre))
+        else:
+            def hook(_m, args, out, name=name, reads=at.reads):
+                store.setdefault(name, []).append((clock(), read(reads, args, out).detach().clone()))
+            handles.append(modules[at.module].register_forward_hook(hook))
     try:
         yield store
     finally:

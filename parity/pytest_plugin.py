@@ -6,7 +6,8 @@
 
 Goldens live in ``<golden_root>/<test file stem>/<test name>/<tensor name>.safetensors`` (ini option
 ``golden_root``, default ``tests/goldens``). A mismatch fails the test and writes ``<golden>.obtained`` beside it
-(a missing golden too). ``--golden-update`` rewrites the goldens from what the tests produce and still fails each
+(a missing golden too). Each golden records the CPU it was written on: CPU kernels round differently per
+processor, so on another CPU the check is skipped with both named. ``--golden-update`` rewrites the goldens from what the tests produce and still fails each
 test that changed one, so an update is never silent. After the session, goldens of tests that ran but were not
 checked, and goldens of tests that no longer exist in a collected file, fail the run.
 """
@@ -36,11 +37,20 @@ def _write(path: Path, tensor: torch.Tensor) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        save_file({"tensor": torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach().cpu())}, tmp)
+        save_file({"tensor": torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach().cpu())}, tmp,
+                  metadata={"cpu": _cpu()})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _cpu() -> str:
+    import json
+
+    from parity.golden import cpu
+
+    return json.dumps(cpu(), sort_keys=True)
 
 
 def _safe(name: str) -> str:
@@ -73,6 +83,13 @@ class Golden:
             _write(path.with_suffix(".safetensors.obtained"), tensor)
             pytest.fail(f"golden {path} does not exist; the tensor was written to {path.name}.obtained "
                         "(run with --golden-update to accept it)", pytrace=False)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            recorded_on = (f.metadata() or {}).get("cpu")
+        if recorded_on is not None and recorded_on != _cpu():
+            pytest.skip(f"golden {name} was recorded on another CPU ({recorded_on}; this one: {_cpu()}): CPU kernels "
+                        "round differently per processor, so bitwise goldens hold on the recording CPU only")
         want = load_file(str(path))["tensor"]
         m = compare(tensor.detach().cpu(), want)
         ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and "dtype_mismatch" not in m and (

@@ -127,6 +127,7 @@ class ImageModel:
     vae: Any  # impl.vae.VAEConfig
     shift: dict[str, float]  # side -> sigma shift
     weights_in_directory: bool = True  # False: only the single file has the weights (``--checkpoint``)
+    family: str | None = None  # an embedded family: impl checks the files' tensors against the committed sha256
 
 
 @dataclass
@@ -278,7 +279,8 @@ def _image_models(s: Spec, values: dict, reference: str, notes: list[str]) -> li
     for family in s.families or FAMILIES:
         label = f"embedded-{family}"
         d = model_dir(family)
-        out.append(ImageModel(label, d, single_file(family), embedded.MMDIT[family], embedded.VAE, shifts(label, d)))
+        out.append(ImageModel(label, d, single_file(family), embedded.MMDIT[family], embedded.VAE, shifts(label, d),
+                              family=family))
     return out
 
 

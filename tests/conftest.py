@@ -34,3 +34,25 @@ def openai_tokenizer():
     mod = importlib.util.module_from_spec(s)
     s.loader.exec_module(mod)
     return mod.SimpleTokenizer()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# the SD3.5 code: $SD3PARITY_SAI_CODE, else the verbatim checkout beside the repository (../shared/references/sd3.5)
+SAI_CODE = os.environ.get("SD3PARITY_SAI_CODE") or str(ROOT.parent / "shared" / "references" / "sd3.5")
+needs_sai = pytest.mark.skipif(not (Path(SAI_CODE) / "sd3_infer.py").is_file(),
+                               reason=f"no SD3.5 code at {SAI_CODE} (set SD3PARITY_SAI_CODE)")
+
+
+@pytest.fixture(scope="session")
+def ref_cache():
+    """Reference sides computed once per session and compared with many impl variants (``run.execute``)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizers(model_dir):
+    """transformers' own tokenizers of the embedded default: CLIP-L, CLIP-G, T5."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    return (CLIPTokenizer.from_pretrained(model_dir / "tokenizer"), CLIPTokenizer.from_pretrained(model_dir / "tokenizer_2"),
+            T5Tokenizer.from_pretrained(model_dir / "tokenizer_3"))

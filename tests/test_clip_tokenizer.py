@@ -23,10 +23,8 @@ CLASSES = ["！", "it’s", "salt &amp; pepper", "ΟΔΟΣ", "\u0345", "<|endoft
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir):
-    from parity.reference import load_tokenizers
-
-    return load_tokenizers(model_dir)
+def hf(hf_tokenizers):
+    return hf_tokenizers
 
 
 def test_vocab_files_equal_openai_table(model_dir):

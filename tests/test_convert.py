@@ -112,14 +112,16 @@ def test_check_from_an_sai_checkpoint(pipeline_dir, tmp_path, capsys):
 
     assert main(["convert", str(pipeline_dir), str(tmp_path / "m.safetensors")]) == 0
     capsys.readouterr()
-    assert main(["check", "--json", "--checkpoint", str(tmp_path / "m.safetensors"), "--prompt", "a cat"]) == 0
+    assert main(["check", "--json", "--checkpoint", str(tmp_path / "m.safetensors"), "--config", str(pipeline_dir),
+                 "--prompt", "a cat"]) == 0
     out = json.loads(capsys.readouterr().out)
     models = {r["model"] for r in out["records"] if r["component"] == "mmdit"}
-    assert models == {"checkpoint:m.safetensors"} and out["first_divergence"] is None
+    assert models == {"m.safetensors"} and out["first_divergence"] is None
     state = load_file(str(tmp_path / "m.safetensors"))
     save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, str(tmp_path / "n.safetensors"))
-    assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), "--text-only"]) == 0  # image side not run
-    assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), "--prompt", "a cat"]) == 2
+    cfg = ["--config", str(pipeline_dir)]
+    assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), *cfg, "--text-only"]) == 0  # no image side
+    assert main(["check", "--checkpoint", str(tmp_path / "n.safetensors"), *cfg, "--prompt", "a cat"]) == 2
     assert "no first_stage_model.* (VAE) keys" in capsys.readouterr().err
 
 
@@ -150,9 +152,11 @@ def test_check_checkpoint_uses_the_files_text_encoders(pipeline_dir, tmp_path, c
     key = "text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
     state[key] = state[key] * 1.5
     save_file(state, str(tmp_path / "n.safetensors"))
-    assert main(["check", "--json", "--checkpoint", str(tmp_path / "n.safetensors"), "--prompt", "a cat"]) == 0
+    assert main(["check", "--json", "--checkpoint", str(tmp_path / "n.safetensors"), "--config", str(pipeline_dir),
+                 "--prompt", "a cat"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["first_divergence"] is None and "--checkpoint text encoders: clip_l, clip_g, t5" in out["notes"]
+    assert out["first_divergence"] is None
+    assert f"text encoders from {tmp_path / 'n.safetensors'}; tokenizers from {pipeline_dir}" in out["notes"]
 
 
 def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_path):

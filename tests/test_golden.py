@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from parity import golden as G
 from parity.cli import main
@@ -28,8 +29,18 @@ def _copy(src, dst):
     return dst
 
 
+def test_record_refuses_to_replace_a_set_without_force(small, tmp_path, capsys):
+    d = _copy(small, tmp_path / "small")
+    before = (d / "manifest.json").read_bytes()
+    assert main(["record", "--golden-dir", str(tmp_path), "--prompt", "a cat", "--text-only", "--name", "small"]) == 2
+    assert "a golden set exists; --force replaces it" in capsys.readouterr().err
+    assert (d / "manifest.json").read_bytes() == before
+
+
 def test_record_then_verify(small, capsys):
     m = json.loads((small / "manifest.json").read_text())
+    assert [e["seq"] for e in m["records"]] == list(range(len(m["records"])))  # the reference's execution order
+    assert m["environment"]["cpu"]["capability"] and m["settings"]["families"] == ["sd3-medium"]
     assert m["schema_version"] == G.SCHEMA_VERSION and m["environment"]["threads"] == 1
     assert {"torch", "diffusers", "transformers", "tokenizers"} <= set(m["versions"])
     assert {e["storage"] for e in m["records"]} == {"full", "sampled"}
@@ -79,7 +90,9 @@ def _flip(path, offset):
     ("no-manifest", "manifest_missing", "manifest.json: missing"),
     ("bad-json", "manifest_malformed", "not valid JSON"),
     ("no-records", "manifest_malformed", "missing keys ['records']"),
-    ("newer", "newer_schema", "schema_version 2 is newer"),
+    ("newer", "newer_schema", f"schema_version {G.SCHEMA_VERSION + 1} is newer"),
+    ("older", "manifest_malformed", f"schema_version {G.SCHEMA_VERSION - 1} is older"),
+    ("unknown-setting", "manifest_malformed", "settings has unknown keys ['model_dir']"),
 ])
 def test_damaged_sets(small, tmp_path, damage, kind, message, capsys):
     d = _copy(small, tmp_path / "set")
@@ -100,7 +113,12 @@ def test_damaged_sets(small, tmp_path, damage, kind, message, capsys):
         manifest.write_text('{"schema": ')
     else:
         m = json.loads(manifest.read_text())
-        m.pop("records") if damage == "no-records" else m.update(schema_version=G.SCHEMA_VERSION + 1)
+        if damage == "no-records":
+            m.pop("records")
+        elif damage == "unknown-setting":
+            m["settings"]["model_dir"] = None  # schema 1's name for --model
+        else:
+            m["schema_version"] = G.SCHEMA_VERSION + (1 if damage == "newer" else -1)
         manifest.write_text(json.dumps(m))
     assert main(["verify", "--golden-dir", str(d)]) == G.EXIT[kind]
     out = capsys.readouterr()
@@ -125,7 +143,8 @@ else:  # die after the new tensor file is in place, before the manifest is repla
             os.kill(os.getpid(), signal.SIGKILL)
         return real(src, dst)
     os.replace = replace
-main(["record", "--golden-dir", sys.argv[1], "--prompt", "another prompt", "--text-only", "--name", "small"])
+main(["record", "--golden-dir", sys.argv[1], "--prompt", "another prompt", "--text-only", "--name", "small",
+      "--force"])
 """
 
 
@@ -163,3 +182,23 @@ def test_named_model_set_and_both_changed(tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", "--golden-dir", str(tmp_path / "g/m")]) == G.EXIT["both"]
     assert "component=mmdit layer=final" in capsys.readouterr().out
+
+
+def test_another_cpu_is_told_apart_from_an_impl_change(small, monkeypatch, capsys):
+    """Another processor rounds every side's kernels its own way (simulated: SDPA nudged for all, the CPU renamed):
+    exit 14, and the live comparison on this machine says impl still agrees with the reference. An impl change
+    on that machine is still exit 10."""
+    real_cpu, sdpa = G.cpu(), torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(G, "cpu", lambda: {**real_cpu, "model": "another processor"})
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa(*a, **k) * (1 + 2 ** -20))
+    assert main(["verify", "--golden-dir", str(small)]) == G.EXIT["other_cpu"]
+    out = capsys.readouterr().out
+    assert "environment: cpu" in out and "live on this machine: impl vs diffusers: every record" in out
+    from impl import clip
+
+    forward = clip.MLP.forward
+    monkeypatch.setattr(clip.MLP, "forward", lambda self, x: forward(self, x) * (1 + 2 ** -20))
+    assert main(["verify", "--golden-dir", str(small)]) == G.EXIT["impl"]
+    assert "live on this machine: impl vs diffusers: model=embedded-default prompt=0 component=clip-l" in \
+        capsys.readouterr().out

@@ -1,5 +1,7 @@
 """The committed goldens of the embedded default, verified by impl alone: this file needs no reference library
-(it is what the impl-only environment runs)."""
+(it is what the impl-only environment runs). Bitwise values hold on the CPU they were recorded on; on another one
+``verify`` must say so (exit 14, the CPU named) instead of blaming impl."""
+import json
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,10 @@ from parity import golden as G
 from parity.cli import main
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+def _recorded_here(name: str) -> bool:
+    return json.loads((GOLDEN / name / "manifest.json").read_text())["environment"]["cpu"] == G.cpu()
 
 
 def test_committed_sets_exist_and_are_small():
@@ -19,13 +25,19 @@ def test_committed_sets_exist_and_are_small():
 @pytest.mark.parametrize("name", ["embedded-diffusers-float32", "embedded-sai-float32"])
 def test_impl_matches_committed_goldens(name):
     verdict = G.verify(GOLDEN / name, with_reference=False)
-    assert verdict.kind == "ok", verdict.lines
+    if _recorded_here(name):
+        assert verdict.kind == "ok", verdict.lines
+    else:  # another processor: impl's bits may differ, and the verdict must name the CPU, not impl
+        assert verdict.kind in ("ok", "other_cpu") and (verdict.kind == "ok" or "cpu" in "".join(verdict.lines))
 
 
 def test_injected_impl_change_fails_and_names_the_layer(monkeypatch, capsys):
     from impl import vae
 
+    name = "embedded-diffusers-float32"
     forward = vae.AttnBlock.forward
     monkeypatch.setattr(vae.AttnBlock, "forward", lambda self, x: forward(self, x) * (1 + 2 ** -20))
-    assert main(["verify", "--golden-dir", str(GOLDEN / "embedded-diffusers-float32"), "--impl-only"]) == 10
-    assert "component=vae layer=decoder.mid.attn_1 (" in capsys.readouterr().out
+    want = G.EXIT["impl"] if _recorded_here(name) else G.EXIT["other_cpu"]
+    assert main(["verify", "--golden-dir", str(GOLDEN / name), "--impl-only"]) == want
+    if _recorded_here(name):
+        assert "component=vae layer=decoder.mid.attn_1 (" in capsys.readouterr().out

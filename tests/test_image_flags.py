@@ -1,46 +1,44 @@
-"""Each image-side flag flipped through `sd3parity check` on the embedded SD3.5-Medium-shaped model: where the
-first divergence from diffusers appears (or that there is none, with the reason)."""
-import json
-
+"""Each image-side flag flipped alone on the embedded SD3.5-Medium-shaped model: where the first divergence from
+diffusers appears in execution order (or that there is none, with the reason). The reference runs once per
+configuration (``ref_cache``) and is compared with every impl variant."""
 import pytest
 import torch
 
 from parity import flags as F
-from parity.cli import main
+from parity.run import Spec, check, resolve
 
 pytest.importorskip("diffusers")
 
-IMG = ["--image", "{image}", "--steps", "4"]  # img2img from a 64x64 test picture: start index 1 of 4 (strength 0.6)
-FLIPS = [  # (flag, extra arguments, first divergence (component, layer, step) or None)
-    ("attention_order=context_first", [], ("mmdit", "block.0.x.attn.proj", 0)),  # M3: the joint softmax order
-    ("qk_norm_form=native", ["--dtype", "bfloat16"], ("mmdit", "block.0.x.attn.ln_q", 0)),  # M6: half precision
-    ("qk_norm_form=native", [], None),  # M6: the same operations in float32
-    # S1/S6: step 0's update differs, so step 1's input latent is the first record that differs
-    ("sampler=sai_euler", [], ("sampler", "input.latent_in", 1)),
-    ("sampler=sai_dpmpp_2m", [], ("sampler", "input.latent_in", 1)),
-    ("schedule=sai", ["--steps", "4"], ("sampler", "input.latent_in", 1)),  # S3: sigma 1 ends both schedules' step 0
+IMG = {"image": True, "steps": 4}  # img2img from a 64x64 test picture: start index 1 of 4 (strength 0.6)
+FLIPS = [  # (flag, run options, first divergence (component, layer, step) or None)
+    ("attention_order=context_first", {}, ("mmdit", "block.0.context.attn.proj", 0)),  # M3: the joint softmax order
+    ("qk_norm_form=native", {"dtype": "bfloat16"}, ("mmdit", "block.0.x.attn.ln_q", 0)),  # M6: half precision
+    ("qk_norm_form=native", {}, None),  # M6: the same operations in float32
+    ("sampler=sai_euler", {}, ("sampler", "latent", 0)),  # S1/S6: step 0's update
+    ("sampler=sai_dpmpp_2m", {}, ("sampler", "latent", 0)),
+    ("schedule=sai", {"steps": 4}, ("sampler", "sigmas", None)),  # S3
     # G2: the batch order alone: each row's kernels are row-invariant on CPU (the branches pair by name)
-    ("cfg_batch=cond_first", [], None),
-    ("cfg_space=x0", [], ("sampler", "input.latent_in", 1)),  # G2: x0 in float32 vs the velocity
-    ("cfg_always=true", ["--guidance", "1"], ("mmdit", "patch_embed", 0)),  # G3: batch 2 vs 1 changes the conv
-    ("timestep_dtype=float16", [], ("sampler", "input.timestep", 1)),  # S4: sigma 1 -> 1000 exactly at step 0
-    ("latent_dtype=float16", [], ("sampler", "input.latent_in", 0)),  # S5: the start latent rounded to fp16
-    ("latent_dtype=float16", ["--dtype", "bfloat16"], ("sampler", "latent", 0)),  # S5: fp32 latent vs bf16
-    ("cond_dtype=float16", [], ("sampler", "input.context", 0)),  # fix_cond
-    ("noise=sai", [], ("sampler", "input.latent_in", 0)),  # N1: the fp16 noise
+    ("cfg_batch=cond_first", {}, None),
+    ("cfg_space=x0", {}, ("sampler", "x0", 0)),  # G2: impl guides x0, diffusers the velocity
+    ("cfg_always=true", {"guidance": 1.0}, ("sampler", "input.latent_in", 0)),  # G3: an uncond branch only impl runs
+    ("timestep_dtype=float16", {}, ("sampler", "input.timestep", 1)),  # S4: sigma 1 -> 1000 exactly at step 0
+    ("latent_dtype=float16", {}, ("sampler", "input.latent_in", 0)),  # S5: the start latent rounded to fp16
+    ("latent_dtype=float16", {"dtype": "bfloat16"}, ("sampler", "latent", 0)),  # S5: fp32 latent vs bf16
+    ("cond_dtype=float16", {}, ("sampler", "input.context", 0)),  # fix_cond
+    ("noise=sai", {}, ("sampler", "input.latent_in", 0)),  # N1: the fp16 noise
     ("noise=sai", IMG, ("sampler", "input.latent_in", 1)),  # N1: other posterior and noise draws
-    ("slg=sai", ["--slg", "1", "--steps", "6"], ("sampler", "input.latent_in", 2)),  # G5: scale 2.5 at step 1
+    ("slg=sai", {"slg": (1,), "steps": 6}, ("sampler", "velocity", 1)),  # G5: scale 2.5 in the step-1 window
     ("img2img=sai", IMG, ("vae", "encoder.conv_in", None)),  # S7: the contiguous input (then the start index)
-    ("shift=sai_config", ["--family", "sd3-medium"], ("sampler", "input.latent_in", 1)),  # S2: shift 1.0
-    ("autocast=cuda_fp16", [], ("mmdit", "patch_embed", 0)),  # N2: the patch conv in float16
-    ("autocast=cuda_fp16", ["--dtype", "float16"], ("mmdit", "block.0.x.attn.q", 0)),  # N2: LayerNorm in float32
+    ("shift=sai_config", {"families": ("sd3-medium",)}, ("sampler", "sigmas", None)),  # S2: shift 1.0
+    ("autocast=cuda_fp16", {}, ("mmdit", "patch_embed", 0)),  # N2: the patch conv in float16
+    ("autocast=cuda_fp16", {"dtype": "float16"}, ("mmdit", "block.0.x.attn.q", 0)),  # N2: LayerNorm in float32
     # N3: no-op while every tensor has the model dtype (against the SD3.5 code under autocast: test_sai_reference)
-    ("casts=sai", [], None),
-    ("uint8=truncate", [], ("vae", "image_uint8", None)),  # V3: only the last record
+    ("casts=sai", {}, None),
+    ("uint8=truncate", {}, ("vae", "image_uint8", None)),  # V3: only the last record
     # M4: one GEMM or three on CPU (oneDNN/MKL) gave bitwise equal q, k, v for every size tried, fp32/bf16/fp16
-    ("qkv_fusion=fused", [], None),
+    ("qkv_fusion=fused", {}, None),
     # V1b: with batch 1 the 1x1 convs and the Linear layers agree here; batch 2 differs (test_vae_bitwise)
-    ("vae_attention=conv", [], None),
+    ("vae_attention=conv", {}, None),
 ]
 
 
@@ -54,15 +52,32 @@ def image(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("flag, extra, first", FLIPS)
-def test_image_flag_flip(flag, extra, first, image, capsys):
-    extra = [a.format(image=image) for a in extra]
-    family = [] if "--family" in extra else ["--family", "sd3.5-medium"]
-    rc = main(["check", "--json", *family, "--prompt", "a cat", "--flag", flag, *extra])
-    out = json.loads(capsys.readouterr().out)
-    fd = out["first_divergence"]
-    assert rc == (0 if first is None else 1)
+def spec(options: dict, image: str, **flags) -> Spec:
+    opts = {"families": ("sd3.5-medium",), **options}
+    if opts.pop("image", False):
+        opts["image"] = image
+    return Spec(prompts=("a cat",), overrides=tuple(sorted(flags.items())), **opts)
+
+
+def impl_arguments(s: Spec) -> dict:
+    """The plain values impl receives for the image side of a run."""
+    from dataclasses import asdict
+
+    opts = resolve(s).opts
+    return {**asdict(opts["mmdit"]), **asdict(opts["form"]), "vae_attention": opts["vae_attention"],
+            "uint8": opts["uint8"], "autocast": opts["autocast"]}
+
+
+@pytest.mark.parametrize("flag, options, first", FLIPS)
+def test_image_flag_flip(flag, options, first, image, ref_cache):
+    name, value = F.parse_override(flag)
+    report = check(spec(options, image, **{name: value}), ref_cache)
+    fd = report.first_divergence
     assert (None if fd is None else (fd["component"], fd["layer"], fd.get("step"))) == first
+    if first is None:  # no divergence: the flag reached impl all the same (impl received another plain value)
+        assert impl_arguments(spec(options, image, **{name: value})) != impl_arguments(spec(options, image))
+    else:
+        assert check(spec(options, image), ref_cache).first_divergence is None  # the flag, not the settings
 
 
 def test_every_image_flag_is_flipped():

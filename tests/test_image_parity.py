@@ -7,8 +7,10 @@ from impl.mmdit import MMDiT, MMDiTOptions
 from impl.vae import VAE
 from impl.weights import WeightError, load_strict
 from parity import layermap as LM
-from parity.convert import (diffusers_config, diffusers_to_sai, diffusers_vae_config, mmdit_rules, sai_to_diffusers)
-from parity.determinism import pinned
+from parity import naming as N
+from parity.convert import diffusers_to_sai, mmdit_rules, sai_to_diffusers
+from parity.determinism import own_storage, pinned
+from parity.embedded import model_dir
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -20,29 +22,27 @@ def _inputs(c, batch=2, h=8, w=12):
 
 
 def _pair(family, options=MMDiTOptions()):
+    """impl from the generated weights; diffusers' own class from the embedded pipeline's files (its own loader)."""
     c, w = embedded.MMDIT[family], embedded.mmdit_weights(family)
     impl = MMDiT(c, options)
     load_strict(impl, w, family)
-    ref = diffusers.SD3Transformer2DModel(**{k: v for k, v in diffusers_config(c).items() if k[0] != "_"})
-    ref.load_state_dict(sai_to_diffusers(w, c), strict=True)
+    ref = own_storage(diffusers.SD3Transformer2DModel.from_pretrained(model_dir(family) / "transformer").eval())
     return c, impl, ref
 
 
 def _run(c, impl, ref, inputs):
-    pts = LM.mmdit_map(c.depth, c.qk_norm, c.dual_attention_layers)
-    LM.check_coverage(pts, impl, ref, LM.MMDIT_SKIP_IMPL, LM.MMDIT_SKIP_REF, "mmdit")
+    rows = N.mmdit_rows(c.depth, c.qk_norm, c.dual_attention_layers)
+    pi, pr = N.points(rows, "impl"), N.points(rows, "diffusers")
+    N.check_coverage(pi, impl, N.MMDIT_SKIP["impl"], "impl mmdit")
+    N.check_coverage(pr, ref, N.MMDIT_SKIP["diffusers"], "diffusers mmdit")
     si, sr = {}, {}
     x, t, y, ctx = inputs
-    with LM.capture(impl, {p.layer: (p.impl, p.impl_reads) for p in pts}, si), \
-            LM.capture(ref, {p.layer: (p.ref, p.ref_reads) for p in pts}, sr):
+    clock = iter(range(10 ** 6)).__next__
+    with LM.capture(impl, pi, si, clock), LM.capture(ref, pr, sr, clock):
         a = impl(x, t, y, ctx)
         b = ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
-    unequal = []
-    for p in pts:
-        want = LM.apply_transform(p.transform, sr[p.layer][0])
-        if not torch.equal(si[p.layer][0], want):
-            unequal.append(p.layer)
-    return a, b, unequal, len(pts)
+    unequal = [k for k in pi if not torch.equal(si[k][0][1], N.apply_transform(pr[k].transform, sr[k][0][1]))]
+    return a, b, unequal, len(pi)
 
 
 @pytest.mark.parametrize("family", list(embedded.MMDIT))
@@ -88,8 +88,7 @@ def test_size_errors():
 
 def test_vae_bitwise():
     c, w = embedded.VAE, embedded.vae_weights()
-    ref = diffusers.AutoencoderKL(**{k: v for k, v in diffusers_vae_config(c).items() if k[0] != "_"}).eval()
-    ref.load_state_dict(sai_to_diffusers(w, c), strict=True)
+    ref = own_storage(diffusers.AutoencoderKL.from_pretrained(model_dir("sd3-medium") / "vae").eval())
     g = torch.Generator().manual_seed(0)
     img, z = torch.rand(2, 3, 64, 48, generator=g) * 2 - 1, torch.randn(2, 16, 8, 6, generator=g)
     with pinned(1):
@@ -101,3 +100,18 @@ def test_vae_bitwise():
             dec, rdec = m.decode(z), ref.decode(z).sample
             assert torch.equal(mean, dist.mean) == bitwise and torch.equal(std, dist.std) == bitwise
             assert torch.equal(dec, rdec) == bitwise and (dec - rdec).abs().max() < 1e-4
+
+
+def test_naming_table_is_the_one_source_of_names():
+    """The weight rules and the layer maps come from the same rows: every mapped record module of a row with
+    parameters is the module those parameters convert from/to, on both sides."""
+    c = embedded.MMDIT["sd3.5-medium"]
+    rows = N.mmdit_rows(c.depth, c.qk_norm, c.dual_attention_layers)
+    rules = {r.sai: r for r in N.weight_rules(rows)}
+    for row in rows:
+        if row.record is not None and row.weights is not None:
+            rule = rules[f"{row.impl}.{row.leaves[0]}"]
+            assert rule.diffusers == tuple(f"{d}.{row.leaves[0]}" for d in row.diffusers.split("|"))
+    assert {r.transform for r in rules.values()} == {"copy", "split3", "swap"}
+    assert N.points(rows, "diffusers")["final.modulation"].transform == "swap_halves"  # derived from the swap rule
+    assert N.points(rows, "sai")["block.0.x.attn.q"] == N.At("joint_blocks.0.x_block.attn.qkv", "output", "third.0")

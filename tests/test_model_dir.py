@@ -9,8 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from impl.text import load_text_stack
 from impl.weights import WeightError
-from parity.check import run_check
 from parity.flags import profile_values
+from parity.run import Spec, UsageError, Unsupported, check
+
+
+def run_check(model, prompts, profile="diffusers", text_only=True):
+    return check(Spec(model=model, prompts=tuple(prompts), profile=profile, text_only=text_only))
 
 
 @pytest.fixture
@@ -40,7 +44,7 @@ def test_sharded_t5_and_legacy_clip_keys_load_and_match(copy_dir):
     cstate = load_file(str(clip / "model.safetensors"))
     cstate["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # what older transformers saved
     save_file(cstate, str(clip / "model.safetensors"))
-    _all_bitwise(run_check(str(copy_dir), ["a photo of a cat"], "diffusers", "float32", {}))
+    _all_bitwise(run_check(str(copy_dir), ["a photo of a cat"]))
 
 
 def test_model_dir_equals_embedded_default(model_dir):
@@ -54,13 +58,26 @@ def test_model_without_t5_uses_diffusers_zero_rows(copy_dir):
     shutil.rmtree(copy_dir / "text_encoder_3")
     (copy_dir / "transformer").mkdir()
     (copy_dir / "transformer" / "config.json").write_text(json.dumps({"joint_attention_dim": 96}))
-    report = run_check(str(copy_dir), ["a cat"], "diffusers", "float32", {})
+    report = run_check(str(copy_dir), ["a cat"])
     _all_bitwise(report)
     assert {r["component"] for r in report.records} == {"clip-l", "clip-g", "conditioning"}
     ctx = next(r for r in report.records if r["layer"] == "context")
     assert ctx["shape"] == [1, 77 + profile_values("diffusers")["t5_max_length"], 96]
-    with pytest.raises(ValueError, match="requires T5"):
-        run_check(str(copy_dir), ["a cat"], "sai", "float32", {})
+    with pytest.raises(Unsupported, match="requires T5"):
+        run_check(str(copy_dir), ["a cat"], "sai")
+
+
+def test_model_without_t5_passes_the_full_check(model_dir, tmp_path):
+    """diffusers runs such a pipeline with text_encoder_3=None and zero rows; so does impl (QUIRKS T10)."""
+    from parity.embedded import model_dir as pipeline
+
+    d = tmp_path / "no-t5"
+    shutil.copytree(pipeline("sd3-medium"), d)
+    shutil.rmtree(d / "text_encoder_3")
+    report = run_check(str(d), ["a cat"], text_only=False)
+    _all_bitwise(report)
+    assert {"mmdit", "sampler", "vae"} <= {r["component"] for r in report.records}
+    assert not any(r["component"] == "t5" for r in report.records)
 
 
 def _edit_json(path, **changes):

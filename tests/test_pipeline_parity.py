@@ -75,37 +75,67 @@ def test_skip_layer_guidance_and_no_cfg():
     assert all(torch.equal(a, b) for a, b in zip(latents, ref_latents))
 
 
-def test_check_command_covers_every_family_and_locates_an_injected_change(monkeypatch, capsys):
+def test_check_command_covers_every_family_in_execution_order(monkeypatch, capsys):
     import json
 
     from parity.cli import main
 
     assert main(["check", "--json", "--prompt", "a cat", "--steps", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert [r["seq"] for r in out["records"]] == list(range(out["n_records"]))
     image = [r for r in out["records"] if r["component"] in ("mmdit", "sampler", "vae")]
     assert {r["model"] for r in image} == {f"embedded-{f}" for f in embedded.MMDIT}
     for family, c in embedded.MMDIT.items():
-        mine = [r for r in image if r["model"] == f"embedded-{family}" and r["component"] == "mmdit"]
-        assert {(r["step"], r["branch"]) for r in mine} == {(s, b) for s in (0, 1) for b in ("uncond", "cond")}
-        assert {r["block"] for r in mine} == set(range(c.depth)) | {None}
-        assert {r["stream"] for r in mine} == {"image", "context", None}
+        mine = [r for r in image if r["model"] == f"embedded-{family}"]
+        steps = [r["step"] for r in mine if r["step"] is not None]
+        assert steps == sorted(steps)  # no record of step s + 1 before a record of step s
+        mmdit = [r for r in mine if r["component"] == "mmdit"]
+        assert {(r["step"], r["branch"]) for r in mmdit} == {(s, b) for s in (0, 1) for b in ("uncond", "cond")}
+        assert {r["block"] for r in mmdit} == set(range(c.depth)) | {None}
+        assert {r["stream"] for r in mmdit} == {"image", "context", None}
+        layers = [(r["step"], r["branch"], r["layer"]) for r in mine]
+        assert layers.index((0, "cond", "output")) < layers.index((0, None, "velocity")) < \
+            layers.index((0, None, "latent")) < layers.index((1, "uncond", "input.latent_in"))
     assert {r["layer"] for r in image if r["component"] == "vae"} >= {"decoder.mid.attn_1", "image_uint8"}
     assert all(r["bitwise_equal"] for r in out["records"])
 
-    weights = embedded.mmdit_weights  # one ulp in one weight of block 1's context MLP
-    def nudged(family):
-        w = weights(family)
-        t = w["joint_blocks.1.context_block.mlp.fc2.weight"]
-        t.view(torch.int32)[0, 0] += 1
-        return w
-    monkeypatch.setattr(embedded, "mmdit_weights", nudged)
-    assert main(["check", "--prompt", "a cat", "--family", "sd3.5-large"]) == 2  # the manifest catches it
-    assert "embedded mmdit-sd3.5-large weights sha256" in capsys.readouterr().err
-    monkeypatch.setattr(embedded, "verify", lambda weights: None)  # let it through to see where it diverges
+
+def test_injected_weight_change_is_located(monkeypatch, capsys):
+    """One ulp in one weight of block 1's context MLP, as impl loads it: reported there, at step 0."""
+    import json
+
+    from parity.cli import main
+    from parity.sides import impl as side
+
+    load = side.load_image_parts
+
+    def nudged(model, opts):
+        mmdit, vae = load(model, opts)
+        with torch.no_grad():
+            mmdit.joint_blocks[1].context_block.mlp.fc2.weight.view(torch.int32)[0, 0] += 1
+        return mmdit, vae
+    monkeypatch.setattr(side, "load_image_parts", nudged)
     assert main(["check", "--json", "--prompt", "a cat", "--family", "sd3.5-large"]) == 1
     fd = json.loads(capsys.readouterr().out)["first_divergence"]
-    assert fd == {"model": "embedded-sd3.5-large", "prompt": 0, "component": "mmdit", "layer": "block.1.context.mlp.fc2",
-                  "step": 0, "branch": "uncond", "block": 1, "stream": "context"}
+    assert {k: v for k, v in fd.items() if k != "seq"} == {
+        "model": "embedded-sd3.5-large", "prompt": None, "component": "mmdit", "layer": "block.1.context.mlp.fc2",
+        "step": 0, "branch": "uncond", "block": 1, "stream": "context"}
+
+
+def test_damaged_cache_is_refused(tmp_path, monkeypatch, capsys):
+    """The embedded files are built once per content hash; impl checks what it reads against the manifest."""
+    from safetensors.torch import load_file, save_file
+
+    from parity.cli import main
+    from parity.embedded import single_file
+
+    monkeypatch.setenv("SD3PARITY_CACHE", str(tmp_path))
+    f = single_file("sd3-medium")
+    state = load_file(str(f))
+    state["model.diffusion_model.final_layer.linear.bias"][0] += 1
+    save_file(state, str(f))
+    assert main(["check", "--prompt", "a cat", "--family", "sd3-medium"]) == 2
+    assert "embedded mmdit-sd3-medium weights sha256" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -236,19 +266,11 @@ def test_generate_function_matches_the_diffusers_pipelines():
 def test_shift_reaches_both_sides():
     """--shift 1.0 (the SD3.5 reference's SD3-Medium value, QUIRKS S2): with 2 steps the second timestep is
     sigma_min * 1000 = 1.0 unshifted on both sides (8.93 with shift 3), and the run stays bitwise."""
-    from parity.embedded import model_dir
-    from parity.image_check import ImageRun, image_impl_side, image_ref_side
+    from parity.run import Spec, execute, resolve
 
-    values = F.profile_values("diffusers")
-    opts = F.image_options(values)
-    model, vae = MMDiT(embedded.MMDIT["sd3-medium"], opts["mmdit"]), VAE(embedded.VAE, opts["vae_attention"])
-    load_strict(model, embedded.mmdit_weights("sd3-medium"), "tiny")
-    load_strict(vae, embedded.vae_weights(), "tiny vae")
-    with pinned(1):
-        for shift, want in ((1.0, 1.0), (3.0, 8.93)):
-            run = ImageRun(prompt="a cat", shift=shift)
-            impl = image_impl_side("m", model.eval(), vae.eval(), load_text_stack(None), F.settings(values), run, opts)
-            ref = image_ref_side("m", model_dir("sd3-medium"), model, vae, run)
-            t = [side[k][1] for side in (impl, ref) for k in side if k.endswith("|sampler|input.timestep|1|cond")]
-            assert len(t) == 2 and torch.equal(*t) and round(float(t[0]), 2) == want
-            assert all(torch.equal(impl[k][1], ref[k][1]) for k in ref)
+    for shift, want in ((1.0, 1.0), (3.0, 8.93)):
+        run = resolve(Spec(prompts=("a cat",), families=("sd3-medium",), shift=shift))
+        (impl, _), (ref, _) = execute(run, "impl"), execute(run, "diffusers")
+        t = [side[k][1] for side in (impl, ref) for k in side if k.endswith("|sampler|input.timestep|1|cond")]
+        assert len(t) == 2 and torch.equal(*t) and round(float(t[0]), 2) == want
+        assert impl.keys() == ref.keys() and all(torch.equal(impl[k][1], ref[k][1]) for k in ref)

@@ -1,89 +1,123 @@
-"""The sai profile's image side against the SD3.5 reference code, and the harness mechanics around that code.
-
-The reference is not a package: the tests that run it need ``$SD3PARITY_SAI_CODE`` naming a local checkout of
-Stability-AI/sd3.5 and are skipped without one (CI has none). The rest run everywhere.
-"""
+"""The sai profile against the Stability-AI SD3.5 code itself: its tokenizers, encoders and ``get_cond``, its
+sampling and VAE, from the checkout at ``$SD3PARITY_SAI_CODE`` or ``../shared/references/sd3.5``. The tests that
+need the code are skipped without one; the rest (harness mechanics around the code) run everywhere."""
 import json
-import os
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import SAI_CODE, needs_sai
 
 from impl import sampling as S
-from parity import sai_reference as SR
+from parity import flags as F
 from parity.cli import main
-
-CODE = os.environ.get(SR.ENV)
-needs_code = pytest.mark.skipif(not CODE, reason=f"set {SR.ENV} to a local checkout of Stability-AI/sd3.5")
-
-
-def _check(capsys, *args):
-    rc = main(["check", "--json", "--profile", "sai", "--prompt", "a cat", *args])
-    return rc, json.loads(capsys.readouterr().out)
+from parity.run import Spec, check
+from parity.sides import sai as SR
 
 
-@needs_code
-@pytest.mark.parametrize("extra", [
-    [],  # DPM-Solver++(2M), float32, all three families
-    ["--dtype", "float16"],
-    ["--dtype", "bfloat16", "--flag", "sampler=sai_euler", "--family", "sd3.5-large"],
-    ["--family", "sd3.5-medium", "--slg", "1", "--steps", "6", "--size", "48x64"],  # skip-layer calls at steps 1-2
-])
-def test_sai_profile_is_bitwise_equal_to_the_reference_code(extra, capsys):
-    rc, out = _check(capsys, *extra)
-    assert rc == 0 and out["first_divergence"] is None
-    components = {r["component"] for r in out["records"]}
-    assert {"mmdit", "sampler", "vae"} <= components and not out["n_failed"]
+def sai(cache=None, **options) -> "Report":  # noqa: F821
+    flags = options.pop("flags", {})
+    options.setdefault("prompts", ("a cat",))
+    return check(Spec(profile="sai", sai_code=SAI_CODE, overrides=tuple(sorted(flags.items())), **options), cache)
 
 
-@needs_code
-def test_sai_img2img_is_bitwise_equal_to_the_reference_code(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
     from PIL import Image
 
-    pixels = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "in.png")
-    rc, out = _check(capsys, "--family", "sd3.5-large", "--image", str(tmp_path / "in.png"), "--steps", "4")
-    assert rc == 0 and out["first_divergence"] is None
-    assert any(r["layer"].startswith("encoder.") for r in out["records"])
-    assert min(r["step"] for r in out["records"] if r["component"] == "sampler") == 1  # int(4 * (1 - 0.6))
+    path = tmp_path_factory.mktemp("sai") / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+    return str(path)
 
 
-@needs_code
-@pytest.mark.parametrize("flag, extra, first", [
-    ("attention_order=image_first", [], ("mmdit", "block.0.x.attn.proj")),  # M3
-    ("qk_norm_form=upcast", ["--dtype", "bfloat16"], ("mmdit", "block.0.x.attn.ln_q")),  # M6
-    ("uint8=round", [], ("vae", "image_uint8")),  # V3
-    ("vae_attention=linear", ["--dtype", "float16"], ("vae", "decoder.mid.attn_1")),  # V1b
-    # each sampler quirk alone, back to its diffusers value: the reference code computes the sai one
-    ("schedule=diffusers", ["--steps", "4"], ("sampler", "input.latent_in")),  # S3
-    ("cfg_space=velocity", [], ("sampler", "input.latent_in")),  # G2
-    ("cfg_always=false", ["--guidance", "1"], ("mmdit", "block.0.x.attn.proj")),  # G3: batch 1, no uncond
-    ("timestep_dtype=float32", [], ("sampler", "input.timestep")),  # S4
-    ("latent_dtype=model", [], ("sampler", "input.latent_in")),  # S5: the fp32 start latent
-    ("cond_dtype=model", [], ("sampler", "input.context")),  # fix_cond
-    ("noise=diffusers", ["--dtype", "bfloat16"], ("sampler", "input.latent_in")),  # N1: bf16 noise, then fp16
-    ("slg=diffusers", ["--slg", "1", "--steps", "6"], ("sampler", "input.latent_in")),  # G5: scale 2.8
-    ("shift=scheduler_config", ["--family", "sd3-medium"], ("sampler", "input.latent_in")),  # S2
-    ("autocast=off", [], ("mmdit", "patch_embed")),  # N2: the reference's convolution runs in float16
-    ("autocast=off", ["--dtype", "float16"], ("mmdit", "block.0.x.attn.q")),  # N2: its LayerNorm in float32
-    ("casts=diffusers", [], ("mmdit", "tokens")),  # N3: float16 patches + float32 pos_embed stay float32
+@needs_sai
+@pytest.mark.parametrize("options", [
+    {"prompts": ("a photo of a cat", "wow!! amazing! so cool!!!", "(masterpiece:1.2), a (red) cat, ((blue eyes))")},
+    {"dtype": "float16"},
+    {"dtype": "bfloat16", "flags": {"sampler": "sai_euler"}, "families": ("sd3.5-large",)},
+    {"dtype": "float16", "flags": {"sampler": "sai_euler"}, "steps": 3, "families": ("sd3-medium",)},
+    {"families": ("sd3.5-medium",), "slg": (1,), "steps": 6, "height": 48},  # skip-layer calls at step 1
+], ids=["default", "float16", "bfloat16-euler", "float16-euler-3", "slg"])
+def test_sai_profile_is_bitwise_equal_to_the_reference_code(options, ref_cache):
+    report = sai(ref_cache, **options)
+    assert report.first_divergence is None and not report.failures
+    components = {r["component"] for r in report.records}
+    assert {"clip-l", "clip-g", "t5", "conditioning", "mmdit", "sampler", "vae"} <= components
+    assert "sd3.5 code" in report.sources["sai"] and report.sources["sai"]["sd3.5 code"]["sha256"]
+
+
+@needs_sai
+def test_sai_img2img_is_bitwise_equal_to_the_reference_code(image):
+    report = sai(families=("sd3.5-large",), image=image, steps=4)
+    assert report.first_divergence is None
+    assert any(r["layer"].startswith("encoder.") for r in report.records)
+    assert min(r["step"] for r in report.records if r["component"] == "mmdit") == 1  # int(4 * (1 - 0.6))
+
+
+@needs_sai
+def test_sai_checkpoint_is_bitwise_equal_to_the_reference_code(tmp_path):
+    """A converted single file with its text encoders: impl loads it by identity, the code with its own loader."""
+    from parity.convert import diffusers_to_sai_file
+    from parity.embedded import model_dir
+
+    diffusers_to_sai_file(model_dir("sd3.5-large"), tmp_path / "m.safetensors")
+    report = sai(checkpoint=str(tmp_path / "m.safetensors"), config=str(model_dir("sd3.5-large")), dtype="float16")
+    assert report.first_divergence is None and len(report.records) > 400
+
+
+@needs_sai
+@pytest.mark.parametrize("flag, options, first", [
+    ("t5_activation=gelu_new", {}, ("t5", "block.0.layer.1.DenseReluDense.wo", None)),  # T11: transformers' GELU
+    ("attention_order=image_first", {}, ("mmdit", "block.0.context.attn.proj", 0)),  # M3
+    ("qk_norm_form=upcast", {"dtype": "bfloat16"}, ("mmdit", "block.0.context.attn.ln_q", 0)),  # M6 (context first)
+    ("uint8=round", {}, ("vae", "image_uint8", None)),  # V3
+    ("vae_attention=linear", {"dtype": "float16"}, ("vae", "decoder.mid.attn_1", None)),  # V1b
+    ("schedule=diffusers", {"steps": 4}, ("sampler", "sigmas", None)),  # S3
+    ("cfg_space=velocity", {}, ("sampler", "velocity", 0)),  # G2: the code guides x0
+    ("cfg_always=false", {"guidance": 1.0}, ("sampler", "input.latent_in", 0)),  # G3: the code still runs uncond
+    ("timestep_dtype=float32", {}, ("sampler", "input.timestep", 1)),  # S4
+    ("latent_dtype=model", {}, ("sampler", "latent", 0)),  # S5: the code's latent stays float16 until the update
+    ("cond_dtype=model", {}, ("sampler", "input.context", 0)),  # fix_cond
+    ("noise=diffusers", {"dtype": "bfloat16"}, ("sampler", "input.latent_in", 0)),  # N1: bf16 noise
+    ("slg=diffusers", {"slg": (1,), "steps": 6}, ("sampler", "x0", 1)),  # G5: scale 2.8 in the step-1 window
+    ("shift=scheduler_config", {"families": ("sd3-medium",)}, ("sampler", "sigmas", None)),  # S2
+    ("autocast=off", {}, ("mmdit", "patch_embed", 0)),  # N2: the code's convolution runs in float16
+    ("autocast=off", {"dtype": "float16"}, ("mmdit", "block.0.context.attn.q", 0)),  # N2: LayerNorm in float32
+    ("casts=diffusers", {}, ("mmdit", "tokens", 0)),  # N3: float16 patches + float32 pos_embed stay float32
 ])
-def test_sai_flag_flips_against_the_reference_code(flag, extra, first, capsys):
-    family = [] if "--family" in extra else ["--family", "sd3.5-medium"]
-    rc, out = _check(capsys, *family, "--flag", flag, *extra)
-    fd = out["first_divergence"]
-    assert rc == 1 and (fd["component"], fd["layer"]) == first
+def test_sai_flag_flips_against_the_reference_code(flag, options, first, ref_cache):
+    name, value = F.parse_override(flag)
+    options = {"families": ("sd3.5-medium",), **options}
+    report = sai(ref_cache, flags={name: value}, **options)
+    fd = report.first_divergence
+    assert fd is not None and (fd["component"], fd["layer"], fd.get("step")) == first
+    assert sai(ref_cache, **options).first_divergence is None  # the flag, not the settings
 
 
-def test_sai_profile_without_the_code_says_so(capsys, monkeypatch):
+def test_every_new_text_flag_is_flipped_against_the_code():
+    """The T5 activation is the one text-side difference between other_impls.py and transformers that changes
+    float32 numbers (the k pre-scaling multiplies by a power of two; the LayerNorm variance dtype and the float16
+    clamps only act outside float32, where the code never runs its encoders): test_t5_numerics_are_neutral."""
+    assert F.BY_NAME["t5_activation"].sai == "gelu_tanh" and F.BY_NAME["t5_activation"].diffusers == "gelu_new"
+
+
+def test_t5_numerics_are_neutral():
+    """QUIRKS T11, measured: the code scales k by sqrt(d_kv) and lets SDPA divide by it; for d_kv a power of 4
+    (16 here, 64 in T5-XXL) both are exact, so scores equal transformers' unscaled q k^T bitwise."""
+    g = torch.Generator().manual_seed(0)
+    for d in (16, 64):
+        q, k, v = (torch.randn(1, 4, 77, d, generator=g) * 3 for _ in range(3))
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+        prescaled = torch.nn.functional.scaled_dot_product_attention(q, k * (d ** 0.5), v)
+        assert torch.equal(plain, prescaled)
+
+
+def test_sai_profile_without_the_code_is_refused(monkeypatch, capsys):
     monkeypatch.delenv(SR.ENV, raising=False)
-    rc, out = _check(capsys, "--text-only")
-    assert rc == 0
-    rc, out = _check(capsys)
-    assert rc == 0 and any("--sai-code" in n for n in out["notes"])
-    assert {r["component"] for r in out["records"]} <= {"clip-l", "clip-g", "t5", "conditioning"}
+    assert main(["check", "--profile", "sai", "--prompt", "a cat", "--text-only"]) == 2
+    assert "--sai-code" in capsys.readouterr().err
 
 
 def test_sai_code_dir_must_be_a_checkout(tmp_path, capsys):
@@ -91,6 +125,32 @@ def test_sai_code_dir_must_be_a_checkout(tmp_path, capsys):
     assert main(["check", "--profile", "sai", "--sai-code", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "sd3_impls.py" in err and "mmditx.py" in err
+
+
+@needs_sai
+@pytest.mark.parametrize("edit, message", [
+    (("def do_sampling(\n        self,\n        latent,", "def do_sampling(\n        self,\n        latent,\n        extra,"),
+     r"do_sampling\(latent, extra, .*\) differs from the supported API: required parameter 'extra' unknown to the "
+     r"harness"),
+    (("class SkipLayerCFGDenoiser(", "class SomethingElse("), r"do not import: cannot import name 'SkipLayerCFGDenoiser'"),
+    (("def get_empty_latent(self, batch_size,", "def get_empty_latent(self, count,"),
+     r"get_empty_latent\(count, width, height, seed, device\) differs .*'count' unknown"),
+])
+def test_a_checkout_with_another_api_is_refused_by_name(edit, message, tmp_path, capsys):
+    """A copy of the checkout with one definition changed (the way its API moved between commits): exit 3 and a
+    message naming the function and what differs, never a traceback."""
+    code = tmp_path / "sd3.5"
+    shutil.copytree(SAI_CODE, code)
+    for name in ("sd3_infer.py", "sd3_impls.py"):
+        text = (code / name).read_text()
+        if edit[0] in text:
+            (code / name).write_text(text.replace(edit[0], edit[1], 1))
+    assert main(["check", "--profile", "sai", "--sai-code", str(code), "--prompt", "a cat", "--family", "sd3.5-medium",
+                 "--slg", "1", "--steps", "6"]) == 3
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(message, err) and "Traceback" not in err
 
 
 def test_import_stubs_fire_and_restores_modules(tmp_path):
@@ -106,14 +166,13 @@ def test_import_stubs_fire_and_restores_modules(tmp_path):
     assert sys.path == path and "sd3_infer" not in sys.modules and sys.modules.get("fire") is mods.get("fire")
 
 
-def test_hooks_pair_each_step_with_the_latent_after_it():
-    class FakeRef:
-        impls = type("impls", (), {"sample_euler": None, "sample_dpmpp_2m": None})
-
-    h = SR.Hooks(FakeRef())
-    h.steps = [{"latent_before": torch.tensor(float(i)), "x0": torch.tensor(10.0 + i)} for i in range(3)]
-    h.final = torch.tensor(3.0)
-    assert [(float(s["x0"]), float(s["latent"])) for s in h.per_step()] == [(10, 1), (11, 2), (12, 3)]
+def test_joint_width_pads_to_the_t5_width():
+    """get_cond's literal 4096 becomes the T5 width of the model, and nothing else changes."""
+    x = torch.ones(1, 2, 80)
+    with SR.joint_width(96):
+        assert torch.nn.functional.pad(x, (0, 4096 - 80)).shape == (1, 2, 96)
+        assert torch.nn.functional.pad(x, (0, 3)).shape == (1, 2, 83)
+    assert torch.nn.functional.pad(x, (0, 4096 - 80)).shape == (1, 2, 4096)
 
 
 def test_fix_cond_rounds_the_conditioning_to_float16():
@@ -155,3 +214,12 @@ def test_native_qk_norm_runs_on_the_per_token_view():
     want = plain(per_token)
     got = qk(qkv.chunk(3, dim=-1)[0].view(2, 154, 3, 64).transpose(1, 2))  # impl's q: (B, H, L, E)
     assert got.shape == (2, 3, 154, 64) and torch.equal(got.transpose(1, 2), want)
+
+
+@needs_sai
+def test_cli_check_json_is_bitwise_and_fingerprints_the_code(capsys):
+    assert main(["check", "--json", "--profile", "sai", "--sai-code", SAI_CODE, "--prompt", "a cat",
+                 "--family", "sd3-medium"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["first_divergence"] is None and out["reference"] == "sai"
+    assert len(out["sources"]["sai"]["sd3.5 code"]["sha256"]) == 64

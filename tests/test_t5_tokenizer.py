@@ -16,10 +16,8 @@ ANY = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 
 @pytest.fixture(scope="module")
-def refs(model_dir):
-    from parity.reference import load_tokenizers
-
-    return spm.SentencePieceProcessor(model_file=str(embedded.SPIECE)), load_tokenizers(model_dir)[2]
+def refs(hf_tokenizers):
+    return spm.SentencePieceProcessor(model_file=str(embedded.SPIECE)), hf_tokenizers[2]
 
 
 @given(text=st.one_of(PROMPTISH, ANY))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from parity import flags as F
-from parity.check import run_check
 from parity.cli import main
+from parity.run import Spec, check
 
 pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,9 +16,15 @@ PROMPTS = ["a photo of a cat", "wow!! amazing! so cool!!!", "(masterpiece:1.2), 
            " ".join(["cat"] * 74) + " photorealistic"]
 
 
-@pytest.mark.parametrize("profile,dtype", [("diffusers", "float32"), ("sai", "float32"), ("diffusers", "bfloat16")])
-def test_every_layer_bitwise(model_dir, profile, dtype):
-    report = run_check(None, PROMPTS, profile, dtype, {})
+def text(prompts, profile="diffusers", dtype="float32", cache=None, **flags):
+    """The text comparison of the embedded default, impl against the profile's reference."""
+    return check(Spec(prompts=tuple(prompts), profile=profile, dtype=dtype, overrides=tuple(sorted(flags.items())),
+                      text_only=True), cache)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_layer_bitwise(model_dir, dtype):
+    report = text(PROMPTS, "diffusers", dtype)
     comps = {r["component"] for r in report.records}
     assert comps == {"clip-l", "clip-g", "t5", "conditioning"}
     layers = {r["layer"] for r in report.records if r["component"] == "clip-g"}
@@ -26,24 +32,19 @@ def test_every_layer_bitwise(model_dir, profile, dtype):
     assert report.first_divergence is None, report.first_divergence
 
 
-def test_injected_change_is_caught_and_located(model_dir):
-    """A one-ulp change in one weight must show up as the first divergence at that layer."""
-    import impl.text as T
+def test_injected_change_is_caught_and_located(model_dir, monkeypatch):
+    """A one-ulp change in one layer's output must show up as the first divergence at that layer."""
+    from parity.sides import impl as side
 
-    orig = T.load_text_stack
+    load = side.load_stack
 
-    def patched(d=None):
-        s = orig(d)
-        with torch.no_grad():
-            p = s.clip_g.text_model.encoder.layers[2].mlp.fc1.weight
-            p[0, 0] = torch.nextafter(p[0, 0], torch.tensor(10.0))
-        return s
-
-    T.load_text_stack = patched
-    try:
-        report = run_check(None, ["a photo of a cat"], "diffusers", "float32", {})
-    finally:
-        T.load_text_stack = orig
+    def faulty(*a):
+        stack, notes = load(*a)
+        fc1 = stack.clip_g.text_model.encoder.layers[2].mlp.fc1
+        fc1.register_forward_hook(lambda m, args, out: torch.nextafter(out, torch.full_like(out, 10.0)))
+        return stack, notes
+    monkeypatch.setattr(side, "load_stack", faulty)
+    report = text(["a photo of a cat"])
     fd = report.first_divergence
     assert (fd["component"], fd["layer"]) == ("clip-g", "layers.2.mlp.fc1")
     assert len(report.failures) > 0
@@ -59,17 +60,20 @@ FLIPS = [
     ("t5_length_rule", "sai", "a cat", "t5", "input_ids"),
     ("t5_mask", True, "a cat", "t5", "block.0.layer.0.SelfAttention.o"),  # q/k/v equal; the mask acts inside
     ("t5_attention", "eager", "a cat", "t5", "block.0.layer.0.SelfAttention.o"),  # transformers 4.x's kernel
+    ("t5_activation", "gelu_tanh", "a cat", "t5", "block.0.layer.1.DenseReluDense.wo"),  # the SD3.5 code's GELU
     ("clip_l_pooled_projected", False, "a cat", "conditioning", "pooled"),
-    ("encoder_dtype", "float32", "a cat", "conditioning", "context"),
+    ("encoder_dtype", "float32", "a cat", "clip-l", "token_embedding"),  # float32 vs the pipeline's bfloat16
 ]
 
 
 @pytest.mark.parametrize("name,value,prompt,component,layer", FLIPS)
-def test_flag_flip_changes_output(model_dir, name, value, prompt, component, layer):
+def test_flag_flip_changes_output(model_dir, ref_cache, name, value, prompt, component, layer):
+    """impl with one flag flipped against diffusers (computed once per prompt and dtype: ``ref_cache``)."""
     dtype = "bfloat16" if name == "encoder_dtype" else "float32"
-    report = run_check(None, [prompt], "diffusers", dtype, {name: value})
+    report = text([prompt], "diffusers", dtype, ref_cache, **{name: value})
     fd = report.first_divergence
     assert fd is not None and (fd["component"], fd["layer"]) == (component, layer)
+    assert text([prompt], "diffusers", dtype, ref_cache).first_divergence is None  # the flag, not the prompt
 
 
 def test_every_flag_is_flipped_or_has_a_reason():
@@ -77,7 +81,8 @@ def test_every_flag_is_flipped_or_has_a_reason():
     # clip_pool: argmax == first EOS for every CLIP vocabulary id (EOS 49407 is the largest), tested on raw ids below
     # t5_absent: changes the context length, tested below
     # t5_max_length: a diffusers argument both sides receive, tested on impl below
-    assert untested == {"clip_pool", "t5_absent", "t5_max_length"}
+    # single_file_clip_l_projection: acts only on single files (test_independence)
+    assert untested == {"clip_pool", "t5_absent", "t5_max_length", "single_file_clip_l_projection"}
 
 
 def test_t5_padding_length_changes_real_token_states_without_mask(stack):
@@ -138,7 +143,7 @@ def test_cli_json_and_exit_codes(model_dir, capsys):
     rec = out["records"][0]
     assert {"component", "layer", "shape", "dtype", "max_abs_err", "max_ulp", "bitwise_equal"} <= set(rec)
     assert main(["check", "--prompt", "a cat", "--flag", "clip_l_pad=0", "--text-only"]) == 1
-    assert "first divergence: p0 clip-l input_ids" in capsys.readouterr().out
+    assert "first divergence: #0 p0 clip-l input_ids" in capsys.readouterr().out
     assert main(["check", "--flag", "nope=1"]) == 2
 
 

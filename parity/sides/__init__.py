@@ -110,13 +110,30 @@ class ImageCapture:
         return rec.side()
 
 
-def text_records(rec: R.Recorder, label: str, prompt_index: int, component: str, points: dict,
-                 store: dict, ids) -> None:
-    """The records of one encoder for one prompt: its input ids and every mapped layer."""
-    where = {"model": label, "prompt": prompt_index, "component": component}
-    if ids is not None:
-        rec.put(ids[1], at=ids[0], layer="input_ids", **where)
-    for layer, at in points.items():
-        if store.get(layer):
-            t, v = store[layer][0]
-            rec.put(N.apply_transform(at.transform, v), at=t, layer=layer, **where)
+def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callable, first_arg: str) -> R.Side:
+    """One side's text records: per prompt, each encoder's input ids (the first argument of its call, or keyword
+    ``first_arg``) and every mapped layer, then the context and pooled tensors ``encode(prompt)`` returns."""
+    rec = R.Recorder()
+    for pi, prompt in enumerate(prompts):
+        stores: dict[str, dict] = {c: {} for c in encoders}
+        ids: dict[str, tuple] = {}
+        with contextlib.ExitStack() as es:
+            for comp, model in encoders.items():
+                es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
+
+                def pre(_m, args, kwargs, comp=comp):
+                    ids.setdefault(comp, (rec.tick(), (args[0] if args else kwargs[first_arg])[0].detach().clone()))
+                es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
+            context, pooled = encode(prompt)
+        for comp in encoders:
+            where = {"model": label, "prompt": pi, "component": comp}
+            if comp in ids:
+                rec.put(ids[comp][1], at=ids[comp][0], layer="input_ids", **where)
+            for layer, at in points[comp].items():
+                if stores[comp].get(layer):
+                    t, v = stores[comp][layer][0]
+                    rec.put(N.apply_transform(at.transform, v), at=t, layer=layer, **where)
+        where = {"model": label, "prompt": pi, "component": "conditioning"}
+        rec.put(context, layer="context", **where)
+        rec.put(pooled, layer="pooled", **where)
+    return rec.side()

@@ -16,12 +16,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from parity import layermap as LM
 from parity import naming as N
 from parity import records as R
 from parity.determinism import own_storage
 from parity.run import Unsupported
-from parity.sides import ImageCapture, text_records
+from parity.sides import ImageCapture, text_side
 from parity.sides.impl import text_points
 
 TEXT = (("clip-l", "text_encoder", "tokenizer"), ("clip-g", "text_encoder_2", "tokenizer_2"),
@@ -50,10 +49,10 @@ def _from_single_file(cls, path: Path, config_dir: Path | None, dtype: torch.dty
 
 def text_pipeline(text_model, dtype: torch.dtype):
     """A ``StableDiffusion3Pipeline`` holding only the text parts, each loaded by its own library."""
+    _quiet()
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-    _quiet()
     d = text_model.directory
     if text_model.single_file is not None:
         pipe = _from_single_file(StableDiffusion3Pipeline, text_model.single_file, text_model.config_dir, dtype,
@@ -79,9 +78,9 @@ def text_pipeline(text_model, dtype: torch.dtype):
 
 
 def image_pipeline(model, run, img2img: bool):
+    _quiet()
     from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
-    _quiet()
     cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
     dtype = run.dtype
     with warnings.catch_warnings():
@@ -116,7 +115,7 @@ class DiffusersSide:
         return (s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps, s.guidance,
                 s.seed, s.height, s.width, s.image, s.strength, s.slg, s.text_only,
                 run.values["t5_max_length"], tuple((m.label, m.shift["diffusers"]) for m in run.models),
-                self._text_dtype(run))
+                run.dtype)
 
     def sources(self, run) -> dict:
         from importlib.metadata import version
@@ -125,12 +124,8 @@ class DiffusersSide:
         files += [str(m.directory if m.weights_in_directory else m.single_file) for m in run.models]
         return {"files": sorted(set(files)), "diffusers": version("diffusers"), "transformers": version("transformers")}
 
-    @staticmethod
-    def _text_dtype(run) -> torch.dtype:
-        return torch.float32 if run.values["encoder_dtype"] == "float32" else run.dtype
-
     def text(self, run) -> R.Side:
-        pipe = text_pipeline(run.text_model, self._text_dtype(run))
+        pipe = text_pipeline(run.text_model, run.dtype)
         encoders = {c: getattr(pipe, sub) for c, sub, _ in TEXT if getattr(pipe, sub) is not None}
         points = {}
         for comp, model in encoders.items():
@@ -141,26 +136,12 @@ class DiffusersSide:
             N.check_coverage(pts, model, (N.T5_SKIP if comp == "t5" else N.CLIP_SKIP)["diffusers"],
                              f"{comp} (transformers)")
             points[comp] = pts
-        rec, label = R.Recorder(), run.text_model.label
-        for pi, prompt in enumerate(run.spec.prompts):
-            stores: dict[str, dict] = {c: {} for c in encoders}
-            ids: dict[str, tuple] = {}
-            with contextlib.ExitStack() as es:
-                for comp, model in encoders.items():
-                    es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
 
-                    def pre(_m, args, kwargs, comp=comp):
-                        t = args[0] if args else kwargs["input_ids"]
-                        ids.setdefault(comp, (rec.tick(), t[0].detach().clone()))
-                    es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
-                context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
-                                                           max_sequence_length=run.values["t5_max_length"])
-            for comp in encoders:
-                text_records(rec, label, pi, comp, points[comp], stores[comp], ids.get(comp))
-            where = {"model": label, "prompt": pi, "component": "conditioning"}
-            rec.put(context, layer="context", **where)
-            rec.put(pooled, layer="pooled", **where)
-        return rec.side()
+        def encode(prompt):
+            context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
+                                                       max_sequence_length=run.values["t5_max_length"])
+            return context, pooled
+        return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "input_ids")
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec

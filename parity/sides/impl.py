@@ -4,10 +4,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from parity import layermap as LM
 from parity import naming as N
 from parity import records as R
-from parity.sides import ImageCapture, text_records
+from parity.sides import ImageCapture, text_side
 
 ENCODERS = (("clip-l", "clip_l"), ("clip-g", "clip_g"), ("t5", "t5"))
 
@@ -58,6 +57,10 @@ def load_image_parts(model, opts: dict):
         from impl.checkpoint import read_sai_checkpoint
 
         parts = read_sai_checkpoint(model.single_file)
+        if model.family is not None:  # the cached embedded file holds what the committed manifest says
+            from impl import embedded
+
+            embedded.verify({f"mmdit-{model.family}": parts["mmdit"], "vae": parts["vae"]})
         load_strict(mmdit, parts["mmdit"], f"{model.single_file} (model.diffusion_model.*)")
         load_strict(vae, parts["vae"], f"{model.single_file} (first_stage_model.*)")
     else:
@@ -83,6 +86,10 @@ class ImplSide:
     def stack(self, run):
         if self._stack is None:
             self._stack, self._notes = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
+            if run.text_model.label == "embedded-default":  # the cached files hold what the manifest says
+                from impl import embedded
+
+                embedded.verify({k: getattr(self._stack, k).state_dict() for k in ("clip_l", "clip_g", "t5")})
             run.notes.extend(self._notes)
         return self._stack
 
@@ -94,29 +101,16 @@ class ImplSide:
     def text(self, run) -> R.Side:
         from impl.text import encode_prompt
 
-        stack, settings, label = self.stack(run), run.text, run.text_model.label
+        stack, settings = self.stack(run), run.text
         out_dtype = settings.encoder_dtype or run.dtype
         models = {comp: stack.encoder(attr, out_dtype) for comp, attr in ENCODERS}
         models = {c: m for c, m in models.items() if m is not None and not (c == "t5" and settings.t5_absent)}
-        rec = R.Recorder()
-        for pi, prompt in enumerate(run.spec.prompts):
-            stores: dict[str, dict] = {c: {} for c in models}
-            points = {c: text_points(c, m.config.layers, "impl") for c, m in models.items()}
-            ids: dict[str, tuple] = {}
-            with contextlib.ExitStack() as es:
-                for comp, model in models.items():
-                    es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
+        points = {c: text_points(c, m.config.layers, "impl") for c, m in models.items()}
 
-                    def pre(_m, args, kwargs, comp=comp):
-                        ids.setdefault(comp, (rec.tick(), (args[0] if args else kwargs["ids"])[0].detach().clone()))
-                    es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
-                cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim)
-            for comp in models:
-                text_records(rec, label, pi, comp, points[comp], stores[comp], ids.get(comp))
-            where = {"model": label, "prompt": pi, "component": "conditioning"}
-            rec.put(cond.context, layer="context", **where)
-            rec.put(cond.pooled, layer="pooled", **where)
-        return rec.side()
+        def encode(prompt):
+            cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim)
+            return cond.context, cond.pooled
+        return text_side(run.text_model.label, run.spec.prompts, models, points, encode, "ids")
 
     def image(self, run, model, init) -> R.Side:
         from impl import sampling

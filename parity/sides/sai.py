@@ -61,12 +61,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from parity import layermap as LM
 from parity import naming as N
 from parity import records as R
 from parity.determinism import own_storage
 from parity.run import Unsupported, UsageError
-from parity.sides import ImageCapture, text_records
+from parity.sides import ImageCapture, text_side
 
 ENV = "SD3PARITY_SAI_CODE"
 FILES = ("sd3_infer.py", "sd3_impls.py", "mmditx.py", "other_impls.py")
@@ -132,9 +131,11 @@ def imported(d: Path):
                 import other_impls
                 import sd3_impls
                 import sd3_infer
-        except ImportError as e:
+        except ModuleNotFoundError as e:
             raise Unsupported(f"--sai-code {d}: importing the reference failed: {e} (it needs einops, pillow, tqdm, "
                               "transformers: pip install -e '.[sai]')") from None
+        except ImportError as e:
+            raise Unsupported(f"--sai-code {d}: the checkout's modules do not import: {e}") from None
         for mod in (sd3_infer, sd3_impls, other_impls):
             if Path(mod.__file__).resolve().parent != d.resolve():
                 raise Unsupported(f"--sai-code {d}: {mod.__name__} was imported from {mod.__file__}")
@@ -184,7 +185,7 @@ def check_api(ref: Reference, slg: bool, dual: bool) -> None:
                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         missing = sorted(NEEDED_ARGS.get(name, set()) - set(params))
         if unknown or missing:
-            raise Unsupported(f"--sai-code {where}: {name}{inspect.signature(fn)} differs from the supported API: "
+            raise Unsupported(f"--sai-code {where}: {name}({', '.join(params)}) differs from the supported API: "
                               + ", ".join([f"required parameter {n!r} unknown to the harness" for n in unknown]
                                           + [f"no parameter {n!r}" for n in missing]))
     if slg:
@@ -300,20 +301,25 @@ def get_cond(inferencer, prompt: str):
 def load_into(ref: Reference, f, module, prefix: str, dtype, skippable: dict, source: str) -> None:
     """The reference's ``load_into``, then checks it does not make itself: every parameter and buffer filled from
     the file with the shape the module was built with, and every key under ``prefix`` used (or known harmless)."""
-    shapes = {n: tuple(t.shape) for n, t in (*module.named_parameters(), *module.named_buffers())}
+    names = [n for n, _ in (*module.named_parameters(), *module.named_buffers())]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         ref.infer.load_into(f, module, prefix, "cpu", dtype)
     own_storage(module)
-    keys = {k[len(prefix):] for k in f.keys() if k.startswith(prefix)}
-    bad_shape = [line for line in out.getvalue().splitlines() if "shape mismatch" in line]
-    unfilled = sorted(n for n in shapes if n not in keys and n != "model_sampling.sigmas")
-    unused = sorted(k for k in keys if k not in shapes and not any(re.fullmatch(p, k) for p in skippable))
-    if bad_shape or unfilled or unused:
-        raise Unsupported(f"{source}: the SD3.5 code's modules do not match the file: "
-                          + "; ".join(x for x in (f"mis-shaped {bad_shape[:3]}" if bad_shape else "",
-                                                  f"not filled by the file {unfilled[:6]}" if unfilled else "",
-                                                  f"no module for {unused[:6]}" if unused else "") if x))
+    check_loaded(names, {k[len(prefix):] for k in f.keys() if k.startswith(prefix)}, out.getvalue(), skippable,
+                 ("model_sampling.sigmas",), f"{source}: the SD3.5 code's modules do not match the file")
+
+
+def check_loaded(names: list[str], keys: set[str], log: str, skippable: dict, exempt: tuple, what: str) -> None:
+    """After ``load_into``: every parameter filled (``exempt``: those the code sets itself), none re-shaped (it
+    prints a warning and loads anyway), and every key of the file used or known harmless (``skippable``)."""
+    shapes = [line for line in log.splitlines() if "shape mismatch" in line]
+    unfilled = sorted(n for n in names if n not in keys and n not in exempt)
+    unused = sorted(k for k in keys if k not in names and not any(re.fullmatch(p, k) for p in skippable))
+    if shapes or unfilled or unused:
+        raise Unsupported(f"{what}: " + "; ".join(x for x in (f"mis-shaped {shapes[:3]}" if shapes else "",
+                                                              f"not filled {unfilled[:6]}" if unfilled else "",
+                                                              f"no module for {unused[:6]}" if unused else "") if x))
 
 
 def _vae_dims(f, prefix: str) -> dict:
@@ -487,7 +493,10 @@ def load_text(ref: Reference, text_model, tmp: Path, notes: list[str]):
         finally:
             setattr(ref.infer, constant, released)
         own_storage(obj.model)
-        _check_text_load(obj.model.transformer, folder / f"{name}.safetensors", out.getvalue(), wrapper)
+        module, path = obj.model.transformer, folder / f"{name}.safetensors"
+        check_loaded([n for n, _ in (*module.named_parameters(), *module.named_buffers())], set(_keys(path)),
+                     out.getvalue(), SKIPPED_TEXT_KEYS, ("text_projection.weight",),
+                     f"{path}: the SD3.5 code's {wrapper} does not match the file")
         setattr(inferencer, {"clip-l": "clip_l", "clip-g": "clip_g", "t5": "t5xxl"}[comp], obj)
     return inferencer
 
@@ -501,19 +510,6 @@ def _check_t5(cfg: dict, path: Path) -> None:
     for k, v in (("relative_attention_num_buckets", 32), ("relative_attention_max_distance", 128)):
         if cfg.get(k, v) != v:
             raise Unsupported(f"{path}: {k} {cfg[k]} but the SD3.5 code's T5 fixes {v}")
-
-
-def _check_text_load(module, path: Path, log: str, wrapper: str) -> None:
-    keys = set(_keys(path))
-    shapes = [line for line in log.splitlines() if "shape mismatch" in line]
-    names = [n for n, _ in (*module.named_parameters(), *module.named_buffers())]
-    unfilled = sorted(n for n in names if n not in keys and n != "text_projection.weight")
-    unused = sorted(k for k in keys if k not in names and not any(re.fullmatch(p, k) for p in SKIPPED_TEXT_KEYS))
-    if shapes or unfilled or unused:
-        raise Unsupported(f"{path}: the SD3.5 code's {wrapper} does not match the file: "
-                          + "; ".join(x for x in (f"mis-shaped {shapes[:3]}" if shapes else "",
-                                                  f"not filled {unfilled[:6]}" if unfilled else "",
-                                                  f"no module for {unused[:6]}" if unused else "") if x))
 
 
 # ---------------------------------------------------------------------------------------------- the side
@@ -555,7 +551,6 @@ class SaiSide:
             yield ref, Path(tmp)
 
     def text(self, run) -> R.Side:
-        rec, label = R.Recorder(), run.text_model.label
         with self._reference(run) as (ref, tmp):
             inferencer = load_text(ref, run.text_model, tmp, run.notes)
             encoders = {"clip-l": inferencer.clip_l.model.transformer, "clip-g": inferencer.clip_g.model.transformer,
@@ -566,23 +561,8 @@ class SaiSide:
                 points[comp] = N.points(N.t5_rows(layers) if comp == "t5" else N.clip_rows(layers), "sai")
                 N.check_coverage(points[comp], model, (N.T5_SKIP if comp == "t5" else N.CLIP_SKIP)["sai"],
                                  f"{comp} (SD3.5 code)")
-            for pi, prompt in enumerate(run.spec.prompts):
-                stores: dict[str, dict] = {c: {} for c in encoders}
-                ids: dict[str, tuple] = {}
-                with contextlib.ExitStack() as es:
-                    for comp, model in encoders.items():
-                        es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
-
-                        def pre(_m, args, kwargs, comp=comp):
-                            ids.setdefault(comp, (rec.tick(), args[0][0].detach().clone()))
-                        es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
-                    context, pooled = get_cond(inferencer, prompt)
-                for comp in encoders:
-                    text_records(rec, label, pi, comp, points[comp], stores[comp], ids.get(comp))
-                where = {"model": label, "prompt": pi, "component": "conditioning"}
-                rec.put(context, layer="context", **where)
-                rec.put(pooled, layer="pooled", **where)
-        return rec.side()
+            return text_side(run.text_model.label, run.spec.prompts, encoders, points,
+                             lambda prompt: get_cond(inferencer, prompt), "tokens")
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
