@@ -77,7 +77,7 @@ class MMDiTOptions:
     attention_order: str = "image_first"  # "image_first" (diffusers) or "context_first" (SD3.5 reference)
     qkv: str = "split"  # "split" (diffusers) or "fused" (SD3.5 reference)
     qk_norm: str = "upcast"  # "upcast" (diffusers) or "native" (SD3.5 reference)
-    casts: str = "diffusers"  # the explicit dtype casts of "diffusers" or of the "sai" code (QUIRKS N3)
+    casts: str = "cast_back"  # N3: diffusers' explicit casts back to the input dtype, or "promote" (the SD3.5 code)
 
     def __post_init__(self):
         if self.attention_order not in ("image_first", "context_first"):
@@ -86,8 +86,8 @@ class MMDiTOptions:
             raise ValueError(f"qkv {self.qkv!r}: expected 'split' or 'fused'")
         if self.qk_norm not in ("upcast", "native"):
             raise ValueError(f"qk_norm {self.qk_norm!r}: expected 'upcast' or 'native'")
-        if self.casts not in ("diffusers", "sai"):
-            raise ValueError(f"casts {self.casts!r}: expected 'diffusers' or 'sai'")
+        if self.casts not in ("cast_back", "promote"):
+            raise ValueError(f"casts {self.casts!r}: expected 'cast_back' or 'promote'")
 
 
 class QKNorm(RMSNorm):
@@ -199,7 +199,7 @@ class JointBlock(nn.Module):
         self.x_block = DismantledBlock(c, dual=dual, norm_form=norm_form)
 
     def forward(self, context: Tensor, x: Tensor, c: Tensor, opt: MMDiTOptions) -> tuple[Tensor | None, Tensor]:
-        cast = opt.casts == "diffusers"
+        cast = opt.casts == "cast_back"
         x_in, x_second, x_mods = self.x_block.pre(x, c)
         ctx_in, _, ctx_mods = self.context_block.pre(context, c, cast)
         xq, xk, xv = self.x_block.attn.project(x_in, opt.qkv)
@@ -294,7 +294,7 @@ class MMDiT(nn.Module):
         self.check_size(height, width)
         p = self.config.patch
         h, w = height // p, width // p
-        cast = self.options.casts == "diffusers"  # diffusers casts back where the SD3.5 code lets dtypes promote
+        cast = self.options.casts == "cast_back"  # diffusers casts back where the SD3.5 code lets dtypes promote
         patches = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
         tokens = patches + self.cropped_pos_embed(h, w)
         tokens = self.tokens((tokens.to(patches.dtype) if cast else tokens).contiguous())

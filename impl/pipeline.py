@@ -1,7 +1,7 @@
 """txt2img / img2img: text encoders, sampler and VAE tied together, every knob an argument.
 
 With ``sampling.Form()`` and ``uint8="round"`` this is ``StableDiffusion3Pipeline`` /
-``StableDiffusion3Img2ImgPipeline`` (bitwise on CPU, see ``tests/test_pipeline_parity.py``); with ``sampling.SAI``
+``StableDiffusion3Img2ImgPipeline`` (bitwise on CPU, see ``tests/test_pipeline_parity.py``); with the SD3.5 code's
 and ``uint8="truncate"`` it is the SD3.5 reference's ``sd3_infer`` procedure (pass the matching ``TextSettings``
 and ``MMDiTOptions`` / VAE attention for its text side and op orders). Randomness comes from ``seed``; the SAI
 img2img posterior, which the reference draws unseeded, can be given as ``posterior_noise``.

@@ -1,12 +1,13 @@
 """Flow-matching sampling as pure functions: sigma schedules, the noise and start latent, and one denoising loop
 (CFG, skip-layer guidance, Euler and DPM-Solver++(2M) updates). Randomness comes in as tensors or seeds.
 
-Each quirk between the two references is one field of ``Form``, so any one can be switched alone:
+Each quirk between the two references is one field of ``Form`` with plain values, so any one can be switched
+alone (``parity.flags`` maps each reference's choice to them):
 
-* diffusers (``Form()``): ``FlowMatchEulerDiscreteScheduler`` schedule and step, CFG on the velocity with the batch
-  [uncond, cond] and only when guidance > 1, the latent back in the model dtype after every step, skip-layer
-  guidance added to the velocity (QUIRKS S3, S5, S6, G2, G3, G5);
-* SD3.5 reference (``SAI``, from ``sd3_impls`` / ``sd3_infer``): float32 torch schedule, k-diffusion Euler and
+* ``Form()`` is diffusers' ``StableDiffusion3Pipeline``: ``FlowMatchEulerDiscreteScheduler`` schedule and step, CFG
+  on the velocity with the batch [uncond, cond] and only when guidance > 1, the latent back in the model dtype after
+  every step, skip-layer guidance added to the velocity (QUIRKS S3, S5, S6, G2, G3, G5);
+* the SD3.5 reference (``sd3_impls`` / ``sd3_infer``) is a float32 torch schedule, k-diffusion Euler and
   DPM-Solver++(2M) on x0 predictions, CFG on x0 with the batch [cond, uncond] at any guidance, the float16 latent
   whose dtype rounds every timestep (S4) until the first update makes it float32 (S5), ``fix_cond``'s float16
   conditioning, the img2img start index (S7), skip-layer guidance on the CFG'd x0 (G5), and the truncating uint8
@@ -106,9 +107,9 @@ def to_uint8(image: Tensor) -> Tensor:
 @dataclass(frozen=True, kw_only=True)
 class Form:
     """How the loop computes, one field per quirk, each independent of the others. The defaults are diffusers'
-    ``StableDiffusion3Pipeline``; ``SAI`` holds the SD3.5 reference's values (``sd3_infer`` / ``sd3_impls``)."""
-    schedule: str = "diffusers"  # S3: "diffusers" (numpy float64 linspace) or "sai" (torch float32)
-    update: str = "diffusers_euler"  # S1/S6: x + dt * v, or "sai_euler" (k-diffusion, on x0) or "sai_dpmpp_2m"
+    ``StableDiffusion3Pipeline``."""
+    schedule: str = "linspace_f64"  # S3: numpy float64 linspace (diffusers) or "linspace_f32": torch float32
+    update: str = "euler_velocity"  # S1/S6: x + dt * v, "euler_x0" (k-diffusion: d = (x - x0) / sigma) or "dpmpp_2m"
     cfg_batch: str = "uncond_first"  # G2: the order of the CFG batch, "uncond_first" or "cond_first"
     cfg_space: str = "velocity"  # G2: guide the model output in its dtype, or "x0" = x - v * sigma in float32
     cfg_always: bool = False  # G3: run the two-branch batch even at guidance <= 1
@@ -116,17 +117,16 @@ class Form:
     latent_dtype: torch.dtype | None = None  # S5: None: the model dtype after every step; else the start
     #                                          latent's dtype, then whatever the update promotes it to
     cond_dtype: torch.dtype | None = None  # sd3_infer.fix_cond: context and pooled rounded through float16
-    slg: str = "diffusers"  # G5: default scale 2.8 ("diffusers") or 2.5 ("sai"); the term is added in cfg_space
-    noise: str = "diffusers"  # N1: "diffusers" (one generator, model dtype) or "sai" (float32 draw, to float16)
-    img2img: str = "diffusers"  # S7: start index and the noising of the start latent
+    slg_scale: float = 2.8  # G5: the skip-layer guidance scale (2.5 in the SD3.5 code); added in cfg_space
+    noise: str = "model_dtype"  # N1: one generator, randn in the model dtype, the img2img posterior drawn first;
+    #                             "fp32_to_fp16": a float32 randn cast to float16, the posterior from seed + 1
+    img2img: str = "scale_noise"  # S7: t_start = int(N - N * strength), sigma in the latent dtype, channels-last
+    #                               image; "noise_scaling": sigmas[int(N * (1 - strength)):], float32 sigma, contiguous
 
 
-SAI = Form(schedule="sai", update="sai_dpmpp_2m", cfg_batch="cond_first", cfg_space="x0", cfg_always=True,
-           timestep_dtype=torch.float16, latent_dtype=torch.float16, cond_dtype=torch.float16, slg="sai",
-           noise="sai", img2img="sai")
-_CHOICES = {"schedule": ("diffusers", "sai"), "update": ("diffusers_euler", "sai_euler", "sai_dpmpp_2m"),
-            "cfg_batch": ("uncond_first", "cond_first"), "cfg_space": ("velocity", "x0"), "slg": ("diffusers", "sai"),
-            "noise": ("diffusers", "sai"), "img2img": ("diffusers", "sai")}
+_CHOICES = {"schedule": ("linspace_f64", "linspace_f32"), "update": ("euler_velocity", "euler_x0", "dpmpp_2m"),
+            "cfg_batch": ("uncond_first", "cond_first"), "cfg_space": ("velocity", "x0"),
+            "noise": ("model_dtype", "fp32_to_fp16"), "img2img": ("scale_noise", "noise_scaling")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,12 +151,12 @@ class SamplerSettings:
 
 def sigmas(s: SamplerSettings) -> Tensor:
     """The (steps + 1,) float32 sigmas, ending in 0, of the form's schedule (S3)."""
-    return diffusers_schedule(s.steps, s.shift)[0] if s.form.schedule == "diffusers" else sai_schedule(s.steps, s.shift)
+    return diffusers_schedule(s.steps, s.shift)[0] if s.form.schedule == "linspace_f64" else sai_schedule(s.steps, s.shift)
 
 
 def start_index(s: SamplerSettings, strength: float) -> int:
     """img2img: the first schedule index run (S7)."""
-    f = diffusers_start_index if s.form.img2img == "diffusers" else sai_start_index
+    f = diffusers_start_index if s.form.img2img == "scale_noise" else sai_start_index
     start = f(s.steps, strength)
     if start >= s.steps:
         raise ValueError(f"strength {strength} leaves no denoising step out of {s.steps}")
@@ -165,12 +165,13 @@ def start_index(s: SamplerSettings, strength: float) -> int:
 
 def draws(s: SamplerSettings, seed: int, shape: tuple[int, ...], posterior: tuple[int, ...] | None = None
           ) -> tuple[Tensor, Tensor | None]:
-    """(noise, img2img posterior noise) from ``seed`` (N1). diffusers: one CPU generator, ``randn`` in the model
-    dtype, the posterior drawn first (``prepare_latents``). sai: ``get_noise``, a float32 ``randn`` from
-    ``torch.manual_seed(seed)`` cast to the reference's float16 latent; its posterior is an unseeded
-    ``randn_like``, drawn here in float32 from ``seed + 1`` (what the harness seeds the reference with)."""
+    """(noise, img2img posterior noise) from ``seed`` (N1). ``model_dtype`` (diffusers): one CPU generator,
+    ``randn`` in the model dtype, the posterior drawn first (``prepare_latents``). ``fp32_to_fp16`` (the SD3.5
+    code's ``get_noise``): a float32 ``randn`` from ``torch.manual_seed(seed)`` cast to the float16 latent; the
+    code's posterior is an unseeded ``randn_like``, drawn here in float32 from ``seed + 1`` (what the harness
+    seeds the code with)."""
     g = torch.Generator("cpu").manual_seed(seed)
-    if s.form.noise == "diffusers":
+    if s.form.noise == "model_dtype":
         first = None if posterior is None else torch.randn(posterior, dtype=s.dtype, generator=g)
         return torch.randn(shape, dtype=s.dtype, generator=g), first
     noise = torch.randn(shape, dtype=torch.float32, generator=g).to(torch.float16)
@@ -180,17 +181,17 @@ def draws(s: SamplerSettings, seed: int, shape: tuple[int, ...], posterior: tupl
 
 
 def start_latent(s: SamplerSettings, noise: Tensor, base: Tensor | None, start: int = 0) -> Tensor:
-    """The latent the loop starts from, in the start dtype (S5). txt2img (``base`` None): the noise; the sai noise
-    form mixes it with ``get_empty_latent``'s constant 0.0609 (at sigma 1, which leaves the noise). img2img:
+    """The latent the loop starts from, in the start dtype (S5). txt2img (``base`` None): the noise; the
+    ``fp32_to_fp16`` form mixes it with an empty latent (0.0609) at sigma 1, which leaves the noise. img2img:
     sigma * noise + (1 - sigma) * base at the start index, with sigma cast to the latent dtype (diffusers'
     ``scale_noise``) or in float32 (the reference's ``noise_scaling``) (S7)."""
     dtype = s.form.latent_dtype or s.dtype
     if base is None:
-        if s.form.noise == "diffusers":
+        if s.form.noise == "model_dtype":
             return noise.to(dtype)
         base = torch.ones(noise.shape) * 0.0609
     sigma = sigmas(s)[start]
-    if s.form.img2img == "diffusers":
+    if s.form.img2img == "scale_noise":
         sigma = sigma.to(dtype)
     return sigma * noise.to(dtype) + (1.0 - sigma) * base.to(dtype)
 
@@ -207,7 +208,7 @@ Model = Callable[..., Tensor]  # (x, t, y, context, skip_layers=()) -> velocity
 def denoise(model: Model, latent: Tensor, cond: Conditioning, uncond: Conditioning, s: SamplerSettings,
             start: int = 0, on_step: Callable[[int, dict], None] | None = None) -> Tensor:
     """The denoising loop from schedule index ``start`` on ``latent`` (``start_latent``); returns the last latent.
-    With ``Form()`` it is diffusers' pipeline loop, with ``SAI`` the reference's ``do_sampling`` (its samplers
+    With ``Form()`` it is diffusers' pipeline loop, with the SD3.5 code's values its ``do_sampling`` (its samplers
     and ``CFGDenoiser`` / ``SkipLayerCFGDenoiser``). ``on_step(i, d)`` sees step ``i``'s sigma, timestep,
     model output, guided output (``velocity`` or ``x0``, by the CFG space) and new latent."""
     f = s.form
@@ -218,7 +219,7 @@ def denoise(model: Model, latent: Tensor, cond: Conditioning, uncond: Conditioni
     pair = (uncond, cond) if f.cfg_batch == "uncond_first" else (cond, uncond)
     context = torch.cat([c.context for c in pair]) if cfg else cond.context
     pooled = torch.cat([c.pooled for c in pair]) if cfg else cond.pooled
-    scale = s.slg_scale if s.slg_scale is not None else (2.8 if f.slg == "diffusers" else 2.5)
+    scale = s.slg_scale if s.slg_scale is not None else f.slg_scale
     x, old = latent, None
     for i in range(start, s.steps):
         sigma_t = sig[i].to(f.timestep_dtype)  # S4: the reference's sigma * s_in in the start latent's dtype
@@ -253,11 +254,11 @@ def guide(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
 def _update(rule: str, space: str, x: Tensor, guided: Tensor, sig: Tensor, i: int, sigma_t: Tensor,
             old: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """One step of the update rule from the guided output (converted when it is in the other space)."""
-    if rule == "diffusers_euler":  # diffusers' FlowMatchEulerDiscreteScheduler.step, on the velocity
+    if rule == "euler_velocity":  # diffusers' FlowMatchEulerDiscreteScheduler.step, on the velocity
         v = guided if space == "velocity" else (x - guided) / sig[i]
         return x.to(torch.float32) + (sig[i + 1] - sig[i]) * v, None
     x0 = guided if space == "x0" else x - guided.float() * sigma_t
-    if rule == "sai_euler":  # sd3_impls.sample_euler: d = (x - x0) / sigma
+    if rule == "euler_x0":  # sd3_impls.sample_euler: d = (x - x0) / sigma
         return x + (x - x0) / sig[i] * (sig[i + 1] - sig[i]), x0
     t, t_next = -sig[i].log(), -sig[i + 1].log()  # sd3_impls.sample_dpmpp_2m, in t = -log(sigma)
     h = t_next - t

@@ -26,9 +26,9 @@ class TextSettings:
     clip_g_mode: str = "hf-bang-pad"
     clip_l_pad: int = 49407
     clip_g_pad: int = 0
-    sai_wordwise: bool = False  # weight parser + word-wise tokenization + 77-slot chunking, chunk 0 only (T1-T3)
+    wordwise: bool = False  # weight parser + word-wise tokenization + 77-slot chunking, chunk 0 only (T1-T3)
     t5_mode: str = "hf"
-    t5_length_rule: str = "max_length"  # "max_length": pad/truncate to t5_max_length; "sai": 226 chars, >= 77
+    t5_length_rule: str = "max_length"  # pad/truncate to t5_max_length; "chars226_min77": 226 chars, >= 77 tokens
     t5_max_length: int = 256
     t5_mask: bool = False  # pass the padding mask to T5 (no reference does: T9)
     t5_attention: str = "sdpa"  # "sdpa" (transformers 5) or "eager" (transformers 4.x)
@@ -95,11 +95,11 @@ def t5_ids(stack: TextStack, prompt: str, s: TextSettings) -> list[int]:
     tok = stack.t5_tokenizer(s.t5_mode)
     if s.t5_length_rule == "max_length":
         return tok.pad_to(tok.encode(prompt), s.t5_max_length).ids
-    if s.t5_length_rule == "sai":
+    if s.t5_length_rule == "chars226_min77":
         return sai_tokenize.sai_tokenize(prompt[:SAI_T5_CHARS], tok.encode, start=None, end=tok.eos_id,
                                          pad=tok.pad_id, max_length=99999999, min_length=SAI_T5_MIN,
-                                         pad_to_max_length=False, parse_weights=s.sai_wordwise)[0]
-    raise ValueError(f"unknown T5 length rule {s.t5_length_rule!r}; expected 'max_length' or 'sai'")
+                                         pad_to_max_length=False, parse_weights=s.wordwise)[0]
+    raise ValueError(f"unknown T5 length rule {s.t5_length_rule!r}; expected 'max_length' or 'chars226_min77'")
 
 
 @dataclass
@@ -127,8 +127,8 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
                   joint_dim: int | None = None) -> Conditioning:
     """Run the three encoders on one prompt; outputs are cast to ``dtype`` (the pipeline dtype)."""
     ids = {
-        "clip-l": clip_ids(stack, prompt, s.clip_l_mode, s.clip_l_pad, s.sai_wordwise),
-        "clip-g": clip_ids(stack, prompt, s.clip_g_mode, s.clip_g_pad, s.sai_wordwise),
+        "clip-l": clip_ids(stack, prompt, s.clip_l_mode, s.clip_l_pad, s.wordwise),
+        "clip-g": clip_ids(stack, prompt, s.clip_g_mode, s.clip_g_pad, s.wordwise),
     }
     run_dtype = s.encoder_dtype or dtype
     outs = {}

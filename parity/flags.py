@@ -186,13 +186,19 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
     from impl.sampling import Form
 
     half = {"float16": torch.float16}
-    form = Form(schedule=values["schedule"], update=values["sampler"], cfg_batch=values["cfg_batch"],
+    plain = {"schedule": {"diffusers": "linspace_f64", "sai": "linspace_f32"},
+             "sampler": {"diffusers_euler": "euler_velocity", "sai_euler": "euler_x0", "sai_dpmpp_2m": "dpmpp_2m"},
+             "slg": {"diffusers": 2.8, "sai": 2.5}, "noise": {"diffusers": "model_dtype", "sai": "fp32_to_fp16"},
+             "img2img": {"diffusers": "scale_noise", "sai": "noise_scaling"},
+             "casts": {"diffusers": "cast_back", "sai": "promote"}}
+    v = {k: table[values[k]] for k, table in plain.items()}
+    form = Form(schedule=v["schedule"], update=v["sampler"], cfg_batch=values["cfg_batch"],
                 cfg_space=values["cfg_space"], cfg_always=values["cfg_always"],
                 timestep_dtype=half.get(values["timestep_dtype"], torch.float32),
                 latent_dtype=half.get(values["latent_dtype"]), cond_dtype=half.get(values["cond_dtype"]),
-                slg=values["slg"], noise=values["noise"], img2img=values["img2img"])
+                slg_scale=v["slg"], noise=v["noise"], img2img=v["img2img"])
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
-                                  qk_norm=values["qk_norm_form"], casts=values["casts"]),
+                                  qk_norm=values["qk_norm_form"], casts=v["casts"]),
             "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"],
             "autocast": values["autocast"] == "cuda_fp16"}
 
@@ -210,8 +216,9 @@ def settings(values: dict[str, Any]):
 
     return TextSettings(
         clip_l_mode=values["clip_l_tokenizer"], clip_g_mode=values["clip_g_tokenizer"],
-        clip_l_pad=values["clip_l_pad"], clip_g_pad=values["clip_g_pad"], sai_wordwise=values["sai_wordwise"],
-        t5_mode="hf", t5_length_rule=values["t5_length_rule"], t5_max_length=values["t5_max_length"],
+        clip_l_pad=values["clip_l_pad"], clip_g_pad=values["clip_g_pad"], wordwise=values["sai_wordwise"],
+        t5_mode="hf", t5_length_rule={"max_length": "max_length", "sai": "chars226_min77"}[values["t5_length_rule"]],
+        t5_max_length=values["t5_max_length"],
         t5_mask=values["t5_mask"], t5_attention=values["t5_attention"], t5_absent=values["t5_absent"],
         t5_activation=values["t5_activation"], t5_absent_length=values["t5_max_length"],
         clip_pool=values["clip_pool"], clip_l_pooled_projected=values["clip_l_pooled_projected"],

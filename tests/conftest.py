@@ -56,3 +56,10 @@ def hf_tokenizers(model_dir):
 
     return (CLIPTokenizer.from_pretrained(model_dir / "tokenizer"), CLIPTokenizer.from_pretrained(model_dir / "tokenizer_2"),
             T5Tokenizer.from_pretrained(model_dir / "tokenizer_3"))
+
+
+def sai_form():
+    """impl's sampler form under the sai profile (the SD3.5 code's values, as parity.flags maps them)."""
+    from parity import flags as F
+
+    return F.image_options(F.profile_values("sai"))["form"]

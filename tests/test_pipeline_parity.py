@@ -3,6 +3,7 @@ text encoders, every denoising step (CFG batch [uncond, cond], skip-layer guidan
 import numpy as np
 import pytest
 import torch
+from conftest import sai_form
 
 from impl import embedded, sampling
 from impl.mmdit import MMDiT
@@ -257,7 +258,7 @@ def test_generate_function_matches_the_diffusers_pipelines():
             pipe.set_progress_bar_config(disable=True)
             ref = pipe("a red cat", generator=torch.Generator("cpu").manual_seed(11), **kw, **extra).images[0]
             assert torch.equal(got.image, torch.from_numpy(np.asarray(ref).copy()))
-        sai = PipelineSettings(sampler=sampling.SamplerSettings(steps=3, guidance=5.0, form=sampling.SAI), seed=11,
+        sai = PipelineSettings(sampler=sampling.SamplerSettings(steps=3, guidance=5.0, form=sai_form()), seed=11,
                                height=64, width=48, uint8="truncate", autocast=True)
         a, b = generate(stack, model, vae, "a red cat", sai, text), generate(stack, model, vae, "a red cat", sai, text)
     assert torch.equal(a.image, b.image) and a.image.shape == (64, 48, 3) and not torch.equal(a.image, ours.image)

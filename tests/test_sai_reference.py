@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SAI_CODE, needs_sai
+from conftest import SAI_CODE, needs_sai, sai_form
 
 from impl import sampling as S
 from parity import flags as F
@@ -185,7 +185,7 @@ def test_fix_cond_rounds_the_conditioning_to_float16():
 
     g = torch.Generator().manual_seed(0)
     c = S.Conditioning(torch.randn(1, 3, 8, generator=g), torch.randn(1, 4, generator=g))
-    S.denoise(model, torch.zeros(1, 16, 2, 2), c, c, S.SamplerSettings(steps=1, form=S.SAI))
+    S.denoise(model, torch.zeros(1, 16, 2, 2), c, c, S.SamplerSettings(steps=1, form=sai_form()))
     y, context = seen[0]
     assert y.dtype == context.dtype == torch.float32
     assert torch.equal(context[:1], c.context.half().float()) and not torch.equal(context[:1], c.context)

@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import sai_form
 
 from impl import sampling as S
 
@@ -34,13 +35,13 @@ def test_s3_schedules_differ_by_at_most_one_ulp_of_one(steps):
 
 
 def _sai(**form):
-    return replace(S.SAI, **form)
+    return replace(sai_form(), **form)
 
 
 def test_s4_s5_fp16_timesteps_and_latent_dtype():
     model, (cond, unc) = Recorder(), _conds()
     latents = []
-    s = S.SamplerSettings(steps=28, form=_sai(update="sai_euler"))
+    s = S.SamplerSettings(steps=28, form=_sai(update="euler_x0"))
     S.denoise(model, S.start_latent(s, torch.zeros(1, 16, 2, 2), None), cond, unc, s,
               on_step=lambda i, d: latents.append(d["latent"].dtype))
     t_sai = torch.stack([c["t"][0] for c in model.calls])
@@ -72,7 +73,7 @@ def test_s5_latent_dtype_alone():
 def test_g2_g3_batch_order_and_cfg_at_guidance_one():
     cond, unc = _conds()
     sai, dif = Recorder(), Recorder()
-    S.denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=1.0, form=S.SAI))
+    S.denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=1.0, form=sai_form()))
     S.denoise(dif, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=2, guidance=1.0))
     assert sai.calls[0]["context"].shape[0] == 2 and sai.calls[0]["context"][0].mean() == 1  # [cond, uncond]
     assert dif.calls[0]["context"].shape[0] == 1  # guidance <= 1: no CFG batch
@@ -105,7 +106,7 @@ def test_s1_dpmpp_2m_first_step_is_euler_and_last_step_returns_x0():
     cond, unc = _conds()
     noise = torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(0))
     euler, dpm = [], []
-    S.denoise(Recorder(), noise, cond, unc, S.SamplerSettings(steps=3, form=_sai(update="sai_euler",
+    S.denoise(Recorder(), noise, cond, unc, S.SamplerSettings(steps=3, form=_sai(update="euler_x0",
               latent_dtype=torch.float32)), on_step=lambda i, d: euler.append(d))
     S.denoise(Recorder(), noise, cond, unc, S.SamplerSettings(steps=3, form=_sai(latent_dtype=torch.float32)),
               on_step=lambda i, d: dpm.append(d))
@@ -117,7 +118,7 @@ def test_s1_dpmpp_2m_first_step_is_euler_and_last_step_returns_x0():
 def test_n1_noise_forms():
     """diffusers: randn in the model dtype from the seeded generator, the img2img posterior drawn first; sai: the
     float32 draw cast to float16, the posterior from seed + 1."""
-    dif, sai = S.SamplerSettings(), S.SamplerSettings(form=S.SAI)
+    dif, sai = S.SamplerSettings(), S.SamplerSettings(form=sai_form())
     n, p = S.draws(dif, 5, (1, 16, 2, 2), (1, 16, 2, 2))
     g = torch.Generator().manual_seed(5)
     first = torch.randn(1, 16, 2, 2, generator=g)
@@ -132,7 +133,7 @@ def test_s7_img2img_start_index():
     assert S.sai_start_index(40, 0.8) == 7  # 1 - 0.8 = 0.19999999999999996
     assert int(40 - min(40 * 0.8, 40)) == 8  # diffusers' t_start for strength 0.8
     assert S.start_index(S.SamplerSettings(steps=40), 0.8) == 8
-    assert S.start_index(S.SamplerSettings(steps=40, form=S.Form(img2img="sai")), 0.8) == 7
+    assert S.start_index(S.SamplerSettings(steps=40, form=S.Form(img2img="noise_scaling")), 0.8) == 7
     with pytest.raises(ValueError, match="no denoising step"):
         S.start_index(S.SamplerSettings(steps=4), 0.0)
 
@@ -161,7 +162,7 @@ def test_sai_euler_close_to_diffusers_on_the_tiny_model():
     noise = torch.randn(1, 16, 4, 4, generator=g)
     with torch.no_grad():
         a = S.denoise(model, noise, cond, unc, S.SamplerSettings(steps=4, guidance=1.0, form=_sai(
-            update="sai_euler", latent_dtype=torch.float32, timestep_dtype=torch.float32, cond_dtype=None)))
+            update="euler_x0", latent_dtype=torch.float32, timestep_dtype=torch.float32, cond_dtype=None)))
         b = S.denoise(model, noise, cond, unc, S.SamplerSettings(steps=4, guidance=1.0))
     assert 0 < (a - b).abs().max() < 1e-4
 
@@ -172,13 +173,13 @@ def test_g5_skip_layer_guidance_windows():
     on the loop index, in velocity space."""
     cond, unc = _conds()
     sai = Recorder()
-    S.denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, slg_layers=(7, 8, 9), form=S.SAI))
+    S.denoise(sai, torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, slg_layers=(7, 8, 9), form=sai_form()))
     skipped = [k for k, c in enumerate(sai.calls) if c["skip"]]
     assert [c["x"].shape[0] for c in sai.calls[:4]] == [2, 2, 1, 2] and skipped == [2]  # step 1 only: 0.1 < 1 < 2
     assert sai.calls[2]["skip"] == (7, 8, 9) and sai.calls[2]["context"].mean() == 1  # cond
     plain, guided = [], []
-    S.denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, form=S.SAI),
+    S.denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, form=sai_form()),
               on_step=lambda i, d: plain.append(d["x0"]))
-    S.denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, slg_layers=(1,), form=S.SAI),
+    S.denoise(Recorder(), torch.zeros(1, 16, 2, 2), cond, unc, S.SamplerSettings(steps=10, slg_layers=(1,), form=sai_form()),
               on_step=lambda i, d: guided.append(d["x0"]))
     assert torch.equal(plain[0], guided[0]) and not torch.equal(plain[1], guided[1])

@@ -37,6 +37,13 @@ def load_stack(text_model, clip_l_projection: str = "file"):
         path = None if c is None else c / sub / "config.json"
         if path is not None and path.is_file():
             given[name] = cls.from_hf(read_config(path), str(path))
+    clip_l = given.get("clip_l")
+    if clip_l_projection == "identity" and clip_l is not None and clip_l.projection_dim != clip_l.width:
+        from parity.run import Unsupported
+
+        raise Unsupported(f"{text_model.single_file}: with single_file_clip_l_projection=identity (what diffusers' "
+                          f"from_single_file does) CLIP-L's projection is the identity, which does not fit its "
+                          f"projection_dim {clip_l.projection_dim} (width {clip_l.width}); diffusers cannot load it")
     prefix = PREFIXES["text_encoders"]
     state = {k[len(prefix):]: v for k, v in read_safetensors(text_model.single_file).items() if k.startswith(prefix)}
     enc, _, notes = load_text_encoders(state, str(text_model.single_file), given, clip_l_projection)
@@ -126,7 +133,7 @@ class ImplSide:
                               uint8=opts["uint8"], autocast=opts["autocast"])
         image, start = None, 0
         if init is not None:  # the layout of each reference's preprocessing (S7)
-            to_tensor = sampling.image_to_tensor if form.img2img == "diffusers" else sampling.sai_image_to_tensor
+            to_tensor = sampling.image_to_tensor if form.img2img == "scale_noise" else sampling.sai_image_to_tensor
             image, start = to_tensor(init), sampling.start_index(ss, s.strength)
         cap = ImageCapture(model.label, "impl", model.mmdit, model.vae, init is not None)
         with contextlib.ExitStack() as es:
