@@ -149,3 +149,17 @@ def test_a_reference_side_is_computed_once_for_many_impl_variants(monkeypatch):
     for flag in ({}, {"uint8": "truncate"}, {"qkv_fusion": "fused"}):
         check(Spec(prompts=("a cat",), families=("sd3-medium",), overrides=tuple(flag.items())), cache)
     assert len(calls) == 1
+
+
+def test_a_side_that_covers_part_of_the_pipeline_is_compared_on_that_part(reference):
+    """A side may produce only some components (a dump of an outside implementation, say): impl's other records
+    are left out of the comparison, and the report says so."""
+    from parity.run import compare
+
+    run, (ref, sources) = reference
+    text_only = ({k: v for k, v in ref.items() if v[0]["component"] not in ("mmdit", "sampler", "vae")},
+                 {**sources, "covers": ["clip-g", "clip-l", "conditioning", "t5"]})
+    report = compare(run, execute(run, "impl"), text_only)
+    assert report.first_divergence is None and not report.failures
+    assert {r["component"] for r in report.records} == {"clip-l", "clip-g", "t5", "conditioning"}
+    assert "diffusers produces clip-g, clip-l, conditioning, t5 only" in report.notes[-1]

@@ -135,13 +135,16 @@ def test_sai_code_dir_must_be_a_checkout(tmp_path, capsys):
     (("class SkipLayerCFGDenoiser(", "class SomethingElse("), r"do not import: cannot import name 'SkipLayerCFGDenoiser'"),
     (("def get_empty_latent(self, batch_size,", "def get_empty_latent(self, count,"),
      r"get_empty_latent\(count, width, height, seed, device\) differs .*'count' unknown"),
+    # the first SD3.5 release's MMDiT-X path never updated x: weights loaded, never used
+    (("x = x_block.post_attention_x(x_attn, attn2, *x_intermediates)", "pass"),
+     r"its MMDiT never called \['joint_blocks.0.x_block.attn.proj'"),
 ])
 def test_a_checkout_with_another_api_is_refused_by_name(edit, message, tmp_path, capsys):
     """A copy of the checkout with one definition changed (the way its API moved between commits): exit 3 and a
     message naming the function and what differs, never a traceback."""
     code = tmp_path / "sd3.5"
     shutil.copytree(SAI_CODE, code)
-    for name in ("sd3_infer.py", "sd3_impls.py"):
+    for name in ("sd3_infer.py", "sd3_impls.py", "mmditx.py"):
         text = (code / name).read_text()
         if edit[0] in text:
             (code / name).write_text(text.replace(edit[0], edit[1], 1))

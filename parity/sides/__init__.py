@@ -1,7 +1,8 @@
 """Sides: each produces keyed records of what it can compute, on its own, from the model's files.
 
-A side has ``key(run)`` (what its records depend on, for reuse), ``text(run)``, ``image(run, model, init)`` and
-``sources(run)`` (the files and code it read, for the report). ``impl`` is the independent implementation,
+A side has ``key(run)`` (what its records depend on, for reuse), ``text(run)``, ``image(run, model, init)``,
+``sources(run)`` (the files and code it read, for the report) and ``covers`` (the components it produces, None for
+all: a side that computes only part of the pipeline is compared on that part, and the report says so). ``impl`` is the independent implementation,
 ``diffusers`` diffusers + transformers, ``sai`` the Stability-AI SD3.5 code from a local checkout. A golden set is
 read by ``parity.golden``. The image records of every side are assembled the same way here (``ImageCapture``), from
 hooks on the side's own transformer and VAE and from what its sampler computes.

@@ -109,6 +109,7 @@ def image_pipeline(model, run, img2img: bool):
 
 class DiffusersSide:
     name = "diffusers"
+    covers = None  # every component
 
     def key(self, run) -> tuple:
         s = run.spec

@@ -82,6 +82,7 @@ def load_image_parts(model, opts: dict):
 
 class ImplSide:
     name = "impl"
+    covers = None  # every component
 
     def __init__(self):
         self._stack = None

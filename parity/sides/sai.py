@@ -512,10 +512,24 @@ def _check_t5(cfg: dict, path: Path) -> None:
             raise Unsupported(f"{path}: {k} {cfg[k]} but the SD3.5 code's T5 fixes {v}")
 
 
+@contextlib.contextmanager
+def _used_modules(model: torch.nn.Module):
+    """The names of ``model``'s modules that ran (a checkout whose code skips some of the file's layers loads their
+    weights and ignores them: that is a model it does not run, not a divergence)."""
+    used: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, n=n: used.add(n)) for n, m in model.named_modules()]
+    try:
+        yield used
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---------------------------------------------------------------------------------------------- the side
 
 class SaiSide:
     name = "sai"
+    covers = None  # every component
 
     def __init__(self, code: Path | None):
         if code is None:
@@ -581,6 +595,7 @@ class SaiSide:
             with contextlib.ExitStack() as es:
                 es.enter_context(cuda_autocast(ref))
                 es.enter_context(self._steps(ref, cap))
+                used = es.enter_context(_used_modules(mmdit.diffusion_model))
                 cap.attach(es, mmdit.diffusion_model, vae, lambda a, k: (a[0], a[1], k["context"], k["y"]),
                            f"{model.label} mmdit (SD3.5 code)", N.MMDIT_SKIP["sai"])
                 latent = call(inferencer.get_empty_latent, batch_size=1, width=s.width, height=s.height, seed=s.seed,
@@ -599,6 +614,12 @@ class SaiSide:
                                    neg_cond=neg, steps=s.steps, cfg_scale=s.guidance, sampler=sampler,
                                    controlnet_cond=None, denoise=s.strength if img2img else 1.0, skip_layer_config=slg)
                 image = inferencer.vae_decode(sampled)
+            unused = sorted(n for n, m in mmdit.diffusion_model.named_modules()
+                            if any(True for _ in m.parameters(recurse=False)) and n not in used)
+            if unused:
+                raise Unsupported(f"--sai-code {self.code}: its MMDiT never called {unused[:4]} while sampling "
+                                  f"{model.single_file.name} (the file's weights there were loaded and ignored): this "
+                                  "checkout does not run this model")
         return cap.assemble(torch.from_numpy(np.asarray(image).copy()), ("cond", "uncond"), start)
 
     @staticmethod
