@@ -200,6 +200,10 @@ def _text_model(s: Spec, notes: list[str]) -> TextModel:
                                  "carries all three text encoders or none")
             config_dir = _config_dir(s)
             tokenizers = Path(s.model) if s.model else config_dir
+            if tokenizers is None and _embedded_vocabularies(Path(s.checkpoint)):
+                tokenizers = directory
+                notes.append(f"{s.checkpoint}: its text encoders have the embedded default's vocabularies; its "
+                             "tokenizers are used")
             if tokenizers is None:
                 raise UsageError(f"--checkpoint {s.checkpoint}: its text encoders need the model's tokenizers, which "
                                  "a single file does not hold: give --model DIR (or --config DIR) with tokenizer*/")
@@ -219,6 +223,20 @@ def _text_model(s: Spec, notes: list[str]) -> TextModel:
                              "T5 rows (joint_attention_dim)")
         notes.append(f"{directory}: no text_encoder_3/: T5 absent, {joint_dim}-wide zero rows (QUIRKS T10)")
     return TextModel(label, directory, single, config_dir, has_t5, joint_dim)
+
+
+def _embedded_vocabularies(path: Path) -> bool:
+    """Whether a single file's text encoders have the embedded default's vocabulary sizes (CLIP 49408 rows, the
+    tiny T5's), so the embedded tokenizers fit them."""
+    from impl import embedded
+    from impl.weights import read_safetensors_meta
+
+    meta = read_safetensors_meta(path)
+    rows = lambda key: meta[key].shape[0] if key in meta else None  # noqa: E731
+    t5 = rows("text_encoders.t5xxl.transformer.encoder.embed_tokens.weight") or \
+        rows("text_encoders.t5xxl.transformer.shared.weight")
+    return (t5 == embedded.T5.vocab_size and
+            rows("text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight") == embedded.CLIP_L.vocab_size)
 
 
 UNSUPPORTED_SCHEDULER = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,

@@ -95,3 +95,16 @@ def test_the_sd3_5_code_refuses_what_it_cannot_build(odd, capsys):
                  "--prompt", "a cat"]) == 3
     err = capsys.readouterr().err
     assert "the SD3.5 code refused the clip-l encoder (ClipL) at other_impls.py:" in err and "Traceback" not in err
+
+
+@needs_sai
+def test_a_converted_single_file_checks_against_the_sd3_5_code_without_further_options(tmp_path, capsys):
+    """Its text encoders have the embedded vocabularies, so the embedded tokenizers are used (and said so)."""
+    from parity.convert import diffusers_to_sai_file
+    from parity.embedded import model_dir
+
+    diffusers_to_sai_file(model_dir("sd3.5-large"), tmp_path / "m.safetensors")
+    assert main(["check", "--json", "--profile", "sai", "--sai-code", SAI_CODE, "--checkpoint",
+                 str(tmp_path / "m.safetensors"), "--prompt", "a cat"]) == 0
+    out = _json(capsys)
+    assert out["first_divergence"] is None and any("embedded default's vocabularies" in n for n in out["notes"])
