@@ -165,7 +165,7 @@ class Run:
 
 
 def _read_json(path: Path) -> dict:
-    from impl.weights import read_config
+    from impl.weights import read_config  # impl's reader: errors name the file
 
     return read_config(path)
 
@@ -306,22 +306,18 @@ def _checkpoint_model(path: Path, config_dir: Path | None, notes: list[str], shi
     """impl's configs of an SAI single file: from its shapes, with the values no shape carries read from the
     configs in ``config_dir`` (else inferred, and noted)."""
     from impl.checkpoint import PREFIXES, infer_mmdit, infer_vae, match_presets
-    from impl.mmdit import MMDiTConfig
-    from impl.vae import VAEConfig
     from impl.weights import read_safetensors_meta
+    from parity.convert import given_configs
 
     meta = read_safetensors_meta(path)
     parts = {p: {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)} for p, prefix in PREFIXES.items()}
-    given_m = given_v = None
+    given = given_configs(config_dir)
     if config_dir is not None:
-        tc, vc = config_dir / "transformer" / "config.json", config_dir / "vae" / "config.json"
-        given_m = MMDiTConfig.from_diffusers(_read_json(tc), str(tc)) if tc.is_file() else None
-        given_v = VAEConfig.from_diffusers(_read_json(vc), str(vc)) if vc.is_file() else None
         notes.append(f"configs of {path.name} from {config_dir}")
-    mc, inferred = infer_mmdit(parts["mmdit"], f"{path} (model.diffusion_model.*)", given_m)
+    mc, inferred = infer_mmdit(parts["mmdit"], f"{path} (model.diffusion_model.*)", given.get("mmdit"))
     if not parts["vae"]:
         raise UsageError(f"{path}: no first_stage_model.* (VAE) keys; the image check needs the VAE")
-    vc, inferred_v = infer_vae(parts["vae"], f"{path} (first_stage_model.*)", given_v)
+    vc, inferred_v = infer_vae(parts["vae"], f"{path} (first_stage_model.*)", given.get("vae"))
     notes.extend(inferred + inferred_v)
     label = "/".join(match_presets(mc)) or path.name
     return ImageModel(label, config_dir, path, mc, vc, shifts(label, config_dir), weights_in_directory=False)

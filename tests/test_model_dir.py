@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from impl.text import load_text_stack
 from impl.weights import WeightError
 from parity.flags import profile_values
-from parity.run import Spec, UsageError, Unsupported, check
+from parity.run import Spec, Unsupported, check
 
 
 def run_check(model, prompts, profile="diffusers", text_only=True):

@@ -17,7 +17,7 @@ from parity.run import Spec, check
 from parity.sides import sai as SR
 
 
-def sai(cache=None, **options) -> "Report":  # noqa: F821
+def sai(cache=None, **options):
     flags = options.pop("flags", {})
     options.setdefault("prompts", ("a cat",))
     return check(Spec(profile="sai", sai_code=SAI_CODE, overrides=tuple(sorted(flags.items())), **options), cache)

@@ -24,19 +24,13 @@ def load_stack(text_model, clip_l_projection: str = "file"):
     if text_model.single_file is None:
         return load_text_stack(text_model.directory), []
     from impl.checkpoint import PREFIXES, load_text_encoders
-    from impl.clip import ClipConfig
     from impl.clip_tokenizer import BPEVocab
-    from impl.t5 import T5Config
     from impl.t5_tokenizer import SentencePieceModel
-    from impl.weights import read_config, read_safetensors
+    from impl.weights import read_safetensors
+    from parity.convert import given_configs
 
-    d, c = text_model.directory, text_model.config_dir
-    given = {}
-    for name, sub, cls in (("clip_l", "text_encoder", ClipConfig), ("clip_g", "text_encoder_2", ClipConfig),
-                           ("t5", "text_encoder_3", T5Config)):
-        path = None if c is None else c / sub / "config.json"
-        if path is not None and path.is_file():
-            given[name] = cls.from_hf(read_config(path), str(path))
+    d = text_model.directory
+    given = given_configs(text_model.config_dir)
     clip_l = given.get("clip_l")
     if clip_l_projection == "identity" and clip_l is not None and clip_l.projection_dim != clip_l.width:
         from parity.run import Unsupported
@@ -86,19 +80,18 @@ class ImplSide:
 
     def __init__(self):
         self._stack = None
-        self._notes: list[str] = []
 
     def key(self, run) -> tuple:
         return (repr(run.spec), tuple(sorted(run.values.items(), key=str)))
 
     def stack(self, run):
         if self._stack is None:
-            self._stack, self._notes = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
+            self._stack, notes = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
             if run.text_model.label == "embedded-default":  # the cached files hold what the manifest says
                 from impl import embedded
 
                 embedded.verify({k: getattr(self._stack, k).state_dict() for k in ("clip_l", "clip_g", "t5")})
-            run.notes.extend(self._notes)
+            run.notes.extend(notes)
         return self._stack
 
     def sources(self, run) -> dict:

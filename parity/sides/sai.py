@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from impl.weights import safetensors_keys
 from parity import naming as N
 from parity import records as R
 from parity.determinism import own_storage
@@ -415,7 +416,7 @@ def text_folder(text_model, tmp: Path, notes: list[str]) -> Path:
             why = f"the {prefix}* tensors of {text_model.single_file.name}"
         elif single.is_file():
             state = None
-            if name == "t5xxl" and "encoder.embed_tokens.weight" not in _keys(single):
+            if name == "t5xxl" and "encoder.embed_tokens.weight" not in safetensors_keys(single):
                 state = load_file(str(single))
                 why = f"{single} with shared.weight also stored as encoder.embed_tokens.weight (the name the code reads)"
             else:
@@ -431,12 +432,6 @@ def text_folder(text_model, tmp: Path, notes: list[str]) -> Path:
             save_file({k: v.contiguous() for k, v in state.items()}, str(target))
             notes.append(f"SD3.5 code {name}.safetensors: {why}")
     return folder
-
-
-def _keys(path: Path) -> list[str]:
-    from impl.weights import safetensors_keys
-
-    return safetensors_keys(path)
 
 
 @contextlib.contextmanager
@@ -494,7 +489,7 @@ def load_text(ref: Reference, text_model, tmp: Path, notes: list[str]):
             setattr(ref.infer, constant, released)
         own_storage(obj.model)
         module, path = obj.model.transformer, folder / f"{name}.safetensors"
-        check_loaded([n for n, _ in (*module.named_parameters(), *module.named_buffers())], set(_keys(path)),
+        check_loaded([n for n, _ in (*module.named_parameters(), *module.named_buffers())], set(safetensors_keys(path)),
                      out.getvalue(), SKIPPED_TEXT_KEYS, ("text_projection.weight",),
                      f"{path}: the SD3.5 code's {wrapper} does not match the file")
         setattr(inferencer, {"clip-l": "clip_l", "clip-g": "clip_g", "t5": "t5xxl"}[comp], obj)
@@ -536,7 +531,7 @@ class SaiSide:
             raise UsageError(f"the sai profile's reference is the SD3.5 code (Stability-AI/sd3.5, not a package): "
                              f"point --sai-code or ${ENV} at a local checkout")
         self.code = code
-        self._tmp = None
+        self._conditioning: dict[str, tuple] = {}  # prompt -> get_cond's (context, pooled), computed once
 
     def key(self, run) -> tuple:
         s = run.spec
@@ -575,8 +570,10 @@ class SaiSide:
                 points[comp] = N.points(N.t5_rows(layers) if comp == "t5" else N.clip_rows(layers), "sai")
                 N.check_coverage(points[comp], model, (N.T5_SKIP if comp == "t5" else N.CLIP_SKIP)["sai"],
                                  f"{comp} (SD3.5 code)")
-            return text_side(run.text_model.label, run.spec.prompts, encoders, points,
-                             lambda prompt: get_cond(inferencer, prompt), "tokens")
+            def encode(prompt):
+                self._conditioning[prompt] = get_cond(inferencer, prompt)
+                return self._conditioning[prompt]
+            return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "tokens")
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
@@ -585,8 +582,13 @@ class SaiSide:
         sampler = self.sampler(run)
         slg = {"scale": 2.5, "start": 0.01, "end": 0.20, "layers": list(s.slg)} if s.slg else {}  # CONFIGS (G5)
         with self._reference(run) as (ref, tmp), torch.random.fork_rng(devices=[]):
-            inferencer = load_text(ref, run.text_model, tmp, [])
-            cond, neg = get_cond(inferencer, s.prompts[0]), get_cond(inferencer, "")
+            missing = [p for p in (s.prompts[0], "") if p not in self._conditioning]
+            if missing:  # the text side computed the prompts' conditioning already; the negative once per run
+                text = load_text(ref, run.text_model, tmp, [])
+                self._conditioning.update({p: get_cond(text, p) for p in missing})
+            cond, neg = self._conditioning[s.prompts[0]], self._conditioning[""]
+            inferencer = ref.infer.SD3Inferencer()
+            inferencer.verbose = False
             check_vae_config(model.directory)
             check_transformer_config(model.directory, model.mmdit.depth)
             with refusing(ref, f"{model.single_file}"):
