@@ -57,6 +57,14 @@ class _RustUnicode:
     delta: _Patterns
     unassigned: regex.Pattern  # any code point unassigned in Unicode 14
     normalize: dict[str, str]  # NFC + lower-case of those code points, where not the identity
+    starters: regex.Pattern  # splits a text at the marks the Rust NFC orders as class 0 (kept, as groups)
+
+    def nfc(self, text: str) -> str:
+        """The Rust normaliser's NFC: Python's, except that nothing reorders or composes across a recorded starter
+        (the Rust tables give those marks class 0 and no decomposition)."""
+        if self.starters.search(text) is None:
+            return unicodedata.normalize("NFC", text)
+        return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(self.starters.split(text)))
 
 
 def _ranges(rs: list[list[int]]) -> str:
@@ -71,6 +79,7 @@ def _rust_unicode() -> _RustUnicode:
         sets = {prop: f"[[{prop}--[{u}]]{_ranges(d[key])}]" if d[key] else f"[{prop}--[{u}]]"
                 for prop, key in ((r"\p{L}", "letter"), (r"\p{N}", "number"), (r"\s", "space"))}
         normalize = {chr(int(k, 16)): v for k, v in d["normalize"].items()}
+        starters = regex.compile(f"([{_ranges(d['nfc_starters'])}])")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{UNICODE_DELTA}: damaged Unicode delta table ({e!r})") from None
 
@@ -81,7 +90,7 @@ def _rust_unicode() -> _RustUnicode:
 
     plain = _Patterns(regex.compile(_PAT), regex.compile(_GPT2), _WS)
     delta = _Patterns(with_delta(_PAT), with_delta(_GPT2), with_delta(r"\s+"))
-    return _RustUnicode(plain, delta, regex.compile(f"[{u}]"), normalize)
+    return _RustUnicode(plain, delta, regex.compile(f"[{u}]"), normalize, starters)
 
 
 @lru_cache(maxsize=None)
@@ -240,7 +249,7 @@ def _clean_basic(text: str) -> str:
 
 def _clean_rust(text: str, ru: _RustUnicode, p: _Patterns, delta: bool) -> str:
     """NFC, ``\\s+`` -> one space, per-character lower-casing (no Final_Sigma rule)."""
-    text = p.ws.sub(" ", unicodedata.normalize("NFC", text))
+    text = p.ws.sub(" ", ru.nfc(text))
     if text.isascii():
         return text.lower()
     if not delta:
