@@ -36,12 +36,16 @@ class ClipConfig:
         act = v(cfg, source, "hidden_act", str, "quick_gelu")
         if act not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-        return cls(vocab_size=v(cfg, source, "vocab_size"), width=v(cfg, source, "hidden_size"),
-                   heads=v(cfg, source, "num_attention_heads"), layers=v(cfg, source, "num_hidden_layers"),
+        from impl.weights import MAX_LAYERS, MAX_VOCAB, divides
+
+        width, heads = v(cfg, source, "hidden_size"), v(cfg, source, "num_attention_heads")
+        divides(source, "num_attention_heads", heads, "hidden_size", width)
+        return cls(vocab_size=v(cfg, source, "vocab_size", hi=MAX_VOCAB), width=width, heads=heads,
+                   layers=v(cfg, source, "num_hidden_layers", hi=MAX_LAYERS),
                    intermediate=v(cfg, source, "intermediate_size"), activation=act,
                    projection_dim=v(cfg, source, "projection_dim"),
                    max_positions=v(cfg, source, "max_position_embeddings", int, 77),
-                   eps=v(cfg, source, "layer_norm_eps", float, 1e-5))
+                   eps=v(cfg, source, "layer_norm_eps", float, 1e-5, lo=0.0))
 
 
 @dataclass

@@ -142,8 +142,8 @@ class BPEVocab:
             encoder = json.loads(vocab_json.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{vocab_json}: not a readable JSON vocabulary ({e})") from None
-        if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
-            raise ValueError(f"{vocab_json}: expected a JSON object mapping token strings to integer ids")
+        if not isinstance(encoder, dict) or not all(type(v) is int and v >= 0 for v in encoder.values()):
+            raise ValueError(f"{vocab_json}: expected a JSON object mapping token strings to integer ids >= 0")
         try:
             lines = merges_txt.read_text(encoding="utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as e:

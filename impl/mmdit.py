@@ -60,16 +60,24 @@ class MMDiTConfig:
             raise ValueError(f"{source}: qk_norm {qk!r} is not supported (expected null or 'rms_norm')")
         if v(cfg, source, "caption_projection_dim", int, heads * head_dim) != heads * head_dim:
             raise ValueError(f"{source}: caption_projection_dim must equal num_attention_heads * attention_head_dim")
+        from impl.weights import MAX_LAYERS
+
+        depth = v(cfg, source, "num_layers", hi=MAX_LAYERS)
         dual = v(cfg, source, "dual_attention_layers", list, [])
-        if any(not isinstance(i, int) or isinstance(i, bool) for i in dual):
-            raise ValueError(f"{source}: config key 'dual_attention_layers' is {dual!r}; expected a list of integers")
-        return cls(depth=v(cfg, source, "num_layers"), hidden=heads * head_dim, heads=heads,
+        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < depth for i in dual):
+            raise ValueError(f"{source}: config key 'dual_attention_layers' is {dual!r}; expected block indices "
+                             f"0..{depth - 1}")
+        return cls(depth=depth, hidden=heads * head_dim, heads=heads,
                    pos_embed_max_size=v(cfg, source, "pos_embed_max_size"),
                    context_dim=v(cfg, source, "joint_attention_dim"),
                    pooled_dim=v(cfg, source, "pooled_projection_dim"), qk_norm=qk == "rms_norm",
                    dual_attention_layers=tuple(dual), patch=v(cfg, source, "patch_size", int, 2),
                    in_channels=v(cfg, source, "in_channels", int, 16),
                    out_channels=v(cfg, source, "out_channels", int, 16))
+
+    def __post_init__(self):
+        if self.hidden > 1 << 16:
+            raise ValueError(f"MMDiT width {self.hidden} (num_attention_heads x attention_head_dim): at most {1 << 16}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,12 +42,14 @@ class T5Config:
         act = "gelu_new" if proj == "gated-gelu" else proj.removeprefix("gated-")  # transformers ignores dense_act_fn
         if act not in ACTIVATIONS:
             raise ValueError(f"{source}: dense_act_fn {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-        return cls(vocab_size=v(cfg, source, "vocab_size"), d_model=v(cfg, source, "d_model"),
+        from impl.weights import MAX_LAYERS, MAX_VOCAB
+
+        return cls(vocab_size=v(cfg, source, "vocab_size", hi=MAX_VOCAB), d_model=v(cfg, source, "d_model"),
                    d_kv=v(cfg, source, "d_kv"), heads=v(cfg, source, "num_heads"), d_ff=v(cfg, source, "d_ff"),
-                   layers=v(cfg, source, "num_layers"),
-                   num_buckets=v(cfg, source, "relative_attention_num_buckets", int, 32),
-                   max_distance=v(cfg, source, "relative_attention_max_distance", int, 128),
-                   eps=v(cfg, source, "layer_norm_epsilon", float, 1e-6), activation=act)
+                   layers=v(cfg, source, "num_layers", hi=MAX_LAYERS),
+                   num_buckets=v(cfg, source, "relative_attention_num_buckets", int, 32, lo=4),
+                   max_distance=v(cfg, source, "relative_attention_max_distance", int, 128, lo=2),
+                   eps=v(cfg, source, "layer_norm_epsilon", float, 1e-6, lo=0.0), activation=act)
 
 
 def relative_bucket(rel: Tensor, num_buckets: int, max_distance: int) -> Tensor:

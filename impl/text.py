@@ -168,7 +168,7 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
     from impl import embedded
     from impl.clip import ClipConfig
     from impl.t5 import T5Config
-    from impl.weights import load_strict, read_config, read_weights_dir
+    from impl.weights import TEXT_WEIGHTS, load_strict, read_config, read_weights_dir
 
     if directory is None:
         w = embedded.text_weights()
@@ -184,13 +184,13 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
     for sub in ("text_encoder", "text_encoder_2"):
         cfg = ClipConfig.from_hf(read_config(d / sub / "config.json"), str(d / sub / "config.json"))
         model = ClipTextEncoder(cfg)
-        load_strict(model, read_weights_dir(d / sub), str(d / sub), drop=CLIP_DROP)
+        load_strict(model, read_weights_dir(d / sub, TEXT_WEIGHTS), str(d / sub), drop=CLIP_DROP)
         encoders.append(model)
     t5 = None
     if (d / "text_encoder_3").is_dir():
         cfg = T5Config.from_hf(read_config(d / "text_encoder_3" / "config.json"), str(d / "text_encoder_3" / "config.json"))
         t5 = T5Encoder(cfg)
-        load_strict(t5, read_weights_dir(d / "text_encoder_3"), str(d / "text_encoder_3"), tied=T5_TIED)
+        load_strict(t5, read_weights_dir(d / "text_encoder_3", TEXT_WEIGHTS), str(d / "text_encoder_3"), tied=T5_TIED)
     spiece = d / "tokenizer_3" / "spiece.model"
     if not spiece.is_file():
         raise FileNotFoundError(f"{spiece}: missing (the T5 tokenizer is read from its sentencepiece model)")

@@ -40,11 +40,17 @@ class VAEConfig:
             raise ValueError(f"{source}: block_out_channels {chans!r} must be positive multiples of the first entry")
         if cfg.get("use_quant_conv") or cfg.get("use_post_quant_conv"):
             raise ValueError(f"{source}: quant convs are not part of the SD3 VAE")
+        from impl.weights import MAX_DIM, divides
+
+        if len(chans) > 8 or chans[-1] > MAX_DIM:
+            raise ValueError(f"{source}: block_out_channels {chans!r}: at most 8 entries of at most {MAX_DIM}")
+        groups = v(cfg, source, "norm_num_groups", int, 32)
+        divides(source, "norm_num_groups", groups, "block_out_channels[0]", chans[0])
         return cls(ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
-                   num_res_blocks=v(cfg, source, "layers_per_block", int, 2),
+                   num_res_blocks=v(cfg, source, "layers_per_block", int, 2, hi=64),
                    z_channels=v(cfg, source, "latent_channels", int, 16),
                    in_channels=v(cfg, source, "in_channels", int, 3),
-                   groups=v(cfg, source, "norm_num_groups", int, 32),
+                   groups=groups,
                    scaling_factor=v(cfg, source, "scaling_factor", float, 1.5305),
                    shift_factor=v(cfg, source, "shift_factor", float, 0.0609))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -86,27 +87,60 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         raise WeightError(f"{path}: {e}") from None
 
 
-def read_weights_dir(directory: str | Path) -> dict[str, Tensor]:
-    """All tensors of a transformers/diffusers component folder: ``model.safetensors`` (transformers) or
-    ``diffusion_pytorch_model.safetensors`` (diffusers), or a sharded set named by the matching
-    ``.safetensors.index.json``. Pickle-only folders are refused by name."""
+TEXT_WEIGHTS = "model"  # the weight file name of text_encoder*/ in the diffusers layout
+MODEL_WEIGHTS = "diffusion_pytorch_model"  # the weight file name of transformer/ and vae/
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weight_files(directory: str | Path, base: str) -> list[Path]:
+    """The files a component folder's weights are read from, by the layout's one rule: ``<base>.safetensors``, or the
+    shards that ``<base>.safetensors.index.json`` names (plain file names in the folder). A folder where loaders
+    could read other bytes is refused with the reason: both forms present (loaders differ on which wins), or the
+    rule's file absent beside another weight name or a pickle (a loader may fall back to it)."""
     d = Path(directory)
-    for base in ("model", "diffusion_pytorch_model"):
-        if (d / f"{base}.safetensors.index.json").is_file():
-            return _read_index(d, d / f"{base}.safetensors.index.json")
-        if (d / f"{base}.safetensors").is_file():
-            return read_safetensors(d / f"{base}.safetensors")
-    pickles = sorted(p.name for p in d.glob("*.bin")) if d.is_dir() else []
-    if pickles:
-        raise WeightError(f"{d}: only pickle weights ({', '.join(pickles)}); only .safetensors files are loaded")
-    raise FileNotFoundError(f"{d}: no model.safetensors, diffusion_pytorch_model.safetensors or a sharded index")
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: not a directory")
+    single, index = d / f"{base}.safetensors", d / f"{base}.safetensors.index.json"
+    if single.is_file() and index.is_file():
+        raise WeightError(f"{d}: holds both {single.name} and {index.name}; loaders differ on which one they read, "
+                          "so the sides could compare different weights: keep one")
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(_weight_map(index).values()))
+        escaping = [s for s in shards if Path(s).name != s or s in (".", "..")]
+        if escaping:
+            raise WeightError(f"{index}: shard names must be files in {d}: {', '.join(escaping[:5])}")
+        return [d / s for s in shards]
+    others = sorted(p.name for p in d.iterdir() if p.is_file() and (p.suffix in PICKLES or p.name.endswith(
+        (".safetensors", ".safetensors.index.json"))))
+    if others:
+        raise WeightError(f"{d}: no {single.name} (or {index.name}), the file this folder's weights are read from; "
+                          f"it holds {', '.join(others)}, which another loader might read instead (pickles are "
+                          f"never read): rename or convert it to {single.name}")
+    raise FileNotFoundError(f"{d}: no {single.name} or {index.name}")
 
 
-def _read_index(d: Path, index: Path) -> dict[str, Tensor]:
+def read_weights_dir(directory: str | Path, base: str) -> dict[str, Tensor]:
+    """All tensors of a component folder, from the files ``weight_files`` names."""
+    d = Path(directory)
+    files = weight_files(d, base)
+    index = d / f"{base}.safetensors.index.json"
+    return _read_index(d, index) if index.is_file() else read_safetensors(files[0])
+
+
+def _weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise WeightError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightError(f"{index}: weight_map must map tensor names to shard file names")
+    return weight_map
+
+
+def _read_index(d: Path, index: Path) -> dict[str, Tensor]:
+    weight_map = _weight_map(index)
     state: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         part = read_safetensors(d / shard)
@@ -133,8 +167,15 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
-def config_value(cfg: dict, source: str | Path, key: str, kind: type = int, default=None):
-    """``cfg[key]`` checked for type; a missing key without a default is an error naming file and key."""
+MAX_DIM = 1 << 16  # widths, heads, channels, positions: above every released model, far below an allocation bomb
+MAX_LAYERS = 1024
+MAX_VOCAB = 1 << 20
+
+
+def config_value(cfg: dict, source: str | Path, key: str, kind: type = int, default=None, lo: int | float | None = None,
+                 hi: int | float | None = None):
+    """``cfg[key]`` checked for type and range; a missing key without a default is an error naming file and key.
+    Integers are in [``lo``, ``hi``] (default [1, MAX_DIM]); floats are finite (and >= ``lo`` when given)."""
     if key not in cfg:
         if default is not None:
             return default
@@ -145,32 +186,62 @@ def config_value(cfg: dict, source: str | Path, key: str, kind: type = int, defa
         value, ok = float(value), True
     if not ok:
         raise ValueError(f"{source}: config key {key!r} is {value!r}; expected {kind.__name__}")
+    if kind is int:
+        lo, hi = 1 if lo is None else lo, MAX_DIM if hi is None else hi
+        if not lo <= value <= hi:
+            raise ValueError(f"{source}: config key {key!r} is {value}; expected {lo} to {hi}")
+    if kind is float and not (math.isfinite(value) and (lo is None or value >= lo)):
+        raise ValueError(f"{source}: config key {key!r} is {value!r}; expected a finite number"
+                         + (f" >= {lo}" if lo is not None else ""))
     return value
 
 
-def load_strict(module: nn.Module, state: dict[str, Tensor], source: str, tied: dict[str, str] | None = None,
-                drop: tuple[str, ...] = ()) -> None:
-    """Copy ``state`` into ``module``. ``tied`` maps a parameter name to the key that may stand in for it;
-    ``drop`` names checkpoint keys that are known and deliberately unused (each with its reason at the caller)."""
+def divides(source: str | Path, part_key: str, part: int, whole_key: str, whole: int) -> None:
+    if whole % part:
+        raise ValueError(f"{source}: config key {part_key!r} ({part}) does not divide {whole_key!r} ({whole})")
+
+
+def _layout(own: dict, state: dict, source: str, tied: dict[str, str] | None, drop: tuple[str, ...],
+            values: bool) -> dict:
+    """``state`` keyed as ``own`` (ties resolved, ``drop`` removed), or a WeightError listing missing, unexpected and
+    mis-shaped keys. ``own`` and ``state`` map names to anything with a ``shape``; ``values``: tensors, so tied
+    keys that both hold data must hold the same."""
     state = {k: v for k, v in state.items() if k not in drop}
     for name, alias in (tied or {}).items():
         if name not in state and alias in state:
             state[name] = state[alias]
-        elif name in state and alias in state and not torch.equal(state[name], state[alias]):
+        elif values and name in state and alias in state and not torch.equal(state[name], state[alias]):
             raise WeightError(f"{source}: tied keys {name} and {alias} hold different values")
-        if alias in state and alias not in dict(module.named_parameters()):
+        if alias in state and alias not in own:
             state.pop(alias)  # consumed through the tie
-    own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or shapes:
         parts = [f"{source}: weights do not match the model"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
             if items:
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise WeightError("\n".join(parts))
+    return state
+
+
+def expect_layout(build, meta: dict[str, TensorMeta], source: str, tied: dict[str, str] | None = None,
+                  drop: tuple[str, ...] = ()) -> None:
+    """Check stored tensors' names and shapes (``meta``, from headers) against the module ``build()`` makes, built
+    on the meta device: nothing is allocated, so a config that asks for 10**9 layers fails here by name."""
+    with torch.device("meta"):
+        module = build()
+    _layout(module.state_dict(), meta, source, tied, drop, values=False)
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], source: str, tied: dict[str, str] | None = None,
+                drop: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``module``. ``tied`` maps a parameter name to the key that may stand in for it;
+    ``drop`` names checkpoint keys that are known and deliberately unused (each with its reason at the caller)."""
+    own = module.state_dict()
+    state = _layout(own, state, source, tied, drop, values=True)
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(state[k])

@@ -238,25 +238,25 @@ def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
     from safetensors.torch import save_file
 
     from impl.checkpoint import PREFIXES
-    from impl.weights import read_config, read_weights_dir
+    from impl.weights import MODEL_WEIGHTS, TEXT_WEIGHTS, read_config, read_weights_dir
 
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists; refusing to overwrite")
     cfg_path = src / "transformer" / "config.json"
     mc = MMDiTConfig.from_diffusers(read_config(cfg_path), str(cfg_path))
     state = {PREFIXES["mmdit"] + k: v for k, v in
-             diffusers_to_sai(read_weights_dir(src / "transformer"), mc, str(src / "transformer")).items()}
+             diffusers_to_sai(read_weights_dir(src / "transformer", MODEL_WEIGHTS), mc, str(src / "transformer")).items()}
     lines = [f"transformer: {mc.depth} blocks, hidden {mc.hidden}"]
     if (src / "vae").is_dir():
         vc = VAEConfig.from_diffusers(read_config(src / "vae" / "config.json"), str(src / "vae" / "config.json"))
-        sai_vae = diffusers_to_sai(read_weights_dir(src / "vae"), vc, str(src / "vae"))
+        sai_vae = diffusers_to_sai(read_weights_dir(src / "vae", MODEL_WEIGHTS), vc, str(src / "vae"))
         state.update({PREFIXES["vae"] + k: v for k, v in sai_vae.items()})
         lines.append(f"vae: ch {vc.ch}, mult {list(vc.ch_mult)}")
     from impl.text import CLIP_DROP
 
     for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
         if (src / sub).is_dir():
-            te = {k: v for k, v in read_weights_dir(src / sub).items() if k not in CLIP_DROP}
+            te = {k: v for k, v in read_weights_dir(src / sub, TEXT_WEIGHTS).items() if k not in CLIP_DROP}
             if name == "t5xxl" and "encoder.embed_tokens.weight" not in te and "shared.weight" in te:
                 te["encoder.embed_tokens.weight"] = te["shared.weight"].clone()  # the name SAI-layout readers read
             state.update({f"{PREFIXES['text_encoders']}{name}.transformer.{k}": v for k, v in te.items()})

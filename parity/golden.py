@@ -225,24 +225,18 @@ def sides(s, with_reference: bool, sai_code: str | None = None):
 
 def model_fingerprint(s) -> dict:
     """What the set was computed from. The embedded default: its manifest's sha256. A named model: per file, the
-    sha256 of a safetensors file's header (names, dtypes, shapes, offsets) and size (hashing multi-GB weights on
-    every verify would cost minutes), or of the whole file for everything else (configs, tokenizer files)."""
+    ``run.file_fingerprint`` of each file."""
     from impl import embedded
 
     if s.model is None and s.checkpoint is None:
         return {"name": "embedded-default",
                 "manifest_sha256": hashlib.sha256(json.dumps(embedded.manifest(), sort_keys=True).encode()).hexdigest()}
+    from parity.run import file_fingerprint
+
     files = {}
     for root in [Path(p) for p in (s.model, s.checkpoint, s.config) if p]:
         for p in sorted([root] if root.is_file() else (q for q in root.rglob("*") if q.is_file())):
-            with open(p, "rb") as f:
-                if p.suffix == ".safetensors":
-                    head = f.read(8)
-                    n = int.from_bytes(head, "little") if len(head) == 8 else 0
-                    digest = hashlib.sha256(head + f.read(min(n, 100_000_000)) + str(p.stat().st_size).encode()).hexdigest()
-                else:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-            files[str(p if root.is_file() else p.relative_to(root))] = digest
+            files[str(p if root.is_file() else p.relative_to(root))] = file_fingerprint(p)
     return {"name": str(s.model or s.checkpoint), "files": files}
 
 

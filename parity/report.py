@@ -96,7 +96,10 @@ def format_table(report: Report, prompts: list[str]) -> str:
                      f"{'x'.join(map(str, r['shape'])):<16} {_size(r)}  {mark}")
     lines.append("")
     for name, what in report.sources.items():
-        lines.append(f"{name} read: {what}")
+        files = what.get("files", {}) if isinstance(what, dict) else {}
+        rest = {k: v for k, v in what.items() if k != "files"} if isinstance(what, dict) else what
+        lines.append(f"{name} read: {len(files)} weight files" + (f", {rest}" if rest else ""))
+        lines += [f"  {path}  {digest[:12]}" for path, digest in files.items()]
     lines += [f"note: {n}" for n in report.notes]
     lines += [f"prompt {i}: {p!r}" for i, p in enumerate(prompts)]
     return "\n".join(lines + ["", verdict(report)])

@@ -138,6 +138,16 @@ class Run:
     models: list[ImageModel]
     reference: str
     notes: list[str] = field(default_factory=list)
+    files: dict[str, list[Path]] = field(default_factory=dict)  # a component folder or single file -> files read
+
+    def sources(self, single_files: bool) -> dict[str, str]:
+        """The files a side reads, each with its fingerprint (``file_fingerprint``): the text encoders', then per
+        model its SAI single file (``single_files``, where it has one) or its ``transformer/`` and ``vae/``."""
+        parts = ["text_encoders", "text_encoder", "text_encoder_2", "text_encoder_3"]
+        for m in self.models:
+            single = m.single_file is not None and (single_files or not m.weights_in_directory)
+            parts += [m.label] if single else [f"{m.label} transformer", f"{m.label} vae"]
+        return {str(f): file_fingerprint(f) for k in parts for f in self.files.get(k, ())}
 
     @property
     def text(self):
@@ -162,6 +172,91 @@ class Run:
         from parity.sides.sai import code_dir
 
         return code_dir(self.spec.sai_code)
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a safetensors file's header (names, dtypes, shapes, offsets) and size (hashing multi-GB weights
+    on every run would cost minutes), or of the whole file otherwise."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        if path.suffix != ".safetensors":
+            return hashlib.sha256(f.read()).hexdigest()
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return hashlib.sha256(head + f.read(min(n, 100_000_000)) + str(path.stat().st_size).encode()).hexdigest()
+
+
+def weight_sources(text: TextModel, models: list[ImageModel]) -> dict[str, list[Path]]:
+    """The files every side reads, by the layout's one rule (``impl.weights.weight_files``): a folder where the
+    sides could read different bytes (another weight name, a pickle fallback, an index beside a single file) is
+    refused here, before any side runs."""
+    from impl.weights import MODEL_WEIGHTS, TEXT_WEIGHTS, weight_files
+
+    out: dict[str, list[Path]] = {}
+    if text.single_file is not None:
+        out["text_encoders"] = [text.single_file]
+    else:
+        for sub in ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if text.has_t5 else ()):
+            out[sub] = weight_files(text.directory / sub, TEXT_WEIGHTS)
+    for m in models:
+        if m.single_file is not None:
+            out[m.label] = [m.single_file]
+        if m.weights_in_directory and m.directory is not None:
+            for sub in ("transformer", "vae"):
+                out[f"{m.label} {sub}"] = weight_files(m.directory / sub, MODEL_WEIGHTS)
+    return out
+
+
+def check_text_files(text: TextModel) -> None:
+    """Before any side runs: each text encoder folder's config parses within bounds and its weights' headers have
+    the names and shapes that config builds (checked without allocating), and every tokenizer id fits the
+    embedding table it indexes. A single file's encoders are sized from its shapes."""
+    from impl.clip import ClipConfig, ClipTextEncoder
+    from impl.clip_tokenizer import BPEVocab
+    from impl.t5 import T5Config, T5Encoder
+    from impl.t5_tokenizer import SentencePieceModel
+    from impl.text import CLIP_DROP, T5_TIED
+    from impl.weights import TEXT_WEIGHTS, expect_layout, read_safetensors_meta, weight_files
+
+    rows: dict[str, tuple[int, str]] = {}  # tokenizer folder -> (embedding rows, where they come from)
+    if text.single_file is not None:
+        meta = read_safetensors_meta(text.single_file)
+        for tok, key in (("tokenizer", "clip_l.transformer.text_model.embeddings.token_embedding.weight"),
+                         ("tokenizer_2", "clip_g.transformer.text_model.embeddings.token_embedding.weight"),
+                         ("tokenizer_3", "t5xxl.transformer.shared.weight")):
+            t = meta.get(f"text_encoders.{key}")
+            if t is not None and t.ndim == 2:
+                rows[tok] = (t.shape[0], f"{text.single_file} text_encoders.{key}")
+    else:
+        for sub, tok, parse, build, tied, drop in (
+                ("text_encoder", "tokenizer", ClipConfig.from_hf, ClipTextEncoder, None, CLIP_DROP),
+                ("text_encoder_2", "tokenizer_2", ClipConfig.from_hf, ClipTextEncoder, None, CLIP_DROP),
+                ("text_encoder_3", "tokenizer_3", T5Config.from_hf, T5Encoder, T5_TIED, ())):
+            if sub == "text_encoder_3" and not text.has_t5:
+                continue
+            path = text.directory / sub / "config.json"
+            cfg = parse(_read_json(path), str(path))
+            meta = {}
+            for f in weight_files(text.directory / sub, TEXT_WEIGHTS):
+                meta.update(read_safetensors_meta(f))
+            expect_layout(lambda: build(cfg), meta, str(text.directory / sub), tied, CLIP_DROP if drop else ())
+            rows[tok] = (cfg.vocab_size, f"{path} vocab_size")
+    for tok, (n, where) in rows.items():
+        folder = text.directory / tok
+        if tok == "tokenizer_3":
+            if (folder / "spiece.model").is_file():
+                size, name = len(SentencePieceModel.load(folder / "spiece.model").pieces), "spiece.model"
+                top = size - 1
+            else:
+                continue
+        elif (folder / "vocab.json").is_file():
+            vocab, name = BPEVocab.from_dir(folder), "vocab.json"
+            top = max(vocab.encoder.values())
+        else:
+            continue
+        if top >= n:
+            raise UsageError(f"{folder / name}: token id {top} is beyond the embedding table ({n} rows, {where})")
 
 
 def _read_json(path: Path) -> dict:
@@ -337,6 +432,7 @@ def resolve(s: Spec) -> Run:
         if reference == "sai":
             raise Unsupported(f"{text_model.directory}: no text_encoder_3/; the SD3.5 code requires T5")
         values = {**values, "t5_absent": values["t5_absent"] or "zeros", **dict(s.overrides)}
+    check_text_files(text_model)
     models = _image_models(s, values, reference, notes)
     for m in models:
         for layer in s.slg:
@@ -350,7 +446,7 @@ def resolve(s: Spec) -> Run:
     if reference == "sai" and models and any(m.single_file is None for m in models):
         raise UsageError("the SD3.5 code reads SAI single files: give the model's --checkpoint FILE "
                          "(e.g. the repository's sd3.5_large.safetensors)")
-    return Run(s, values, text_model, models, reference, notes)
+    return Run(s, values, text_model, models, reference, notes, weight_sources(text_model, models))
 
 
 # ---------------------------------------------------------------------------------------------- execution

@@ -66,7 +66,7 @@ def text_pipeline(text_model, dtype: torch.dtype):
             cls = T5EncoderModel if sub == "text_encoder_3" else CLIPTextModelWithProjection
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                parts[sub] = cls.from_pretrained(d / sub, dtype=dtype)
+                parts[sub] = cls.from_pretrained(d / sub, dtype=dtype, use_safetensors=True)
             parts[tok] = (T5Tokenizer if tok == "tokenizer_3" else CLIPTokenizer).from_pretrained(d / tok)
         pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **parts)
     for _, sub, _ in TEXT:
@@ -93,7 +93,7 @@ def image_pipeline(model, run, img2img: bool):
             pipe = _from_single_file(cls, model.single_file, model.directory, dtype, **text)
         else:
             kw = {} if run.text_model.has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-            pipe = cls.from_pretrained(model.directory, dtype=dtype, **kw)
+            pipe = cls.from_pretrained(model.directory, dtype=dtype, use_safetensors=True, **kw)
     # measured: diffusers 0.42.1 without accelerate leaves SD3Transformer2DModel in float32 under dtype=bfloat16
     # (the VAE and text encoders are cast); cast it explicitly, the same rounding a dtype-converting load does.
     # Only it: pipe.to() would also cast the float32 T5 `wo` layers transformers keeps in float16 runs.
@@ -121,9 +121,7 @@ class DiffusersSide:
     def sources(self, run) -> dict:
         from importlib.metadata import version
 
-        files = [str(run.text_model.single_file or run.text_model.directory)]
-        files += [str(m.directory if m.weights_in_directory else m.single_file) for m in run.models]
-        return {"files": sorted(set(files)), "diffusers": version("diffusers"), "transformers": version("transformers")}
+        return {"files": run.sources(single_files=False), "diffusers": version("diffusers"), "transformers": version("transformers")}
 
     def text(self, run) -> R.Side:
         pipe = text_pipeline(run.text_model, run.dtype)

@@ -51,7 +51,7 @@ def load_image_parts(model, opts: dict):
     through the naming table's weight rules."""
     from impl.mmdit import MMDiT
     from impl.vae import VAE
-    from impl.weights import load_strict, read_weights_dir
+    from impl.weights import MODEL_WEIGHTS, load_strict, read_weights_dir
 
     mmdit, vae = MMDiT(model.mmdit, opts["mmdit"]), VAE(model.vae, opts["vae_attention"])
     if model.single_file is not None:
@@ -68,9 +68,9 @@ def load_image_parts(model, opts: dict):
         from parity.convert import diffusers_to_sai
 
         d: Path = model.directory
-        load_strict(mmdit, diffusers_to_sai(read_weights_dir(d / "transformer"), model.mmdit, str(d / "transformer")),
+        load_strict(mmdit, diffusers_to_sai(read_weights_dir(d / "transformer", MODEL_WEIGHTS), model.mmdit, str(d / "transformer")),
                     str(d / "transformer"))
-        load_strict(vae, diffusers_to_sai(read_weights_dir(d / "vae"), model.vae, str(d / "vae")), str(d / "vae"))
+        load_strict(vae, diffusers_to_sai(read_weights_dir(d / "vae", MODEL_WEIGHTS), model.vae, str(d / "vae")), str(d / "vae"))
     return mmdit.eval(), vae.eval()
 
 
@@ -95,9 +95,7 @@ class ImplSide:
         return self._stack
 
     def sources(self, run) -> dict:
-        files = [str(run.text_model.single_file or run.text_model.directory)]
-        files += [str(m.single_file or m.directory) for m in run.models]
-        return {"files": sorted(set(files))}
+        return {"files": run.sources(single_files=True)}
 
     def text(self, run) -> R.Side:
         from impl.text import encode_prompt

@@ -402,11 +402,12 @@ def text_folder(text_model, tmp: Path, notes: list[str]) -> Path:
     code's wrappers: links to the model's files, or the same tensors under the names the code reads."""
     from safetensors.torch import load_file, save_file
 
+    from impl.weights import TEXT_WEIGHTS, read_weights_dir, weight_files
+
     folder = tmp / "models"
     folder.mkdir()
     for _, name, sub, _, _ in TEXT_FILES:
         target = folder / f"{name}.safetensors"
-        single = text_model.directory / sub / "model.safetensors"
         if text_model.single_file is not None:
             prefix = f"text_encoders.{name}.transformer."
             from safetensors import safe_open
@@ -414,17 +415,15 @@ def text_folder(text_model, tmp: Path, notes: list[str]) -> Path:
             with safe_open(text_model.single_file, framework="pt", device="cpu") as f:
                 state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
             why = f"the {prefix}* tensors of {text_model.single_file.name}"
-        elif single.is_file():
-            state = None
+        elif len(files := weight_files(text_model.directory / sub, TEXT_WEIGHTS)) == 1:  # the rule every side reads by
+            single, state = files[0], None
             if name == "t5xxl" and "encoder.embed_tokens.weight" not in safetensors_keys(single):
                 state = load_file(str(single))
                 why = f"{single} with shared.weight also stored as encoder.embed_tokens.weight (the name the code reads)"
             else:
                 target.symlink_to(single.resolve())
         else:
-            from impl.weights import read_weights_dir
-
-            state = read_weights_dir(text_model.directory / sub)
+            state = read_weights_dir(text_model.directory / sub, TEXT_WEIGHTS)
             why = f"the shards of {text_model.directory / sub} in one file"
         if state is not None:
             if name == "t5xxl" and "encoder.embed_tokens.weight" not in state and "shared.weight" in state:
@@ -540,9 +539,7 @@ class SaiSide:
                 tuple((m.label, m.shift["sai"]) for m in run.models))
 
     def sources(self, run) -> dict:
-        files = [str(run.text_model.single_file or run.text_model.directory)]
-        files += [str(m.single_file) for m in run.models]
-        return {"files": sorted(set(files)), "sd3.5 code": fingerprint(self.code)}
+        return {"files": run.sources(single_files=True), "sd3.5 code": fingerprint(self.code)}
 
     @staticmethod
     def sampler(run) -> str:

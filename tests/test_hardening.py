@@ -1,0 +1,124 @@
+"""Hostile input, faults and interruptions: each case is a reproducer of the hardening campaign (issue
+"Hardening"), run through the command line in-process. Every one must end with a documented exit code and a
+message naming the file, key or option at fault, never a traceback."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from parity.cli import main
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir():
+    from parity.embedded import model_dir
+
+    return model_dir("sd3-medium")
+
+
+@pytest.fixture
+def model(pipeline_dir, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(pipeline_dir, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    for p in pipeline_dir.rglob("*.safetensors"):  # links: the cases replace the files they damage
+        (target / p.relative_to(pipeline_dir)).symlink_to(p)
+    return target
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------- the same bytes
+
+def test_text_encoder_under_another_name_beside_a_pickle_is_refused(model, capsys):
+    te = model / "text_encoder"
+    state = load_file(str(te / "model.safetensors"))
+    (te / "model.safetensors").unlink()
+    save_file(state, str(te / "diffusion_pytorch_model.safetensors"))
+    torch.save({k: v + 1 for k, v in state.items()}, te / "pytorch_model.bin")
+    code, _, err = cli(capsys, "check", "--model", model, "--text-only")
+    assert code == 2 and "no model.safetensors" in err and "pytorch_model.bin" in err and str(te) in err
+
+
+def test_index_beside_a_single_file_is_refused(model, capsys):
+    tr = model / "transformer"
+    index = {"metadata": {}, "weight_map": {k: "diffusion_pytorch_model.safetensors"
+                                            for k in load_file(str(tr / "diffusion_pytorch_model.safetensors"))}}
+    (tr / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = cli(capsys, "check", "--model", model, "--steps", 1)
+    assert code == 2 and "holds both" in err and str(tr) in err
+
+
+def test_shard_names_stay_inside_their_folder(model, capsys):
+    te = model / "text_encoder_3"
+    keys = load_file(str(te / "model.safetensors"))
+    (te / "model.safetensors").unlink()
+    (te / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../x.safetensors" for k in keys}}))
+    code, _, err = cli(capsys, "check", "--model", model, "--text-only")
+    assert code == 2 and "shard names must be files" in err
+
+
+def test_a_pickle_beside_the_safetensors_is_never_read(model, capsys):
+    """transformers would prefer the safetensors anyway; with different values in the pickle, every side still
+    agrees bitwise, and the report names the one file each side read."""
+    te = model / "text_encoder"
+    torch.save({k: v + 1 for k, v in load_file(str(te / "model.safetensors")).items()}, te / "pytorch_model.bin")
+    code, out, _ = cli(capsys, "check", "--model", model, "--text-only", "--prompt", "a cat")
+    assert code == 0 and "every record bitwise equal" in out
+    assert f"{te / 'model.safetensors'}  " in out and "pytorch_model.bin" not in out
+
+
+# ---------------------------------------------------------------------------------------------- configs and tokenizers
+
+def _edit_json(path, **changes):
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("num_attention_heads", 0, "'num_attention_heads' is 0; expected 1 to"),
+    ("num_attention_heads", 3, "'num_attention_heads' (3) does not divide 'hidden_size'"),
+    ("num_hidden_layers", 10 ** 9, "'num_hidden_layers' is 1000000000; expected 1 to 1024"),  # ran 371 s, bad_alloc
+    ("num_hidden_layers", 4, "missing (16): text_model.encoder.layers.3"),  # within bounds: the headers disagree
+    ("vocab_size", 10 ** 12, "'vocab_size' is 1000000000000"),
+    ("hidden_size", True, "'hidden_size' is True; expected int"),
+    ("layer_norm_eps", "1e-5", "'layer_norm_eps' is '1e-5'; expected float"),
+])
+def test_text_encoder_config_out_of_bounds(model, capsys, key, value, says):
+    _edit_json(model / "text_encoder" / "config.json", **{key: value})
+    code, _, err = cli(capsys, "check", "--model", model, "--text-only")
+    assert code == 2 and says in err and str(model / "text_encoder") in err, err
+
+
+def test_t5_config_out_of_bounds(model, capsys):
+    _edit_json(model / "text_encoder_3" / "config.json", relative_attention_num_buckets=0)
+    code, _, err = cli(capsys, "check", "--model", model, "--text-only")
+    assert code == 2 and "'relative_attention_num_buckets' is 0" in err
+
+
+def test_transformer_config_out_of_bounds(model, capsys):
+    _edit_json(model / "transformer" / "config.json", num_layers=10 ** 9)
+    code, _, err = cli(capsys, "check", "--model", model)
+    assert code == 2 and "'num_layers' is 1000000000" in err and "transformer/config.json" in err
+
+
+def test_vae_groups_must_divide_channels(model, capsys):
+    _edit_json(model / "vae" / "config.json", norm_num_groups=7)
+    code, _, err = cli(capsys, "check", "--model", model)
+    assert code == 2 and "'norm_num_groups' (7) does not divide" in err and "vae/config.json" in err
+
+
+def test_vocabulary_id_beyond_the_embedding_table(model, capsys):
+    path = model / "tokenizer_2" / "vocab.json"
+    vocab = json.loads(path.read_text())
+    vocab[next(iter(vocab))] = 10 ** 7
+    path.write_text(json.dumps(vocab))
+    code, _, err = cli(capsys, "check", "--model", model, "--text-only")
+    assert code == 2 and f"{path}: token id 10000000 is beyond the embedding table (49408 rows" in err
