@@ -89,12 +89,20 @@ def _convert(args) -> int:
 def _record(args) -> int:
     from pathlib import Path
 
-    from parity.golden import record
+    from parity.golden import GoldenError, check_name, record
 
+    if args.name is not None:
+        check_name(args.name)
     s = spec_from(args)
     default = f"{Path(args.model).name if args.model else 'embedded'}-{args.profile}-{args.dtype}"
     target = Path(args.golden_dir) / (args.name or default)
-    m = record(target, s, force=args.force)
+    try:
+        m, removed = record(target, s, force=args.force)
+    except GoldenError as e:
+        print(f"sd3parity record: {e.kind}: {e}", file=sys.stderr)
+        return e.code
+    if removed:
+        print(f"removed what a killed record left: {', '.join(removed)}")
     size = sum(p.stat().st_size for p in target.iterdir())
     print(f"wrote {target}: {len(m['records'])} records, {size / 1e6:.2f} MB")
     return EXIT_OK

@@ -9,7 +9,14 @@ Storage is tiered: a tensor of at most ``FULL_LIMIT`` elements is stored whole; 
 statistics and ``SAMPLES`` values at fixed positions, so the committed set stays small while a divergence is still
 localised to its record and sized. Writing is atomic: the tensor file gets a new content-derived name, the manifest
 is replaced last with ``os.replace``, and only then are unreferenced tensor files removed; a writer killed at any
-point leaves the previous set verifiable.
+point leaves the previous set verifiable. One writer at a time: ``record`` holds an advisory lock
+(``<golden-dir>/.<name>.lock``, ``fcntl.flock``) from its start to its end, and a second writer exits at once (25).
+A writer removes only its own temporaries; what a killed writer left (``.partial`` files, unreferenced tensor files)
+is removed and named by the next ``record``, and named by ``verify``.
+
+Every manifest field is checked for type and range before use, and ``records_sha256`` (a checksum of the records
+list) makes any edit of a record (its sha256, shape or storage; a deleted or duplicated record) a malformed
+manifest rather than a change of impl or the reference. ``tensor_file`` must be a file name of the set.
 
 ``verify`` exit codes (also in the README):
 
@@ -24,16 +31,25 @@ point leaves the previous set verifiable.
     20 golden damaged: a stored tensor does not match its recorded sha256 (e.g. a flipped byte)
     21 golden damaged: the tensor file is missing, truncated or unreadable
     22 golden damaged: manifest.json is missing
-    23 golden damaged: manifest.json is malformed
+    23 golden damaged: manifest.json is malformed or edited (a wrong type, a value out of range, records that do
+       not match their checksum or the stored tensors)
     24 the manifest was written by a newer schema than this sd3-parity reads
+
+``record`` exit codes: 0 written; 25 another ``record`` is writing the same set (nothing was changed); 26 the set
+could not be written (disk full, file too large, permissions: the previous set is unchanged).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -45,19 +61,26 @@ from torch import Tensor
 from parity import records as R
 
 SCHEMA = "sd3-parity-golden"
-SCHEMA_VERSION = 2  # 2: settings are a run.Spec, records carry their execution order (seq)
+SCHEMA_VERSION = 3  # 2: settings are a run.Spec, records carry their execution order (seq); 3: records_sha256
 FULL_LIMIT = 512
 SAMPLES = 64
 EXIT = {"ok": 0, "impl": 10, "reference": 11, "environment": 12, "both": 13, "other_cpu": 14, "tensor_damaged": 20,
-        "tensor_file": 21, "manifest_missing": 22, "manifest_malformed": 23, "newer_schema": 24}
+        "tensor_file": 21, "manifest_missing": 22, "manifest_malformed": 23, "newer_schema": 24, "busy": 25, "write_failed": 26}
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+TENSOR_FILE = re.compile(r"tensors-[0-9a-f]{16}\.safetensors")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool")
 VERSIONED = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "numpy")
 REFERENCE_PACKAGES = ("diffusers", "transformers", "tokenizers")
 
 
 class GoldenError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
+    def __init__(self, kind: str, message: str, *detail):
+        super().__init__(message, *detail)
         self.kind, self.code = kind, EXIT[kind]
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -155,16 +178,62 @@ def _entries(ref: R.Side, impl: R.Side) -> tuple[list[dict], dict[str, Tensor]]:
     return entries, tensors
 
 
-def write_set(target: Path, manifest: dict, tensors: dict[str, Tensor]) -> None:
-    """Atomically replace the golden set at ``target`` (see the module docstring)."""
+def records_sha256(records: list) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_name(name: str) -> None:
+    if not SET_NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r}: a set name is letters, digits and . _ + - (no path), starting with a "
+                         "letter or digit")
+
+
+@contextlib.contextmanager
+def writer_lock(target: Path):
+    """The set's advisory writer lock, held for the whole ``record``; taken without waiting."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            raise GoldenError("busy", f"{target}: another record{f' (pid {holder})' if holder else ''} is writing "
+                                      "this golden set; nothing was changed (run again when it has finished)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with the next writer)
+
+
+def leftovers(target: Path) -> list[Path]:
+    """What killed writers left in a set: temporaries and tensor files the manifest does not name."""
+    named = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        named = json.loads((target / "manifest.json").read_text(encoding="utf-8")).get("tensor_file")
+    return sorted([*target.glob(".*.partial"), *(p for p in target.glob("tensors-*.safetensors") if p.name != named)])
+
+
+def write_set(target: Path, manifest: dict, tensors: dict[str, Tensor]) -> list[str]:
+    """Atomically replace the golden set at ``target`` (see the module docstring); the caller holds the writer
+    lock. Returns the leftovers of killed writers it removed."""
     from safetensors.torch import save_file
 
     target.mkdir(parents=True, exist_ok=True)
-    for stale in target.glob(".*.partial"):  # left by a writer that was killed
-        stale.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=".tensors-", suffix=".partial", dir=target)
-    os.close(fd)
+    removed = []
+    for stale in leftovers(target):
+        if stale.name.endswith(".partial"):  # unreferenced tensor files go after the new manifest is in place
+            stale.unlink(missing_ok=True)
+            removed.append(stale.name)
+    own = []
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tensors-", suffix=".partial", dir=target)
+        os.close(fd)
+        own.append(tmp)
         save_file(tensors, tmp)
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         name = f"tensors-{digest[:16]}.safetensors"
@@ -172,6 +241,7 @@ def write_set(target: Path, manifest: dict, tensors: dict[str, Tensor]) -> None:
         os.replace(tmp, target / name)
         manifest = {**manifest, "tensor_file": name, "tensor_file_sha256": digest}
         fd, mtmp = tempfile.mkstemp(prefix=".manifest-", suffix=".partial", dir=target)
+        own.append(mtmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
             f.write("\n")
@@ -179,12 +249,16 @@ def write_set(target: Path, manifest: dict, tensors: dict[str, Tensor]) -> None:
             os.fsync(f.fileno())
         os.chmod(mtmp, 0o644)
         os.replace(mtmp, target / "manifest.json")
+    except OSError as e:
+        raise GoldenError("write_failed", f"{target}: could not write the golden set ({e.strerror or e}); the "
+                                          "previous set is unchanged") from None
     finally:
-        for leftover in target.glob(".*.partial"):
-            leftover.unlink(missing_ok=True)
-    for old in target.glob("tensors-*.safetensors"):
-        if old.name != name:
-            old.unlink()
+        for path in own:
+            Path(path).unlink(missing_ok=True)
+    for old in leftovers(target):
+        old.unlink(missing_ok=True)
+        removed.append(old.name)
+    return removed
 
 
 def spec_of(manifest_settings: dict, source: str):
@@ -197,7 +271,22 @@ def spec_of(manifest_settings: dict, source: str):
         raise GoldenError("manifest_malformed", f"{source}: settings has unknown keys {unknown}")
     values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
               for k, v in manifest_settings.items()}
-    return Spec(**values)
+    from parity.run import UsageError, validate
+
+    spec = Spec(**values)
+    types = {"threads": int, "steps": int, "seed": int, "height": int, "width": int, "max_ulp": int, "text_only": bool,
+             "guidance": (int, float), "strength": (int, float), "profile": str, "dtype": str}
+    bad = [k for k, t in types.items() if not isinstance(getattr(spec, k), t)
+           or (t is int and isinstance(getattr(spec, k), bool))]
+    bad += [k for k in ("model", "checkpoint", "config", "image", "sai_code") if not isinstance(getattr(spec, k), (str, type(None)))]
+    bad += [k for k in ("prompts", "families", "slg") if not isinstance(getattr(spec, k), tuple)]
+    if bad:
+        raise GoldenError("manifest_malformed", f"{source}: settings {', '.join(sorted(bad))} of the wrong type")
+    try:
+        validate(spec)
+    except (UsageError, TypeError) as e:
+        raise GoldenError("manifest_malformed", f"{source}: settings: {e}") from None
+    return spec
 
 
 def sides(s, with_reference: bool, sai_code: str | None = None):
@@ -244,9 +333,14 @@ def environment(s) -> dict:
     return {"device": "cpu", "threads": s.threads, "dtype": s.dtype, "machine": platform.machine(), "cpu": cpu()}
 
 
-def record(target: Path, s, force: bool = False) -> dict:
-    """Run impl and the reference with ``s`` and write the golden set at ``target``. Returns the manifest. An
-    existing set is replaced only with ``force``."""
+def record(target: Path, s, force: bool = False) -> tuple[dict, list[str]]:
+    """Run impl and the reference with ``s`` and write the golden set at ``target``. Returns the manifest and the
+    leftovers of killed writers that were removed. An existing set is replaced only with ``force``."""
+    with writer_lock(target):
+        return _record(target, s, force)
+
+
+def _record(target: Path, s, force: bool) -> tuple[dict, list[str]]:
     from parity.run import spec_json
 
     if (target / "manifest.json").exists() and not force:
@@ -265,16 +359,84 @@ def record(target: Path, s, force: bool = False) -> dict:
         "environment": environment(s), "versions": versions(),
         "tolerance": {"policy": "bitwise: each record's sha256 must match; sampled records are sized on their "
                                 "stored samples and statistics when it does not", "max_ulp": 0},
-        "notes": run.notes, "records": entries,
+        "notes": run.notes, "records": entries, "records_sha256": records_sha256(entries),
     }
-    write_set(target, manifest, tensors)
-    return manifest
+    removed = write_set(target, manifest, tensors)
+    return manifest, removed
 
 
 # ---------------------------------------------------------------------------------------------- verifying
 
+def _malformed(path: Path, message: str) -> GoldenError:
+    return GoldenError("manifest_malformed", f"{path}: {message}")
+
+
+def check_manifest(m, path: Path) -> dict:
+    """Every field the verifier reads, checked for type and range; the records against their checksum."""
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA:
+        raise _malformed(path, f"not an {SCHEMA} manifest")
+    version = m.get("schema_version")
+    if type(version) is not int:
+        raise _malformed(path, f"schema_version {version!r} is not an integer")
+    if version < SCHEMA_VERSION:
+        raise _malformed(path, f"schema_version {version} is older than this sd3-parity reads ({SCHEMA_VERSION}); "
+                               "record the set again")
+    if version > SCHEMA_VERSION:
+        raise GoldenError("newer_schema", f"{path}: schema_version {version} is newer than this sd3-parity reads "
+                                          f"({SCHEMA_VERSION}); upgrade sd3-parity")
+    kinds = {"settings": dict, "environment": dict, "versions": dict, "records": list, "tensor_file": str,
+             "tensor_file_sha256": str, "records_sha256": str, "flags": dict, "reference": str}
+    missing = [k for k in kinds if k not in m]
+    if missing:
+        raise _malformed(path, f"missing keys {missing}")
+    wrong = [f"{k} is {type(m[k]).__name__}, not {t.__name__}" for k, t in kinds.items() if not isinstance(m[k], t)]
+    if wrong:
+        raise _malformed(path, "; ".join(wrong))
+    if not TENSOR_FILE.fullmatch(m["tensor_file"]):
+        raise _malformed(path, f"tensor_file {m['tensor_file']!r} is not a tensor file name of this set "
+                               "(tensors-<16 hex>.safetensors)")
+    for k in ("tensor_file_sha256", "records_sha256"):
+        if not SHA256.fullmatch(m[k]):
+            raise _malformed(path, f"{k} {m[k]!r} is not a sha256")
+    env = m["environment"]
+    if type(env.get("threads")) is not int or env["threads"] < 1 or not isinstance(env.get("dtype"), str):
+        raise _malformed(path, f"environment {env!r}: threads (an integer >= 1) and dtype are required")
+    if not all(isinstance(v, (str, type(None))) for v in m["versions"].values()):
+        raise _malformed(path, "versions: each package version is a string or null")
+    if records_sha256(m["records"]) != m["records_sha256"]:
+        raise _malformed(path, "the records do not match records_sha256: the manifest was edited (a record changed, "
+                               "added or deleted)")
+    if not m["records"]:
+        raise _malformed(path, "no records")
+    keys = set()
+    for i, e in enumerate(m["records"]):
+        ok = (isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("sha256"), str)
+              and SHA256.fullmatch(e["sha256"]) and e.get("storage") in ("full", "sampled") and e.get("dtype") in DTYPES
+              and isinstance(e.get("shape"), list) and all(type(n) is int and n >= 0 for n in e["shape"])
+              and e.get("seq") == i and e.get("source") in ("reference", "impl"))
+        if not ok:
+            raise _malformed(path, f"record {i} is malformed: {str(e)[:200]}")
+        if e["key"] in keys:
+            raise _malformed(path, f"record {i} repeats the key {e['key']!r}")
+        keys.add(e["key"])
+    return m
+
+
 def load_set(d: Path) -> tuple[dict, dict[str, Tensor]]:
-    """The manifest and stored tensors of one set, or a GoldenError naming what is damaged."""
+    """The manifest and stored tensors of one set, or a GoldenError naming what is damaged. A manifest replaced by
+    a writer between reading it and opening its tensor file is read again."""
+    for attempt in range(3):
+        try:
+            return _load_set(d)
+        except GoldenError as e:
+            if e.kind != "tensor_file" or attempt == 2:
+                raise
+            path = d / "manifest.json"
+            if json.loads(path.read_text(encoding="utf-8")).get("tensor_file") == e.args[1]:
+                raise  # the manifest still names the missing file: not a race
+
+
+def _load_set(d: Path) -> tuple[dict, dict[str, Tensor]]:
     from impl.weights import WeightError, read_safetensors
 
     path = d / "manifest.json"
@@ -284,37 +446,37 @@ def load_set(d: Path) -> tuple[dict, dict[str, Tensor]]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GoldenError("manifest_malformed", f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise GoldenError("manifest_malformed", f"{path}: not an {SCHEMA} manifest")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise GoldenError("manifest_malformed", f"{path}: schema_version {version!r} is not an integer")
-    if version < SCHEMA_VERSION:
-        raise GoldenError("manifest_malformed", f"{path}: schema_version {version} is older than this sd3-parity "
-                                                f"reads ({SCHEMA_VERSION}); record the set again")
-    if version > SCHEMA_VERSION:
-        raise GoldenError("newer_schema", f"{path}: schema_version {version} is newer than this sd3-parity reads "
-                                          f"({SCHEMA_VERSION}); upgrade sd3-parity")
-    missing = [k for k in ("settings", "environment", "versions", "records", "tensor_file", "tensor_file_sha256")
-               if k not in manifest]
-    bad = [i for i, e in enumerate(manifest.get("records", [])) if not isinstance(e, dict)
-           or not {"key", "sha256", "storage", "shape", "dtype"} <= set(e)]
-    if missing or bad or not isinstance(manifest.get("records"), list):
-        raise GoldenError("manifest_malformed", f"{path}: missing keys {missing}" + (f", malformed records {bad[:5]}"
-                                                                                  if bad else ""))
-    tfile = d / str(manifest["tensor_file"])
+    check_manifest(manifest, path)
+    tfile = d / manifest["tensor_file"]
     if not tfile.is_file():
-        raise GoldenError("tensor_file", f"{tfile}: missing (named by {path.name})")
+        raise GoldenError("tensor_file", f"{tfile}: missing (named by {path.name})", manifest["tensor_file"])
     try:
         tensors = read_safetensors(tfile)
     except (WeightError, OSError) as e:
-        raise GoldenError("tensor_file", f"{tfile}: unreadable ({e})") from None
+        raise GoldenError("tensor_file", f"{tfile}: unreadable ({e})", manifest["tensor_file"]) from None
     if hashlib.sha256(tfile.read_bytes()).hexdigest() != manifest["tensor_file_sha256"]:
         damaged = [e["key"] for e in manifest["records"] if e["storage"] == "full"
                    and (e["key"] not in tensors or tensor_sha256(tensors[e["key"]]) != e["sha256"])]
         raise GoldenError("tensor_damaged", f"{tfile}: sha256 differs from the manifest's"
                           + (f"; damaged records: {', '.join(damaged[:5])}" if damaged else
                              " (the damage is in sampled data or the header)"))
+    stored = set()
+    for e in manifest["records"]:
+        k = e["key"] if e["storage"] == "full" else e["key"] + "#samples"
+        t = tensors.get(k)
+        n = math.prod(e["shape"])
+        want = e["shape"] if e["storage"] == "full" else [min(n, SAMPLES)]
+        if t is None or list(t.shape) != want or str(t.dtype).removeprefix("torch.") != e["dtype"]:
+            raise _malformed(path, f"record {e['key']!r} ({e['storage']} {e['shape']} {e['dtype']}) does not match "
+                                   f"its stored tensor {None if t is None else (list(t.shape), t.dtype)}")
+        if e["storage"] == "full" and tensor_sha256(t) != e["sha256"]:
+            raise GoldenError("tensor_damaged", f"{tfile}: record {e['key']!r} does not match its recorded sha256")
+        if (e["storage"] == "full") != (n <= FULL_LIMIT):
+            raise _malformed(path, f"record {e['key']!r}: storage {e['storage']} for {n} elements")
+        stored.add(k)
+    extra = sorted(set(tensors) - stored)
+    if extra:
+        raise _malformed(path, f"{tfile.name} holds tensors no record names: {', '.join(extra[:5])}")
     return manifest, tensors
 
 
@@ -383,6 +545,9 @@ def verify(d: Path, threads: int | None = None, with_reference: bool | None = No
     ref_bad = _first_bad(ref_side, manifest, tensors, impl=False) if ref_side is not None else None
     lines = [f"{len(manifest['records'])} records; reference "
              + (f"{run.reference} compared" if ref_side is not None else "not run: impl only")]
+    left = leftovers(d)
+    if left:
+        lines.append(f"leftovers of a killed record: {', '.join(p.name for p in left)} (the next record removes them)")
     fmt = lambda d_: ", ".join(f"{k} {a} -> {b}" for k, (a, b) in d_.items())  # noqa: E731
     if impl_bad:
         lines.append(f"impl: first difference at {impl_bad}")

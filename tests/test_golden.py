@@ -150,13 +150,152 @@ main(["record", "--golden-dir", sys.argv[1], "--prompt", "another prompt", "--te
 
 @pytest.mark.parametrize("point", ["tensors", "manifest"])
 def test_sigkill_during_record_leaves_the_previous_set(small, tmp_path, point, capsys):
+    """The previous set still verifies; ``verify`` names what the killed writer left, the next ``record`` removes it
+    and says so."""
     d = _copy(small, tmp_path / "small")
     before = (d / "manifest.json").read_bytes()
     proc = subprocess.run([sys.executable, "-c", _KILLER, str(tmp_path), point], capture_output=True,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert (d / "manifest.json").read_bytes() == before
+    left = [p.name for p in G.leftovers(d)]
+    kinds = [n.split("-")[0] for n in left]  # the new tensor file, placed before the kill at the manifest's rename
+    assert kinds == ([".tensors"] if point == "tensors" else [".manifest", "tensors"]), left
+    capsys.readouterr()
     assert main(["verify", "--golden-dir", str(d), "--impl-only"]) == 0
+    assert f"leftovers of a killed record: {', '.join(left)}" in capsys.readouterr().out
+    if point == "manifest":
+        assert main(["record", "--golden-dir", str(tmp_path), "--prompt", "a cat", "--text-only", "--name", "small",
+                     "--force"]) == 0
+        out = capsys.readouterr().out
+        assert all(n in out.split("removed what a killed record left: ")[1] for n in left)
+        assert not G.leftovers(d) and main(["verify", "--golden-dir", str(d), "--impl-only"]) == 0
+
+
+_SLOW = r"""
+import os, sys, time
+import parity.golden as G
+from parity.cli import main
+real = os.replace
+def replace(src, dst):  # slowed at its renames
+    time.sleep(3)
+    return real(src, dst)
+G.os.replace = replace
+sys.exit(main(["record", "--golden-dir", sys.argv[1], "--prompt", "a dog", "--text-only", "--name", "small", "--force"]))
+"""
+
+
+def test_concurrent_records_on_one_name(small, tmp_path, capsys):
+    """A second writer finds the first one (slowed at its renames) holding the set's lock: it exits 25 at once and
+    changes nothing; the first finishes and the set verifies."""
+    import time
+
+    d = _copy(small, tmp_path / "small")
+    slow = subprocess.Popen([sys.executable, "-c", _SLOW, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    lock = tmp_path / ".small.lock"
+    for _ in range(600):
+        if lock.is_file() and lock.read_text().strip() == str(slow.pid):
+            break
+        time.sleep(0.1)
+    capsys.readouterr()
+    assert main(["record", "--golden-dir", str(tmp_path), "--prompt", "a cat", "--text-only", "--name", "small",
+                 "--force"]) == G.EXIT["busy"]
+    err = capsys.readouterr().err
+    assert f"another record (pid {slow.pid}) is writing this golden set; nothing was changed" in err
+    out, errs = slow.communicate(timeout=300)
+    assert slow.returncode == 0, errs.decode()[-2000:]
+    assert "wrote" in out.decode()
+    assert json.loads((d / "manifest.json").read_text())["settings"]["prompts"] == ["a dog"]
+    assert main(["verify", "--golden-dir", str(d), "--impl-only"]) == 0
+
+
+def test_a_failed_write_changes_nothing(small, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    d = _copy(small, tmp_path / "small")
+    before = sorted((p.name, p.read_bytes()) for p in d.iterdir())
+
+    def efbig(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", efbig)
+    assert main(["record", "--golden-dir", str(tmp_path), "--prompt", "a cat", "--text-only", "--name", "small",
+                 "--force"]) == G.EXIT["write_failed"]
+    assert "could not write the golden set (File too large); the previous set is unchanged" in capsys.readouterr().err
+    assert sorted((p.name, p.read_bytes()) for p in d.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", ".hidden", ""])
+def test_set_names_stay_inside_the_golden_dir(tmp_path, name, capsys):
+    assert main(["record", "--golden-dir", str(tmp_path / "g"), "--text-only", "--name", name]) == 2
+    assert "a set name is letters, digits" in capsys.readouterr().err
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "g").exists()
+
+
+def _edit(m, what):
+    r = m["records"]
+    if what == "sha256":
+        r[0]["sha256"] = "0" * 64
+    elif what == "no-records":
+        r.clear()
+    elif what == "deleted":
+        del r[1]
+    elif what == "duplicated":
+        r.insert(1, dict(r[0]))
+    elif what in ("shape", "shape+checksum"):
+        r[0]["shape"] = r[0]["shape"] + [1]
+    elif what in ("storage", "storage+checksum"):
+        r[0]["storage"] = "sampled"
+    elif what == "schema-true":
+        m["schema_version"] = True
+    elif what == "schema-0":
+        m["schema_version"] = 0
+    elif what == "passwd":
+        m["tensor_file"] = "/etc/passwd"
+    elif what == "settings-list":
+        m["settings"] = []
+    elif what == "threads-str":
+        m["settings"]["threads"] = "1"
+    elif what == "versions-list":
+        m["versions"] = []
+    elif what == "env-null":
+        m["environment"] = None
+    elif what == "steps-0":
+        m["settings"]["steps"] = 0
+    if what.endswith("+checksum"):
+        m["records_sha256"] = G.records_sha256(r)
+
+
+@pytest.mark.parametrize("what,message", [
+    ("sha256", "the records do not match records_sha256"), ("no-records", "the records do not match records_sha256"),
+    ("deleted", "records do not match"), ("duplicated", "records do not match"), ("shape", "records do not match"),
+    ("storage", "records do not match"), ("shape+checksum", "does not match its stored tensor"),
+    ("storage+checksum", "does not match its stored tensor"), ("schema-true", "schema_version True is not an integer"),
+    ("schema-0", "schema_version 0 is older"), ("passwd", "tensor_file '/etc/passwd' is not a tensor file name"),
+    ("settings-list", "settings is list, not dict"), ("threads-str", "settings threads of the wrong type"),
+    ("versions-list", "versions is list, not dict"), ("env-null", "environment is NoneType, not dict"),
+    ("steps-0", "settings: --steps 0: at least 1"),
+])
+def test_edited_manifests_are_malformed(small, tmp_path, what, message, monkeypatch, capsys):
+    """Never 13 ("both changed") with max_abs 0, never 0: an edited manifest is exit 23 and says what is wrong;
+    ``/etc/passwd`` is never opened."""
+    import builtins
+
+    d = _copy(small, tmp_path / "set")
+    m = json.loads((d / "manifest.json").read_text())
+    _edit(m, what)
+    (d / "manifest.json").write_text(json.dumps(m))
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (_ for _ in ()).throw(AssertionError(f))
+                        if str(f) == "/etc/passwd" else real_open(f, *a, **k))
+    assert main(["verify", "--golden-dir", str(d)]) == G.EXIT["manifest_malformed"]
+    out = capsys.readouterr()
+    assert message in out.out + out.err and "Traceback" not in out.out + out.err
 
 
 def test_named_model_set_and_both_changed(tmp_path, capsys):
