@@ -122,3 +122,25 @@ def test_vocabulary_id_beyond_the_embedding_table(model, capsys):
     path.write_text(json.dumps(vocab))
     code, _, err = cli(capsys, "check", "--model", model, "--text-only")
     assert code == 2 and f"{path}: token id 10000000 is beyond the embedding table (49408 rows" in err
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+@pytest.mark.parametrize("damage,says", [("missing", "missing (1): "), ("extra", "unexpected (1): bogus.weight"),
+                                         ("shape", "mis-shaped (1): ")])
+def test_convert_checks_text_encoder_weights(model, tmp_path, capsys, damage, says):
+    path = model / "text_encoder_2" / "model.safetensors"
+    state = load_file(str(path))
+    key = sorted(state)[3]
+    if damage == "missing":
+        state.pop(key)
+    elif damage == "extra":
+        state["bogus.weight"] = torch.zeros(2)
+    else:
+        state[key] = torch.zeros(3, 3)
+    path.unlink()
+    save_file(state, str(path))
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli(capsys, "convert", model, out)
+    assert code == 2 and says in err and str(model / "text_encoder_2") in err and not out.exists()
+    assert not list(tmp_path.glob(".out.safetensors*"))
