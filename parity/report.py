@@ -22,6 +22,12 @@ class Report:
     records: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sources: dict[str, Any] = field(default_factory=dict)  # what each side read (files, code fingerprints)
+    warnings: list[str] = field(default_factory=list)  # suspect inputs (dtype casts, NaN / Inf weights)
+
+    @property
+    def nonfinite(self) -> list[dict]:
+        """Records where either side holds NaN or Inf: equal bits there are not agreement on a number."""
+        return [r for r in self.records if sum(r.get("nan", ())) + sum(r.get("inf", ())) > 0]
 
     @property
     def failures(self) -> list[dict]:
@@ -50,7 +56,8 @@ class Report:
         fd = self.first_divergence
         return {"model": self.model, "profile": self.profile, "reference": self.reference, "dtype": self.dtype,
                 "threads": self.threads, "flags": dict(self.flags), "tolerance": {"max_ulp": self.max_ulp},
-                "sources": self.sources, "notes": self.notes, "n_records": len(self.records),
+                "sources": self.sources, "notes": self.notes, "warnings": self.warnings + _nonfinite_warning(self),
+                "n_nonfinite": len(self.nonfinite), "n_records": len(self.records),
                 "n_failed": len(self.failures),
                 "first_divergence": None if fd is None else {k: fd[k] for k in ("seq", *WHERE_FIELDS) if k in fd},
                 "records": self.records}
@@ -70,17 +77,29 @@ def _size(r: dict) -> str:
     return f"{r['max_abs_err']:>10.3g} {r.get('max_rel_err', 0):>9.3g} {r['max_ulp']:>8}"
 
 
+def _nonfinite_warning(report: Report) -> list[str]:
+    bad = report.nonfinite
+    if not bad:
+        return []
+    r = bad[0]
+    return [f"{len(bad)} records hold NaN or Inf, first #{r['seq']} {_where(r)} {r['component']} {r['layer']} "
+            f"(impl NaN {r['nan'][0]} Inf {r['inf'][0]}, reference NaN {r['nan'][1]} Inf {r['inf'][1]}): equal bits "
+            "there are not agreement on a number"]
+
+
 def verdict(report: Report) -> str:
     n, bad = len(report.records), len(report.failures)
     fd = report.first_divergence
     lines = [f"{n} records, {n - bad} within tolerance, {bad} exceed it"]
     if fd is None:
-        lines.append("first divergence: none (every record bitwise equal)")
+        held = f"; {len(report.nonfinite)} hold NaN or Inf, see the warning" if report.nonfinite else ""
+        lines.append(f"first divergence: none (every record bitwise equal{held})")
     else:
         extra = f", dtype {fd['dtype_mismatch']}" if "dtype_mismatch" in fd else ""
         size = (f"shape {fd['shape_mismatch']}" if fd.get("shape_mismatch") else
                 f"max_abs {fd.get('max_abs_err', float('nan')):.3g}, ulp {fd.get('max_ulp', '-')}{extra}")
         lines.append(f"first divergence: #{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']} ({size})")
+    lines += [f"warning: {w}" for w in report.warnings + _nonfinite_warning(report)]
     return "\n".join(lines)
 
 
@@ -92,6 +111,8 @@ def format_table(report: Report, prompts: list[str]) -> str:
     lines += [head, "-" * len(head)]
     for r in report.records:
         mark = "yes" if r["bitwise_equal"] else ("no" if r["ok"] else "NO  <-- exceeds tolerance")
+        if sum(r.get("nan", ())) + sum(r.get("inf", ())):
+            mark += "  (NaN/Inf)"
         lines.append(f"{r['seq']:>5} {_where(r):<22} {r['component']:<12} {r['layer']:<36} "
                      f"{'x'.join(map(str, r['shape'])):<16} {_size(r)}  {mark}")
     lines.append("")

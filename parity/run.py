@@ -71,7 +71,7 @@ def validate(s: Spec) -> None:
 
     need(s.profile in REFERENCES, f"--profile {s.profile!r}: expected one of {', '.join(REFERENCES)}")
     need(s.dtype in DTYPES, f"--dtype {s.dtype!r}: expected one of {', '.join(DTYPES)}")
-    need(s.threads >= 1, f"--threads {s.threads}: at least 1")
+    need(1 <= s.threads <= 1024, f"--threads {s.threads}: between 1 and 1024")
     need(s.max_ulp >= 0, f"--max-ulp {s.max_ulp}: at least 0")
     need(len(s.prompts) > 0, "at least one prompt")
     need(s.steps >= 1, f"--steps {s.steps}: at least 1")
@@ -139,6 +139,7 @@ class Run:
     reference: str
     notes: list[str] = field(default_factory=list)
     files: dict[str, list[Path]] = field(default_factory=dict)  # a component folder or single file -> files read
+    warnings: list[str] = field(default_factory=list)  # suspect inputs: dtype casts on load, NaN / Inf weights
 
     def sources(self, single_files: bool) -> dict[str, str]:
         """The files a side reads, each with its fingerprint (``file_fingerprint``): the text encoders', then per
@@ -257,6 +258,26 @@ def check_text_files(text: TextModel) -> None:
             continue
         if top >= n:
             raise UsageError(f"{folder / name}: token id {top} is beyond the embedding table ({n} rows, {where})")
+
+
+def stored_dtypes(files: dict[str, list[Path]], dtype: str) -> list[str]:
+    """A warning per weight file holding tensors of another dtype than the run's: every side casts them on load.
+    Integer tensors other than position-id buffers are named too (a weight stored as integers is suspect)."""
+    from collections import Counter
+
+    from impl.weights import read_safetensors_meta
+
+    st = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    out = []
+    for f in sorted({f for fs in files.values() for f in fs}):
+        meta = read_safetensors_meta(f)
+        other = Counter(m.dtype for k, m in meta.items() if m.dtype != st and not (
+            m.dtype in ("I64", "I32") and k.endswith("position_ids")))
+        if other:
+            what = ", ".join(f"{n} {d}" for d, n in sorted(other.items()))
+            out.append(f"{f}: tensors stored in another dtype than the run's {dtype} ({what}); every side casts them "
+                       "to it on load")
+    return out
 
 
 def _read_json(path: Path) -> dict:
@@ -446,7 +467,8 @@ def resolve(s: Spec) -> Run:
     if reference == "sai" and models and any(m.single_file is None for m in models):
         raise UsageError("the SD3.5 code reads SAI single files: give the model's --checkpoint FILE "
                          "(e.g. the repository's sd3.5_large.safetensors)")
-    return Run(s, values, text_model, models, reference, notes, weight_sources(text_model, models))
+    files = weight_sources(text_model, models)
+    return Run(s, values, text_model, models, reference, notes, files, stored_dtypes(files, s.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- execution
@@ -491,7 +513,7 @@ def compare(run: Run, impl, ref):
 
     report = Report(run.text_model.label if not run.models else ", ".join(m.label for m in run.models),
                     run.spec.profile, run.reference, run.spec.dtype, run.values, run.spec.threads, run.spec.max_ulp,
-                    notes=list(run.notes))
+                    notes=list(run.notes), warnings=list(run.warnings))
     covers = ref[1].get("covers")
     impl_records = impl[0] if not covers else {k: v for k, v in impl[0].items() if v[0]["component"] in covers}
     if covers:

@@ -144,3 +144,32 @@ def test_convert_checks_text_encoder_weights(model, tmp_path, capsys, damage, sa
     code, _, err = cli(capsys, "convert", model, out)
     assert code == 2 and says in err and str(model / "text_encoder_2") in err and not out.exists()
     assert not list(tmp_path.glob(".out.safetensors*"))
+
+
+# ---------------------------------------------------------------------------------------------- suspect weights
+
+def test_nan_weights_and_records_are_reported(model, capsys):
+    path = model / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    state["text_model.embeddings.token_embedding.weight"][320] = float("nan")  # the id of "a"
+    path.unlink()
+    save_file(state, str(path))
+    code, out, _ = cli(capsys, "check", "--model", model, "--text-only", "--prompt", "a cat", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["n_nonfinite"] > 0
+    assert any("embedded-default" not in w and "clip_l: 1 weights hold NaN or Inf: "
+               "text_model.embeddings.token_embedding.weight (32)" in w for w in report["warnings"])
+    assert any("records hold NaN or Inf, first #" in w for w in report["warnings"])
+    code, out, _ = cli(capsys, "check", "--model", model, "--text-only", "--prompt", "a cat")
+    assert "(NaN/Inf)" in out and "hold NaN or Inf, see the warning" in out and "\nwarning: " in out
+
+
+def test_stored_dtype_casts_are_named(model, capsys):
+    path = model / "text_encoder_2" / "model.safetensors"
+    state = load_file(str(path))
+    state = {k: v.half() if k.endswith("weight") else v for k, v in state.items()}
+    n = sum(k.endswith("weight") for k in state)
+    path.unlink()
+    save_file(state, str(path))
+    code, out, _ = cli(capsys, "check", "--model", model, "--text-only", "--prompt", "a cat")
+    assert f"warning: {path}: tensors stored in another dtype than the run's float32 ({n} F16); every side casts" in out

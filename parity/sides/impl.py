@@ -74,6 +74,20 @@ def load_image_parts(model, opts: dict):
     return mmdit.eval(), vae.eval()
 
 
+def nonfinite(module, where: str) -> list[str]:
+    """A warning naming the weights (as impl loaded them) that hold NaN or Inf; every side reads the same values."""
+    import torch
+
+    if module is None:
+        return []
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in module.state_dict().items() if v.is_floating_point()]
+    bad = [(k, n) for k, n in bad if n]
+    if not bad:
+        return []
+    return [f"{where}: {len(bad)} weights hold NaN or Inf: " + ", ".join(f"{k} ({n})" for k, n in bad[:5])
+            + (" ..." if len(bad) > 5 else "")]
+
+
 class ImplSide:
     name = "impl"
     covers = None  # every component
@@ -92,6 +106,8 @@ class ImplSide:
 
                 embedded.verify({k: getattr(self._stack, k).state_dict() for k in ("clip_l", "clip_g", "t5")})
             run.notes.extend(notes)
+            for name in ("clip_l", "clip_g", "t5"):
+                run.warnings += nonfinite(getattr(self._stack, name), f"{run.text_model.label} {name}")
         return self._stack
 
     def sources(self, run) -> dict:
@@ -119,6 +135,7 @@ class ImplSide:
         form = opts["form"]
         stack = self.stack(run)
         mmdit, vae = load_image_parts(model, opts)
+        run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
         ss = sampling.SamplerSettings(steps=s.steps, shift=model.shift["impl"], guidance=s.guidance, dtype=run.dtype,
                                       slg_layers=s.slg, form=form)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
