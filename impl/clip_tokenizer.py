@@ -170,28 +170,72 @@ class BPEVocab:
         hit = self._cache.get(word)
         if hit is not None:
             return hit
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            best, best_rank = None, None
-            for pair in zip(parts, parts[1:]):
-                r = self.ranks.get(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = pair, r
-            if best is None:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        parts = merge_lowest_first(list(word[:-1]) + [word[-1] + "</w>"], self.ranks)
         ids = [self.encoder[p] for p in parts]
         if len(self._cache) < 100_000:
             self._cache[word] = ids
         return ids
+
+
+def merge_lowest_first(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """OpenAI's BPE loop: repeatedly take the lowest-ranked adjacent pair and merge every occurrence of it, left to
+    right without overlap. Kept in O(n log n) on long unbroken words (a heap of pairs, a linked list of parts, the
+    occurrences of each pair) instead of rescanning the word per merge."""
+    import heapq
+
+    n = len(parts)
+    if n < 2:
+        return parts
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    alive = [True] * n
+    where: dict[tuple[str, str], set[int]] = {}  # pair -> left node indices
+    heap: list[tuple[int, tuple[str, str]]] = []
+
+    def add(i: int) -> None:
+        j = nxt[i]
+        if j < n:
+            pair = (parts[i], parts[j])
+            r = ranks.get(pair)
+            if r is not None:
+                if pair not in where:
+                    where[pair] = set()
+                    heapq.heappush(heap, (r, pair))
+                where[pair].add(i)
+
+    def drop(i: int) -> None:
+        j = nxt[i]
+        if i >= 0 and j < n:
+            occ = where.get((parts[i], parts[j]))
+            if occ is not None:
+                occ.discard(i)
+
+    for i in range(n - 1):
+        add(i)
+    while heap:
+        _, pair = heapq.heappop(heap)
+        occ = where.pop(pair, None)
+        if not occ:
+            continue
+        for i in sorted(occ):
+            j = nxt[i]
+            if not alive[i] or j >= n or (parts[i], parts[j]) != pair:
+                continue  # consumed by an overlapping occurrence merged just before
+            drop(prv[i])
+            drop(j)
+            parts[i] += parts[j]
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                add(prv[i])
+            add(i)
+        where.pop(pair, None)  # occurrences re-created by this pass belong to the next one (as OpenAI's loop)
+    out, i = [], 0
+    while i < n:
+        out.append(parts[i])
+        i = nxt[i]
+    return out
 
 
 def _parse_merges(lines: list[str], path: Path, first_line: int) -> list[tuple[str, str]]:

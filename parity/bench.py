@@ -81,6 +81,14 @@ def bench_tokenizers(repeats: int) -> list[str]:
         lines.append(f"  impl {mode:<7} {len(corpus) / t['impl']:>9.0f} prompts/s   vs {name}: "
                      f"{len(corpus) / t['ref']:>9.0f} prompts/s   impl/ref time {t['impl'] / t['ref']:.2f}x"
                      f"   ids equal: {same}")
+    tok = ClipTokenizer(vocab, "hf")
+    for n in (10_000, 100_000):  # one unbroken word: the BPE loop must stay near-linear
+        word = "".join(random.Random(n).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+        impl_fn, ref_fn = (lambda: tok.encode(word)), (lambda: rust(word, add_special_tokens=False).input_ids)
+        same = impl_fn() == ref_fn()
+        t = interleaved({"impl": impl_fn, "ref": ref_fn}, max(1, repeats // 3))
+        lines.append(f"  one {n}-letter word: impl hf {t['impl']:.3f} s   transformers {t['ref']:.3f} s   "
+                     f"impl/ref time {t['impl'] / t['ref']:.2f}x   ids equal: {same}")
     return lines
 
 

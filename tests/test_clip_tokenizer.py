@@ -200,3 +200,37 @@ def test_tf4_text_stack_bitwise_with_eager_t5(tf4, capsys):
     assert main(["check", "--text-only", "--json", "--prompt", "a cat"]) == 1
     fd = json.loads(capsys.readouterr().out)["first_divergence"]
     assert (fd["component"], fd["layer"]) == ("t5", "block.0.layer.0.SelfAttention.o")
+
+
+def _merge_rescanning(parts, ranks):
+    """The textbook loop (rescans the word per merge): the oracle of the fast one."""
+    while len(parts) > 1:
+        pairs = [p for p in zip(parts, parts[1:]) if p in ranks]
+        if not pairs:
+            return parts
+        best, merged, i = min(pairs, key=ranks.get), [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+@given(word=st.text("abcde", min_size=1, max_size=60),
+       table=st.lists(st.tuples(st.text("abcde", min_size=1, max_size=3), st.text("abcde", min_size=1, max_size=3)),
+                      max_size=40, unique=True))
+@settings(max_examples=400, deadline=None)
+@example(word="aaaaa", table=[("a", "a"), ("aa", "a")])
+@example(word="xyxy", table=[("x", "y"), ("xy", "x")])
+def test_fast_bpe_merges_as_the_rescanning_loop(word, table):
+    """Any rank table, consistent or not (a merge may come before its parts exist), and the real one."""
+    from impl.clip_tokenizer import merge_lowest_first
+
+    ranks = {pair: r for r, pair in enumerate(table)}
+    assert merge_lowest_first(list(word), ranks) == _merge_rescanning(list(word), ranks)
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    assert merge_lowest_first(list(parts), VOCAB.ranks) == _merge_rescanning(list(parts), VOCAB.ranks)
