@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: impl against the references, measured in one run on the same thread count.
 
-    python -m parity.bench text|image|check [--threads N] [--repeats N]
+    python -m parity.bench text|image|check|memory [--threads N] [--repeats N]
 
 Prints ratios (impl time / reference time; below 1.0 means impl is faster). Each pair is timed interleaved
 (impl, reference, impl, ...) after a warm-up, and the median of the repeats is reported, so drift of the
@@ -200,9 +200,42 @@ def bench_check(repeats: int, threads: int) -> list[str]:
             f"ratio {tm['check'] / tm['bare']:.2f}x"]
 
 
+_PEAK = r"""
+import contextlib, io, resource, sys
+from parity.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    code = main(sys.argv[1:])
+print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(threads: int) -> list[str]:
+    """Peak RSS of ``check`` runs whose records outgrow memory, with the records' memory budget (default) and
+    without one (everything kept in memory), side by side."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = [a for i in range(200) for a in ("--prompt", f"prompt number {i}, a photo of a cat")]
+    cases = {"200 prompts --text-only": ["check", "--text-only", *prompts],
+             "--steps 50 (three families)": ["check", "--steps", "50"]}
+    lines = [f"Peak RSS of one sd3parity check process ({threads} thread(s)):"]
+    for name, argv in cases.items():
+        peaks = {}
+        for budget in ("128", "1000000"):
+            env = {**os.environ, "SD3PARITY_RECORD_MEMORY": budget}
+            out = subprocess.run([sys.executable, "-c", _PEAK, *argv, "--threads", str(threads)], env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()
+            assert out[0] == "0", f"{name}: exit {out[0]}"
+            peaks[budget] = int(out[1]) / 2 ** 20
+        lines.append(f"  {name:<28} budget 128 MB: {peaks['128']:5.2f} GB   all in memory: {peaks['1000000']:5.2f} GB"
+                     f"   ratio {peaks['128'] / peaks['1000000']:.2f}x")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("text", "image", "check"))
+    ap.add_argument("what", choices=("text", "image", "check", "memory"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
@@ -211,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"torch {torch.__version__}, {args.threads} thread(s)")
         lines = {"text": lambda: bench_tokenizers(args.repeats) + bench_encoders(args.repeats),
                  "image": lambda: bench_mmdit(args.repeats),
-                 "check": lambda: bench_check(args.repeats, args.threads)}[args.what]()
+                 "check": lambda: bench_check(args.repeats, args.threads),
+                 "memory": lambda: bench_memory(args.threads)}[args.what]()
         for line in lines:
             print(line)
 

@@ -512,7 +512,7 @@ def _first_bad(side: R.Side, manifest: dict, tensors: dict, impl: bool) -> str |
         want = e.get("impl_sha256", e["sha256"]) if impl else e["sha256"]
         if e["key"] not in side:
             return f"{e['key']}: not produced"
-        got = side[e["key"]][1]
+        got = R.load(side[e["key"]][1])
         if tensor_sha256(got) != want:
             where = " ".join(f"{f}={e[f]}" for f in ("model", "prompt", "component", "layer", "step", "branch",
                                                      "block", "stream") if e.get(f) is not None)
@@ -587,7 +587,7 @@ def _live(impl: R.Side, ref: R.Side, manifest: dict) -> str | None:
         k = e["key"]
         if k not in impl or k not in ref:
             return f"{k}: produced by one side only"
-        if tensor_sha256(impl[k][1]) != tensor_sha256(ref[k][1]):
+        if tensor_sha256(R.load(impl[k][1])) != tensor_sha256(R.load(ref[k][1])):
             return " ".join(f"{f}={e[f]}" for f in ("model", "prompt", "component", "layer", "step", "branch")
                             if e.get(f) is not None)
     return None

@@ -3,6 +3,8 @@
 ``capture(model, where, store, clock)`` hooks every module ``where`` names and appends ``(time, tensor)`` to
 ``store[record]`` at every call (a module called twice, e.g. for two prompts or two steps, gives two entries);
 ``time`` comes from ``clock`` (a side's ``Recorder.tick``), so records keep the order in which they were computed.
+``keep`` (a side's ``Recorder.keep``) decides where a captured copy lives: memory, or the spill file past the
+records' memory budget (read back with ``records.load``).
 """
 from __future__ import annotations
 
@@ -31,17 +33,18 @@ def read(reads: str, args: tuple, out) -> Tensor:
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, where: dict[str, At], store: dict[str, list], clock: Callable[[], int]):
+def capture(model: nn.Module, where: dict[str, At], store: dict[str, list], clock: Callable[[], int],
+            keep: Callable = lambda t: t.clone()):
     modules = dict(model.named_modules())
     handles = []
     for name, at in where.items():
         if at.reads.startswith("input"):  # read when the module is called: that is when the value exists
             def pre(_m, args, name=name, reads=at.reads):
-                store.setdefault(name, []).append((clock(), read(reads, args, None).detach().clone()))
+                store.setdefault(name, []).append((clock(), keep(read(reads, args, None).detach())))
             handles.append(modules[at.module].register_forward_pre_hook(pre))
         else:
             def hook(_m, args, out, name=name, reads=at.reads):
-                store.setdefault(name, []).append((clock(), read(reads, args, out).detach().clone()))
+                store.setdefault(name, []).append((clock(), keep(read(reads, args, out).detach())))
             handles.append(modules[at.module].register_forward_hook(hook))
     try:
         yield store

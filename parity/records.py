@@ -5,11 +5,19 @@ prompt, component, layer, step, branch); ``block`` and ``stream`` follow from an
 the record's place in the side's execution order (0, 1, ...). Goldens store the same keys and fields, so impl, a
 live reference and a golden set compare the same way. ``paired`` walks two sides in the reference's execution
 order, so the first failing pair is the first place where the computations part.
+
+Memory: a recorder keeps record tensors in memory up to a budget (``$SD3PARITY_RECORD_MEMORY`` MB, default 128),
+then appends the rest to an anonymous temporary file (unlinked when created, so nothing is left behind even by a
+killed run; closed when the records are dropped) and keeps a ``Spilled`` handle; ``load`` reads one back when it is
+compared. A record that is a view of a larger tensor is copied, so it does not keep the whole batch alive.
 """
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 
+import torch
 from torch import Tensor
 
 KEY_FIELDS = ("model", "prompt", "component", "layer", "step", "branch")
@@ -28,6 +36,51 @@ def key(fields: dict) -> str:
     return "|".join("" if fields.get(f) is None else str(fields[f]) for f in KEY_FIELDS)
 
 
+def budget() -> int:
+    """Bytes of record tensors one recorder keeps in memory (``$SD3PARITY_RECORD_MEMORY``, in MB)."""
+    raw = os.environ.get("SD3PARITY_RECORD_MEMORY", "128")
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < 1 << 30:
+        raise ValueError(f"$SD3PARITY_RECORD_MEMORY {raw!r}: megabytes, a number >= 0")
+    return int(mb * 2 ** 20)
+
+
+class SpillFile:
+    """An anonymous temporary file that record tensors are appended to."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="sd3parity-records-")
+        self.size = 0
+
+    def put(self, t: Tensor) -> "Spilled":
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        os.pwrite(self.file.fileno(), data, self.size)
+        handle = Spilled(self, self.size, len(data), t.dtype, tuple(t.shape))
+        self.size += len(data)
+        return handle
+
+
+class Spilled:
+    """A record tensor in a ``SpillFile``."""
+    __slots__ = ("spill", "offset", "nbytes", "dtype", "shape")
+
+    def __init__(self, spill: SpillFile, offset: int, nbytes: int, dtype, shape: tuple):
+        self.spill, self.offset, self.nbytes, self.dtype, self.shape = spill, offset, nbytes, dtype, shape
+
+    def load(self) -> Tensor:
+        data = bytearray(os.pread(self.spill.file.fileno(), self.nbytes, self.offset))
+        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return flat.view(self.dtype).reshape(self.shape)
+
+
+def load(t) -> Tensor | None:
+    """A record's tensor, read back if it was spilled."""
+    return t.load() if isinstance(t, Spilled) else t
+
+
 class Recorder:
     """Collects one side's records. ``tick()`` hands out capture times; ``put`` stores a record at a capture time
     (``at``, default now) and a position within it (``sub``: the branch of a batch), and ``side()`` returns the
@@ -35,7 +88,8 @@ class Recorder:
 
     def __init__(self):
         self._clock = itertools.count()
-        self._items: dict[str, tuple[dict, Tensor, tuple[int, int]]] = {}
+        self._items: dict[str, tuple[dict, Tensor | Spilled, tuple[int, int]]] = {}
+        self._left, self._spill = budget(), None
 
     def tick(self) -> int:
         return next(self._clock)
@@ -47,7 +101,18 @@ class Recorder:
         k = key(fields)
         if k in self._items:
             raise ValueError(f"record {k} produced twice")
-        self._items[k] = (fields, tensor.detach(), (self.tick() if at is None else at, sub))
+        self._items[k] = (fields, self.keep(tensor.detach()), (self.tick() if at is None else at, sub))
+
+    def keep(self, t: Tensor, copy: bool = False) -> Tensor | Spilled:
+        """``t`` as this recorder holds it: in memory (a copy of its own when it views a larger storage, or when it
+        may change later: ``copy``) within the budget, else in the spill file."""
+        n = t.numel() * t.element_size()
+        if n <= self._left:
+            self._left -= n
+            return t.clone() if copy or t.untyped_storage().nbytes() > n else t
+        if self._spill is None:
+            self._spill = SpillFile()
+        return self._spill.put(t)
 
     def side(self) -> Side:
         ordered = sorted(self._items.items(), key=lambda kv: kv[1][2])
@@ -74,8 +139,8 @@ def paired(impl: Side, ref: Side):
         else:
             after.setdefault(prev, []).append(k)
     for k in after.get(None, []):
-        yield impl[k][0], impl[k][1], None
+        yield impl[k][0], load(impl[k][1]), None
     for k, (fields, want) in ref.items():
-        yield fields, (impl[k][1] if k in impl else None), want
+        yield fields, (load(impl[k][1]) if k in impl else None), load(want)
         for extra in after.get(k, []):
-            yield impl[extra][0], impl[extra][1], None
+            yield impl[extra][0], load(impl[extra][1]), None

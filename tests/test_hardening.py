@@ -173,3 +173,36 @@ def test_stored_dtype_casts_are_named(model, capsys):
     save_file(state, str(path))
     code, out, _ = cli(capsys, "check", "--model", model, "--text-only", "--prompt", "a cat")
     assert f"warning: {path}: tensors stored in another dtype than the run's float32 ({n} F16); every side casts" in out
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+def test_spilled_records_give_the_same_report(monkeypatch, capsys):
+    """With a zero budget every record goes through the spill file; the report is the same, record for record."""
+    argv = ["check", "--family", "sd3-medium", "--steps", "1", "--prompt", "a cat", "--json"]
+    reports = []
+    for budget in ("0", "100000"):
+        monkeypatch.setenv("SD3PARITY_RECORD_MEMORY", budget)
+        code, out, _ = cli(capsys, *argv)
+        assert code == 0
+        reports.append(json.loads(out)["records"])
+    assert reports[0] == reports[1] and len(reports[0]) > 200
+
+
+def test_spill_round_trips_every_dtype():
+    from parity import records as R
+
+    spill = R.SpillFile()
+    tensors = [torch.randn(3, 5), torch.randn(2, 7).to(torch.bfloat16), torch.randn(4).half(),
+               torch.arange(6).reshape(2, 3), torch.tensor(2.5), torch.zeros(0, 3), torch.tensor([True, False]),
+               torch.randn(4, 6)[:, 1:3]]
+    handles = [spill.put(t) for t in tensors]
+    for t, h in zip(tensors, handles):
+        back = h.load()
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+
+
+def test_record_memory_budget_is_checked(monkeypatch, capsys):
+    monkeypatch.setenv("SD3PARITY_RECORD_MEMORY", "lots")
+    code, _, err = cli(capsys, "check", "--text-only", "--prompt", "a")
+    assert code == 2 and "$SD3PARITY_RECORD_MEMORY 'lots': megabytes" in err

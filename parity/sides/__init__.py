@@ -57,8 +57,9 @@ class ImageCapture:
     def attach(self, es: contextlib.ExitStack, model, vae, inputs: Callable, what: str, skip: dict) -> None:
         """``inputs(args, kwargs)`` -> (latent, timestep, context, pooled) of one transformer call."""
         N.check_coverage(self.mmdit, model, skip, what)
-        es.enter_context(LM.capture(model, self.mmdit, self.store["mmdit"], self.rec.tick))
-        es.enter_context(LM.capture(vae, {**self.encoder, **self.decoder}, self.store["vae"], self.rec.tick))
+        keep = lambda t: self.rec.keep(t, copy=True)  # noqa: E731 - past the budget, captures go to the spill file
+        es.enter_context(LM.capture(model, self.mmdit, self.store["mmdit"], self.rec.tick, keep))
+        es.enter_context(LM.capture(vae, {**self.encoder, **self.decoder}, self.store["vae"], self.rec.tick, keep))
 
         def pre(_m, args, kwargs):
             counts = {k: len(v) for k, v in self.store["mmdit"].items()}
@@ -83,7 +84,7 @@ class ImageCapture:
         rec, label = self.rec, self.label
         for layer, at in self.encoder.items():
             t, v = self.store["vae"][layer][0]
-            rec.put(N.apply_transform(at.transform, v), at=t, model=label, component="vae", layer=layer)
+            rec.put(N.apply_transform(at.transform, R.load(v)), at=t, model=label, component="vae", layer=layer)
         if self.sigmas is not None:
             rec.put(self.sigmas[1], at=self.sigmas[0], model=label, component="sampler", layer="sigmas")
         step, prev = step0 - 1, 0
@@ -99,14 +100,14 @@ class ImageCapture:
                 for layer, at in self.mmdit.items():
                     got = self._of_call(layer, n)
                     if got is not None:
-                        rec.put(N.apply_transform(at.transform, got[1][b: b + 1]), at=got[0], sub=b,
+                        rec.put(N.apply_transform(at.transform, R.load(got[1])[b: b + 1]), at=got[0], sub=b,
                                 component="mmdit", layer=layer, **where)
         for i, d in enumerate(self.steps):
             for k, (name, (time, t)) in enumerate(d.items()):
                 rec.put(t, at=time, sub=k, model=label, component="sampler", layer=name, step=step0 + i)
         for layer, at in self.decoder.items():
             t, v = self.store["vae"][layer][0]
-            rec.put(N.apply_transform(at.transform, v), at=t, model=label, component="vae", layer=layer)
+            rec.put(N.apply_transform(at.transform, R.load(v)), at=t, model=label, component="vae", layer=layer)
         rec.put(pixels, model=label, component="vae", layer="image_uint8")
         return rec.side()
 
