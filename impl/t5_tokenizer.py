@@ -104,6 +104,9 @@ class SentencePieceModel:
             raise ValueError(f"{where}: no vocabulary pieces found; not a SentencePiece model")
         spec = {2: b"", 3: 1, 4: 1, 5: 1}
         for f, w, v in _fields(norm or b"", f"{where} (normalizer_spec)"):
+            if f in spec and w != (2 if f == 2 else 0):
+                raise ValueError(f"{where}: normalizer_spec field {f} has wire type {w}, expected "
+                                 f"{'bytes' if f == 2 else 'a varint'}")
             spec[f] = v
         return cls(pieces, spec[2], bool(spec[3]), bool(spec[4]), bool(spec[5]), where)
 
