@@ -220,6 +220,12 @@ def check_text_files(text: TextModel) -> None:
     from impl.text import CLIP_DROP, T5_TIED
     from impl.weights import TEXT_WEIGHTS, expect_layout, read_safetensors_meta, weight_files
 
+    for tok in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if text.has_t5 else ()):
+        need = ("spiece.model",) if tok == "tokenizer_3" else ("vocab.json", "merges.txt")
+        missing = [n for n in need if not (text.directory / tok / n).is_file()]
+        if missing:
+            raise UsageError(f"{text.directory / tok}: no {' or '.join(missing)} (every side reads the model's "
+                             "tokenizer folders)")
     rows: dict[str, tuple[int, str]] = {}  # tokenizer folder -> (embedding rows, where they come from)
     if text.single_file is not None:
         meta = read_safetensors_meta(text.single_file)
@@ -278,6 +284,14 @@ def stored_dtypes(files: dict[str, list[Path]], dtype: str) -> list[str]:
             out.append(f"{f}: tensors stored in another dtype than the run's {dtype} ({what}); every side casts them "
                        "to it on load")
     return out
+
+
+def check_json_files(directories) -> None:
+    """Every JSON file of a model directory and its component folders (configs, tokenizer settings, indexes) is a
+    readable JSON object: the references read them too, and their errors name no file or crash."""
+    for d in {Path(x) for x in directories if x is not None}:
+        for path in sorted([*d.glob("*.json"), *d.glob("*/*.json")]):
+            _read_json(path)
 
 
 def _read_json(path: Path) -> dict:
@@ -453,6 +467,7 @@ def resolve(s: Spec) -> Run:
         if reference == "sai":
             raise Unsupported(f"{text_model.directory}: no text_encoder_3/; the SD3.5 code requires T5")
         values = {**values, "t5_absent": values["t5_absent"] or "zeros", **dict(s.overrides)}
+    check_json_files([text_model.directory, text_model.config_dir, _config_dir(s)])
     check_text_files(text_model)
     models = _image_models(s, values, reference, notes)
     for m in models:

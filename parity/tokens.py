@@ -37,6 +37,9 @@ def _entry(fn, strings) -> dict:
 
 
 def tokens_report(prompt: str, model_dir: str | None = None) -> dict:
+    from impl.clip_tokenizer import _check_text
+
+    _check_text(prompt)  # a prompt no tokenizer can take is a usage error, not one error per mode
     stack = load_tokenizer_files(model_dir)
     profiles = {p: F.settings(F.profile_values(p)) for p in F.PROFILES}
     out: dict = {"prompt": prompt, "encoders": {}}

@@ -206,3 +206,27 @@ def test_record_memory_budget_is_checked(monkeypatch, capsys):
     monkeypatch.setenv("SD3PARITY_RECORD_MEMORY", "lots")
     code, _, err = cli(capsys, "check", "--text-only", "--prompt", "a")
     assert code == 2 and "$SD3PARITY_RECORD_MEMORY 'lots': megabytes" in err
+
+
+# ---------------------------------------------------------------------------------------------- the references' files
+
+@pytest.mark.parametrize("rel,text,says", [
+    ("tokenizer/tokenizer_config.json", "[]", "tokenizer_config.json: expected a JSON object"),  # was exit 4
+    ("tokenizer/special_tokens_map.json", "{x", "special_tokens_map.json: not a readable JSON config"),  # was exit 0
+    ("model_index.json", "[]", "model_index.json: expected a JSON object"),  # was exit 4
+])
+def test_json_files_the_references_read(model, capsys, rel, text, says):
+    (model / rel).write_text(text)
+    code, _, err = cli(capsys, "check", "--model", model, "--steps", 1, "--prompt", "a")
+    assert code == 2 and says in err and str(model / rel) in err
+
+
+def test_a_missing_tokenizer_folder_is_named(model, capsys):
+    shutil.rmtree(model / "tokenizer_2")
+    code, _, err = cli(capsys, "check", "--model", model, "--text-only")
+    assert code == 2 and f"{model / 'tokenizer_2'}: no vocab.json or merges.txt" in err
+
+
+def test_tokens_refuses_a_prompt_no_tokenizer_can_take(capsys):
+    code, _, err = cli(capsys, "tokens", "a\udcff")
+    assert code == 2 and "unpaired surrogate U+DCFF at index 1" in err
