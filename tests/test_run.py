@@ -24,7 +24,7 @@ def no_work(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--threads", "0"], "--threads 0: at least 1"),
+    (["--threads", "0"], "--threads 0: between 1 and 1024"),
     (["--steps", "0"], "--steps 0: at least 1"),
     (["--strength", "1.5"], "--strength 1.5: in (0, 1]"),
     (["--max-ulp", "-1"], "--max-ulp -1: at least 0"),
