@@ -3,7 +3,8 @@
 Exit codes of ``check`` (and of every command for the last three): 0 every record within tolerance; 1 a record
 exceeds it; 2 bad input or usage; 3 a reference or model the harness cannot run as asked (the message names what
 differs); 4 an internal error (a one-line message; ``--debug`` shows the traceback). ``verify`` and ``record``
-add their own codes (see ``parity/golden.py`` and the README).
+add their own codes (see ``parity/golden.py`` and the README). ``tokens`` exits 1 where impl differs from a
+tokenizer it reproduces.
 """
 from __future__ import annotations
 
@@ -52,11 +53,31 @@ def _check(args) -> int:
 
 
 def _tokens(args) -> int:
-    from parity.tokens import format_tokens, tokens_report
+    from pathlib import Path
 
-    report = tokens_report(args.prompt, args.model)
-    print(json.dumps(report, ensure_ascii=True) if args.json else format_tokens(report))
-    return EXIT_OK
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("tokens: give a PROMPT or --prompt-file FILE (one of them)")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: not a directory")
+    prompts = None
+    if args.prompt_file is not None:
+        from parity.tokens import read_prompts
+
+        prompts = read_prompts(Path(args.prompt_file))
+    from parity.embedded import model_dir
+    from parity.sides.sai import code_dir
+    from parity.tokens import (corpus_report, divergences, format_corpus, format_tokens, load_tokenizer_files,
+                               references, tokens_report, vocabulary)
+
+    refs, missing = references(Path(args.model) if args.model else model_dir(), code_dir(args.sai_code))
+    vocab = vocabulary(args.model, load_tokenizer_files(args.model))
+    if prompts is None:
+        report = {**tokens_report(args.prompt, args.model, refs), "vocabulary": vocab, "missing": missing}
+        print(json.dumps(report, ensure_ascii=True) if args.json else format_tokens(report))
+        return EXIT_DIVERGENCE if divergences(report) else EXIT_OK
+    report = {**corpus_report(prompts, args.model, refs), "vocabulary": vocab, "missing": missing}
+    print(json.dumps(report, ensure_ascii=True) if args.json else format_corpus(report, prompts))
+    return EXIT_DIVERGENCE if any(s["differ"] for s in report["rows"].values()) else EXIT_OK
 
 
 def _flags(args) -> int:
@@ -172,9 +193,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=_check)
-    t = sub.add_parser("tokens", help="token ids of a prompt under every tokenizer mode and profile")
-    t.add_argument("prompt")
-    t.add_argument("--model", help="directory with tokenizer/, tokenizer_2/, tokenizer_3/")
+    t = sub.add_parser("tokens", help="token ids of a prompt (or a corpus) under impl's tokenizer modes and profiles "
+                       "and the real tokenizers; exit 1 where impl differs from a tokenizer it reproduces")
+    t.add_argument("prompt", nargs="?")
+    t.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line, or JSON Lines with a 'prompt' key: "
+                   "a summary of which prompts differ in which mode, and the likely class")
+    t.add_argument("--model", help="directory with tokenizer/, tokenizer_2/, tokenizer_3/ (default: the embedded "
+                   "default, whose T5 vocabulary is a tiny one)")
+    t.add_argument("--sai-code", metavar="DIR", help="also the SD3.5 code's SD3Tokenizer (default: $SD3PARITY_SAI_CODE)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_tokens)
     f = sub.add_parser("flags", help="the compatibility flags (--markdown: the quirk catalogue, QUIRKS.md)")

@@ -194,3 +194,62 @@ def test_wrong_weights_never_load_silently(stack, tmp_path):
     pk.write_bytes(b"PK\x03\x04" + b"\x00" * 20)
     with pytest.raises(WeightError, match="pickle"):
         read_safetensors(pk)
+
+
+# ---------------------------------------------------------------------------------------------- tokens diagnosis
+
+def test_tokens_shows_the_real_tokenizers_and_marks_agreement(capsys):
+    assert main(["tokens", "wow!! a (red:1.2) cat", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "embedded default" in out["vocabulary"] and "tiny T5" in out["vocabulary"]
+    refs = out["references"]
+    assert {"transformers tokenizer/", "diffusers pipeline", "openai SimpleTokenizer"} <= set(refs["clip-l"])
+    assert {"transformers tokenizer_3/", "sentencepiece library"} <= set(refs["t5"])
+    rows = out["encoders"]["clip-g"]
+    assert rows["hf-bang-pad"]["same_as_reference"] and rows["hf-bang-pad"]["reference"] == "transformers tokenizer_2/"
+    assert rows["hf-bang-pad"]["content"] == refs["clip-g"]["transformers tokenizer_2/"]["ids"]
+    assert "same_as_reference" not in rows["hf-slow-noftfy"]  # transformers 5 has no slow tokenizer to check it by
+    assert main(["tokens", "wow!! a cat"]) == 0
+    text = capsys.readouterr().out
+    assert "= transformers tokenizer/" in text and "ids [49406, 2781, 748, 320, 2368, 49407 x 72]" in text
+
+
+def test_tokens_marks_a_broken_bpe_in_every_mode(monkeypatch, capsys):
+    """A fault shared by every impl mode (here: BPE merges nothing) is caught against the real tokenizers."""
+    from impl import clip_tokenizer
+
+    monkeypatch.setattr(clip_tokenizer, "merge_lowest_first", lambda parts, ranks: parts)
+    assert main(["tokens", "a photo of a cat"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS from transformers tokenizer/" in out and "DIFFERS from openai SimpleTokenizer" in out
+    assert "impl differs from the tokenizer it reproduces: clip-l openai vs openai SimpleTokenizer" in out
+
+
+def test_tokens_over_a_held_out_corpus(capsys):
+    """Every impl row against the tokenizer it reproduces, prompt by prompt (the SD3.5 code's too when present)."""
+    from conftest import SAI_CODE, ROOT
+
+    sai = ["--sai-code", SAI_CODE] if (Path(SAI_CODE) / "sd3_infer.py").is_file() else []
+    assert main(["tokens", "--prompt-file", str(ROOT / "tests" / "data" / "prompts.jsonl"), "--json", *sai]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompts"] == 25 and all(s["differ"] == 0 and s["compared"] == 25 for s in out["rows"].values())
+    assert len(out["rows"]) == (12 if sai else 9)
+    ftfy = out["reference_pairs"]["clip-l openai SimpleTokenizer vs transformers tokenizer/"]
+    assert ftfy["differ"] > 0 and ftfy["classes"]["ftfy repairs"] > 0
+
+
+@pytest.mark.parametrize("content,says", [('{"prompt": "a"}\n{"text": "b"}\n', ":2: expected an object with a string"),
+                                          ('{"prompt": "a"}\n{oops\n', ":2: not JSON"),
+                                          (b"\xff\xfe", "not a readable UTF-8 text file")])
+def test_tokens_prompt_file_errors(tmp_path, capsys, content, says):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["tokens", "--prompt-file", str(path)]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_tokens_plain_text_prompt_file(tmp_path, capsys):
+    path = tmp_path / "p.txt"
+    path.write_text("a photo of a cat\n\nwow!!\n")
+    assert main(["tokens", "--prompt-file", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("2 prompts; vocabulary: the embedded default")
