@@ -64,7 +64,9 @@ class Report:
 
 
 def _where(r: dict) -> str:
-    """Text records: the prompt index; image records: model, step and branch."""
+    """Text records: the prompt index; image records: model, step and branch; parameters: the model."""
+    if r["layer"].startswith("weight:"):
+        return (r["model"] or "").removeprefix("embedded-")
     if r["component"] in ("mmdit", "sampler", "vae"):
         step = "" if r.get("step") is None else f" s{r['step']}"
         return f"{(r['model'] or '').removeprefix('embedded-')}{step} {r.get('branch') or ''}".rstrip()
@@ -109,13 +111,22 @@ def format_table(report: Report, prompts: list[str]) -> str:
     head = (f"{'seq':>5} {'where':<22} {'component':<12} {'layer':<36} {'shape':<16} {'max_abs':>10} {'max_rel':>9} "
             f"{'ulp':>8}  bitwise")
     lines += [head, "-" * len(head)]
+    weights = [r for r in report.records if r["layer"].startswith("weight:")]
     for r in report.records:
+        if r in weights and r["bitwise_equal"]:
+            continue  # equal parameters: counted below, not listed
         mark = "yes" if r["bitwise_equal"] else ("no" if r["ok"] else "NO  <-- exceeds tolerance")
         if sum(r.get("nan", ())) + sum(r.get("inf", ())):
             mark += "  (NaN/Inf)"
         lines.append(f"{r['seq']:>5} {_where(r):<22} {r['component']:<12} {r['layer']:<36} "
                      f"{'x'.join(map(str, r['shape'])):<16} {_size(r)}  {mark}")
+        if r.get("reference_name"):
+            lines.append(f"{'':>5} {'':<22} {'':<12} {report.reference} name: {r['reference_name']}")
     lines.append("")
+    if weights:
+        same = sum(r["bitwise_equal"] for r in weights)
+        lines.append(f"weights: {len(weights)} parameters compared before any activation, {same} bitwise equal"
+                     + ("" if same == len(weights) else f", {len(weights) - same} differ (listed above)"))
     for name, what in report.sources.items():
         files = what.get("files", {}) if isinstance(what, dict) else {}
         rest = {k: v for k, v in what.items() if k != "files"} if isinstance(what, dict) else what

@@ -281,8 +281,7 @@ def stored_dtypes(files: dict[str, list[Path]], dtype: str) -> list[str]:
             m.dtype in ("I64", "I32") and k.endswith("position_ids")))
         if other:
             what = ", ".join(f"{n} {d}" for d, n in sorted(other.items()))
-            out.append(f"{f}: tensors stored in another dtype than the run's {dtype} ({what}); every side casts them "
-                       "to it on load")
+            out.append(f"{f}: tensors stored in another dtype than the run's {dtype} ({what}), cast on load")
     return out
 
 
@@ -535,6 +534,15 @@ def compare(run: Run, impl, ref):
         report.notes.append(f"{run.reference} produces {', '.join(covers)} only: impl is compared on those")
     report.add_pairs(impl_records, ref[0])
     report.sources = {"impl": impl[1], run.reference: ref[1]}
+    if run.reference == "diffusers":  # a parameter that differs is named in diffusers' scheme too
+        from parity.convert import _rules
+
+        names = {m.label: {c: {r.sai: f"{'|'.join(r.diffusers)} ({r.transform})" for r in _rules(cfg)}
+                           for c, cfg in (("mmdit", m.mmdit), ("vae", m.vae))} for m in run.models}
+        for r in report.records:
+            if r["layer"].startswith("weight:") and not r["bitwise_equal"]:
+                r["reference_name"] = names.get(r["model"], {}).get(r["component"], {}).get(
+                    r["layer"].removeprefix("weight:"), r["layer"].removeprefix("weight:"))
     if run.spec.text_only:
         report.notes.append("image side not run (--text-only)")
     return report

@@ -172,7 +172,7 @@ def test_stored_dtype_casts_are_named(model, capsys):
     path.unlink()
     save_file(state, str(path))
     code, out, _ = cli(capsys, "check", "--model", model, "--text-only", "--prompt", "a cat")
-    assert f"warning: {path}: tensors stored in another dtype than the run's float32 ({n} F16); every side casts" in out
+    assert f"warning: {path}: tensors stored in another dtype than the run's float32 ({n} F16), cast on load" in out
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -230,3 +230,28 @@ def test_a_missing_tokenizer_folder_is_named(model, capsys):
 def test_tokens_refuses_a_prompt_no_tokenizer_can_take(capsys):
     code, _, err = cli(capsys, "tokens", "a\udcff")
     assert code == 2 and "unpaired surrogate U+DCFF at index 1" in err
+
+
+# ---------------------------------------------------------------------------------------------- weights first
+
+def test_a_zeroed_weight_is_a_weight_divergence_named_on_both_sides(monkeypatch, capsys):
+    """impl loads a parameter wrong (here: zeroed after loading): the first divergence is that parameter, with its
+    diffusers name, before any activation (it used to look exactly like a wrong op)."""
+    from parity.sides import impl as side
+
+    load = side.load_image_parts
+
+    def zeroed(model, opts):
+        mmdit, vae = load(model, opts)
+        with torch.no_grad():
+            mmdit.joint_blocks[1].x_block.attn.qkv.weight.zero_()
+        return mmdit, vae
+
+    monkeypatch.setattr(side, "load_image_parts", zeroed)
+    code, out, _ = cli(capsys, "check", "--family", "sd3-medium", "--steps", 1, "--prompt", "a cat", "--json")
+    report = json.loads(out)
+    first = report["first_divergence"]
+    assert code == 1 and first["layer"] == "weight:joint_blocks.1.x_block.attn.qkv.weight" and first["component"] == "mmdit"
+    bad = [r for r in report["records"] if r["layer"].startswith("weight:") and not r["bitwise_equal"]]
+    assert len(bad) == 1 and bad[0]["reference_name"] == ("transformer_blocks.1.attn.to_q.weight|transformer_blocks.1."
+                                                          "attn.to_k.weight|transformer_blocks.1.attn.to_v.weight (split3)")

@@ -83,7 +83,7 @@ def test_single_file_clip_l_projection_flag(capsys, tmp_path):
     capsys.readouterr()
     assert main([*run, "--flag", "single_file_clip_l_projection=file"]) == 1
     fd = _json(capsys)["first_divergence"]
-    assert (fd["component"], fd["layer"]) == ("clip-l", "text_projection")
+    assert (fd["component"], fd["layer"]) == ("clip-l", "weight:text_projection.weight")  # found as a parameter
 
 
 @needs_sai

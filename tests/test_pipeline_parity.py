@@ -90,7 +90,7 @@ def test_check_command_covers_every_family_in_execution_order(monkeypatch, capsy
         mine = [r for r in image if r["model"] == f"embedded-{family}"]
         steps = [r["step"] for r in mine if r["step"] is not None]
         assert steps == sorted(steps)  # no record of step s + 1 before a record of step s
-        mmdit = [r for r in mine if r["component"] == "mmdit"]
+        mmdit = [r for r in mine if r["component"] == "mmdit" and not r["layer"].startswith("weight:")]
         assert {(r["step"], r["branch"]) for r in mmdit} == {(s, b) for s in (0, 1) for b in ("uncond", "cond")}
         assert {r["block"] for r in mmdit} == set(range(c.depth)) | {None}
         assert {r["stream"] for r in mmdit} == {"image", "context", None}
@@ -102,7 +102,8 @@ def test_check_command_covers_every_family_in_execution_order(monkeypatch, capsy
 
 
 def test_injected_weight_change_is_located(monkeypatch, capsys):
-    """One ulp in one weight of block 1's context MLP, as impl loads it: reported there, at step 0."""
+    """One ulp in one weight of block 1's context MLP, as impl loads it: reported as that parameter, before any
+    activation; the first activation it moves is that MLP at step 0."""
     import json
 
     from parity.cli import main
@@ -117,10 +118,14 @@ def test_injected_weight_change_is_located(monkeypatch, capsys):
         return mmdit, vae
     monkeypatch.setattr(side, "load_image_parts", nudged)
     assert main(["check", "--json", "--prompt", "a cat", "--family", "sd3.5-large"]) == 1
-    fd = json.loads(capsys.readouterr().out)["first_divergence"]
+    out = json.loads(capsys.readouterr().out)
+    fd = out["first_divergence"]
     assert {k: v for k, v in fd.items() if k != "seq"} == {
-        "model": "embedded-sd3.5-large", "prompt": None, "component": "mmdit", "layer": "block.1.context.mlp.fc2",
-        "step": 0, "branch": "uncond", "block": 1, "stream": "context"}
+        "model": "embedded-sd3.5-large", "prompt": None, "component": "mmdit",
+        "layer": "weight:joint_blocks.1.context_block.mlp.fc2.weight", "step": None, "branch": None, "block": None,
+        "stream": None}
+    first_op = next(r for r in out["records"] if not r["bitwise_equal"] and not r["layer"].startswith("weight:"))
+    assert (first_op["layer"], first_op["step"], first_op["branch"]) == ("block.1.context.mlp.fc2", 0, "uncond")
 
 
 def test_damaged_cache_is_refused(tmp_path, monkeypatch, capsys):
@@ -221,7 +226,7 @@ def test_check_img2img_records(tmp_path, capsys):
                  "--steps", "4", "--strength", "0.6"]) == 0
     out = json.loads(capsys.readouterr().out)
     image = [r for r in out["records"] if r["model"] == "embedded-sd3-medium"]
-    assert {r["step"] for r in image if r["component"] == "mmdit"} == {1, 2, 3}  # int(4 - 2.4) = 1: steps 1..3
+    assert {r["step"] for r in image if r["component"] == "mmdit" and r["step"] is not None} == {1, 2, 3}  # int(4 - 2.4) = 1: steps 1..3
     assert {"encoder.conv_out", "decoder.conv_out", "image_uint8"} <= {r["layer"] for r in image}
     assert out["first_divergence"] is None
     assert main(["check", "--image", str(tmp_path / "in.png"), "--size", "64x48"]) == 2

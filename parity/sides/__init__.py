@@ -66,6 +66,11 @@ class ImageCapture:
             self.calls.append((self.rec.tick(), [t.detach().clone() for t in inputs(args, kwargs)], counts))
         es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
 
+    def weights(self, mmdit_state: dict, vae_state: dict, dtype) -> None:
+        """The transformer's and the VAE's parameters under impl's names, before the run."""
+        put_weights(self.rec, self.label, "mmdit", mmdit_state, dtype)
+        put_weights(self.rec, self.label, "vae", vae_state, dtype)
+
     def schedule(self, sigmas) -> None:
         self.sigmas = (self.rec.tick(), sigmas.detach().clone())
 
@@ -112,10 +117,39 @@ class ImageCapture:
         return rec.side()
 
 
-def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callable, first_arg: str) -> R.Side:
-    """One side's text records: per prompt, each encoder's input ids (the first argument of its call, or keyword
-    ``first_arg``) and every mapped layer, then the context and pooled tensors ``encode(prompt)`` returns."""
+WEIGHT = "weight:"  # the layer name of a loaded parameter's record: weight:<impl's parameter name>
+
+
+def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype) -> None:
+    """A side's loaded parameters (named as impl names them) as records, taken before any activation: a missing,
+    zeroed, transposed or mis-mapped tensor is reported at its parameter, not as a wrong op downstream. Floating
+    parameters are taken in the run's ``dtype``, the values a run in it computes with (impl keeps float32 weights
+    and casts them where the references store them cast)."""
+    for name, t in state.items():
+        rec.put(t.to(dtype) if t.is_floating_point() else t, model=label, component=component, layer=WEIGHT + name)
+
+
+def text_state(component: str, module) -> dict:
+    """A text encoder's parameters under impl's names: transformers' T5 ties ``encoder.embed_tokens.weight`` to
+    ``shared.weight``, which impl holds alone (an untied pair is kept, so it shows)."""
+    state = dict(module.state_dict())
+    tied = "encoder.embed_tokens.weight"
+    if component == "t5" and tied in state:
+        if "shared.weight" not in state:
+            state["shared.weight"] = state.pop(tied)
+        elif state[tied].data_ptr() == state["shared.weight"].data_ptr():
+            del state[tied]
+    return state
+
+
+def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callable, first_arg: str,
+              dtype) -> R.Side:
+    """One side's text records: each encoder's parameters, then per prompt each encoder's input ids (the first
+    argument of its call, or keyword ``first_arg``) and every mapped layer, then the context and pooled tensors
+    ``encode(prompt)`` returns."""
     rec = R.Recorder()
+    for comp, model in encoders.items():
+        put_weights(rec, label, comp, text_state(comp, model), dtype)
     for pi, prompt in enumerate(prompts):
         stores: dict[str, dict] = {c: {} for c in encoders}
         ids: dict[str, tuple] = {}

@@ -140,12 +140,16 @@ class DiffusersSide:
             context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
                                                        max_sequence_length=run.values["t5_max_length"])
             return context, pooled
-        return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "input_ids")
+        return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "input_ids", run.dtype)
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
         pipe = image_pipeline(model, run, init is not None)
         cap = ImageCapture(model.label, "diffusers", model.mmdit, model.vae, init is not None)
+        from parity.convert import diffusers_to_sai  # the naming table's rules: diffusers' names -> impl's
+
+        cap.weights(diffusers_to_sai(pipe.transformer.state_dict(), model.mmdit, f"{model.label} transformer (diffusers)"),
+                    diffusers_to_sai(pipe.vae.state_dict(), model.vae, f"{model.label} vae (diffusers)"), run.dtype)
         ref_step = pipe.scheduler.step  # wrapped to see the guided velocity and the new latent
 
         def step(model_output, t, sample, **kw):

@@ -125,7 +125,7 @@ class ImplSide:
         def encode(prompt):
             cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim)
             return cond.context, cond.pooled
-        return text_side(run.text_model.label, run.spec.prompts, models, points, encode, "ids")
+        return text_side(run.text_model.label, run.spec.prompts, models, points, encode, "ids", run.dtype)
 
     def image(self, run, model, init) -> R.Side:
         from impl import sampling
@@ -145,6 +145,7 @@ class ImplSide:
             to_tensor = sampling.image_to_tensor if form.img2img == "scale_noise" else sampling.sai_image_to_tensor
             image, start = to_tensor(init), sampling.start_index(ss, s.strength)
         cap = ImageCapture(model.label, "impl", model.mmdit, model.vae, init is not None)
+        cap.weights(mmdit.state_dict(), vae.state_dict(), run.dtype)
         with contextlib.ExitStack() as es:
             cap.attach(es, mmdit, vae, lambda a, k: (a[0], a[1], a[3], a[2]), f"{model.label} mmdit (impl)",
                        N.MMDIT_SKIP["impl"])

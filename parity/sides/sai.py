@@ -570,7 +570,7 @@ class SaiSide:
             def encode(prompt):
                 self._conditioning[prompt] = get_cond(inferencer, prompt)
                 return self._conditioning[prompt]
-            return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "tokens")
+            return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "tokens", run.dtype)
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
@@ -591,6 +591,7 @@ class SaiSide:
             with refusing(ref, f"{model.single_file}"):
                 mmdit, vae = load_image_models(ref, model.single_file, run.dtype, model.shift["sai"])
             inferencer.sd3, inferencer.vae = SimpleNamespace(model=mmdit), SimpleNamespace(model=vae)
+            cap.weights(mmdit.diffusion_model.state_dict(), vae.state_dict(), run.dtype)  # the code's names are impl's
             with contextlib.ExitStack() as es:
                 es.enter_context(cuda_autocast(ref))
                 es.enter_context(self._steps(ref, cap))
