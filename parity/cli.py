@@ -45,11 +45,33 @@ def _check(args) -> int:
 
     s = spec_from(args)
     report = check(s)
+    if args.markdown:
+        from parity.report import markdown
+
+        _write_text(args.markdown, markdown(report))
     if args.json:
         print(json.dumps({**report.to_json(), "prompts": list(s.prompts)}, indent=1))
     else:
-        print(format_table(report, list(s.prompts)))
+        print(format_table(report, list(s.prompts), quiet=args.quiet))
     return EXIT_DIVERGENCE if report.failures else EXIT_OK
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write a report file atomically (a reader never sees half of it)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _tokens(args) -> int:
@@ -192,6 +214,8 @@ def parser() -> argparse.ArgumentParser:
     _run_options(c)
     c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="print the verdict and warnings only")
+    c.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
     c.set_defaults(fn=_check)
     t = sub.add_parser("tokens", help="token ids of a prompt (or a corpus) under impl's tokenizer modes and profiles "
                        "and the real tokenizers; exit 1 where impl differs from a tokenizer it reproduces")

@@ -35,7 +35,7 @@ def compare(a: Tensor, b: Tensor) -> dict:
             a.contiguous().view(_INT_VIEW[a.dtype]), b.contiguous().view(_INT_VIEW[a.dtype])):
         # bit-identical (NaN payloads included): every distance is 0, nothing to reduce
         return {"bitwise_equal": True, "max_abs_err": 0.0, "max_rel_err": 0.0, "rel_l2": 0.0, "cosine": 1.0,
-                "max_ulp": 0, "mismatched": 0, "nan": [nan_a, nan_b], "inf": [inf_a, inf_b]}
+                "max_ulp": 0, "mismatched": 0, "sign_flips": 0, "nan": [nan_a, nan_b], "inf": [inf_a, inf_b]}
     a64, b64 = a.double(), b.double()
     finite = torch.isfinite(a64) & torch.isfinite(b64)
     d = (a64 - b64).abs()[finite]
@@ -49,6 +49,7 @@ def compare(a: Tensor, b: Tensor) -> dict:
         "cosine": float((a64[finite] * b64[finite]).sum() / (na * nb)) if na > 0 and nb > 0 else 1.0 if na == nb else 0.0,
         "max_ulp": int(ulp_distance(a, b.to(a.dtype)).max()) if a.numel() else 0,
         "mismatched": int((a64 != b64).sum()),
+        "sign_flips": int(((a64 > 0) & (b64 < 0) | (a64 < 0) & (b64 > 0)).sum()),
         "nan": [nan_a, nan_b], "inf": [inf_a, inf_b],
     }
     if a.dtype != b.dtype:  # the ULPs above are in impl's dtype; a dtype difference is never within tolerance

@@ -74,9 +74,13 @@ def _where(r: dict) -> str:
 
 
 def _size(r: dict) -> str:
+    """max abs, max relative error, cosine, and ULPs where they mean something: not across a sign flip (where the
+    count is of the whole range between the two values, ~2e9 for float32) nor for non-finite values."""
     if r.get("shape_mismatch"):
-        return f"{'shape ' + r['shape_mismatch']:>30}"
-    return f"{r['max_abs_err']:>10.3g} {r.get('max_rel_err', 0):>9.3g} {r['max_ulp']:>8}"
+        return f"{'shape ' + r['shape_mismatch']:>38}"
+    nonfinite = sum(r.get("nan", ())) + sum(r.get("inf", ()))
+    ulp = "sign" if r.get("sign_flips") else "nan/inf" if nonfinite and not r["bitwise_equal"] else r["max_ulp"]
+    return f"{r['max_abs_err']:>10.3g} {r.get('max_rel_err', 0):>9.3g} {r.get('cosine', 1.0):>9.6f} {ulp:>8}"
 
 
 def _nonfinite_warning(report: Report) -> list[str]:
@@ -99,17 +103,23 @@ def verdict(report: Report) -> str:
     else:
         extra = f", dtype {fd['dtype_mismatch']}" if "dtype_mismatch" in fd else ""
         size = (f"shape {fd['shape_mismatch']}" if fd.get("shape_mismatch") else
-                f"max_abs {fd.get('max_abs_err', float('nan')):.3g}, ulp {fd.get('max_ulp', '-')}{extra}")
+                f"max_abs {fd.get('max_abs_err', float('nan')):.3g}, max_rel {fd.get('max_rel_err', 0):.3g}, "
+                f"cosine {fd.get('cosine', 1.0):.6f}, " + (f"{fd['sign_flips']} sign flips" if fd.get("sign_flips")
+                                                            else f"ulp {fd.get('max_ulp', '-')}") + extra)
         lines.append(f"first divergence: #{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']} ({size})")
     lines += [f"warning: {w}" for w in report.warnings + _nonfinite_warning(report)]
     return "\n".join(lines)
 
 
-def format_table(report: Report, prompts: list[str]) -> str:
-    lines = [f"model {report.model}  profile {report.profile}  reference {report.reference}  dtype {report.dtype}  "
+def format_table(report: Report, prompts: list[str], quiet: bool = False) -> str:
+    """The verdict first, then (unless ``quiet``) the table, what each side read, notes, and the verdict again."""
+    if quiet:
+        return verdict(report)
+    lines = [verdict(report), "",
+             f"model {report.model}  profile {report.profile}  reference {report.reference}  dtype {report.dtype}  "
              f"threads {report.threads}  tolerance max_ulp={report.max_ulp}", ""]
     head = (f"{'seq':>5} {'where':<22} {'component':<12} {'layer':<36} {'shape':<16} {'max_abs':>10} {'max_rel':>9} "
-            f"{'ulp':>8}  bitwise")
+            f"{'cosine':>9} {'ulp':>8}  bitwise")
     lines += [head, "-" * len(head)]
     weights = [r for r in report.records if r["layer"].startswith("weight:")]
     for r in report.records:
@@ -135,3 +145,43 @@ def format_table(report: Report, prompts: list[str]) -> str:
     lines += [f"note: {n}" for n in report.notes]
     lines += [f"prompt {i}: {p!r}" for i, p in enumerate(prompts)]
     return "\n".join(lines + ["", verdict(report)])
+
+
+def markdown(report: Report) -> str:
+    """A summary that fits a CI job summary: the verdict, records per component, the first divergence, the
+    warnings, and what each side read (versions, code and file fingerprints)."""
+    fd, bad = report.first_divergence, report.failures
+    head = "PASS" if not bad else "FAIL"
+    lines = [f"## sd3-parity check: {head}", "",
+             f"impl against **{report.reference}**, profile `{report.profile}`, model `{report.model}`, dtype "
+             f"`{report.dtype}`, {report.threads} thread(s), tolerance max_ulp={report.max_ulp}", "",
+             "| component | records | bitwise equal | exceed tolerance | largest max_abs |", "|---|---:|---:|---:|---:|"]
+    comps: dict[str, list[dict]] = {}
+    for r in report.records:
+        comps.setdefault(("weights " if r["layer"].startswith("weight:") else "") + r["component"], []).append(r)
+    for comp, rs in comps.items():
+        worst = max((r.get("max_abs_err", 0.0) for r in rs if not r.get("shape_mismatch")), default=0.0)
+        lines.append(f"| {comp} | {len(rs)} | {sum(r['bitwise_equal'] for r in rs)} | {sum(not r['ok'] for r in rs)} "
+                     f"| {worst:.3g} |")
+    lines.append("")
+    if fd is None:
+        lines.append("First divergence: none, every record bitwise equal.")
+    else:
+        size = (f"shape {fd['shape_mismatch']}" if fd.get("shape_mismatch") else
+                f"max abs {fd.get('max_abs_err', 0):.3g}, cosine {fd.get('cosine', 1.0):.6f}")
+        lines.append(f"First divergence: `#{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']}` ({size})"
+                     + (f", {report.reference} name `{fd['reference_name']}`" if fd.get("reference_name") else ""))
+    warnings = report.warnings + _nonfinite_warning(report)
+    if warnings:
+        lines += ["", "**Warnings**", ""] + [f"- {w}" for w in warnings]
+    lines += ["", "<details><summary>what each side read</summary>", ""]
+    for name, what in report.sources.items():
+        what = what if isinstance(what, dict) else {"": what}
+        extra = ", ".join(f"{k} {v}" for k, v in what.items() if k != "files" and not isinstance(v, dict))
+        lines.append(f"- **{name}**" + (f": {extra}" if extra else ""))
+        for k, v in what.items():
+            if isinstance(v, dict) and k != "files":
+                lines.append(f"  - {k}: " + ", ".join(f"{a} `{str(b)[:16]}`" for a, b in v.items()))
+        lines += [f"  - `{path}` `{digest[:12]}`" for path, digest in what.get("files", {}).items()]
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""The report's forms: the verdict first, the table's columns, --quiet, the Markdown summary."""
+import re
+
+import torch
+
+from parity.cli import main
+from parity.metrics import compare
+from parity.report import Report, format_table, markdown
+
+
+def _report(records):
+    r = Report("m", "diffusers", "diffusers", "float32", {}, 1, 0)
+    r.add_pairs(*records)
+    return r
+
+
+def _side(**tensors):
+    return {k: ({"model": "m", "prompt": 0, "component": "clip-l", "layer": k, "step": None, "branch": None,
+                 "seq": i}, t) for i, (k, t) in enumerate(tensors.items())}
+
+
+def test_ulp_is_not_shown_across_a_sign_flip():
+    """A sign flip is ~2e9 ULPs in float32: the table says 'sign' and the verdict counts the flips instead."""
+    a, b = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0])
+    m = compare(a, b)
+    assert m["sign_flips"] == 1 and m["max_ulp"] > 2 ** 30
+    report = _report((_side(x=a, y=a + 1e-7), _side(x=b, y=a)))
+    text = format_table(report, ["p"])
+    row = next(line for line in text.splitlines() if line.strip().startswith("0 "))
+    assert re.search(r"\s-?\d\.\d{6}\s+sign\s+NO", row), row
+    assert "1 sign flips" in text.splitlines()[1] and text.startswith("2 records, 0 within tolerance, 2 exceed it")
+
+
+def test_quiet_and_markdown(tmp_path, capsys):
+    path = tmp_path / "summary.md"
+    assert main(["check", "--text-only", "--prompt", "a cat", "--flag", "clip_l_pad=0", "--quiet",
+                 "--markdown", str(path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("exceed it") and out[1].startswith("first divergence: #") and len(out) == 2
+    md = path.read_text()
+    assert md.startswith("## sd3-parity check: FAIL") and "| clip-l |" in md and "| weights clip-l | 53 | 53 | 0 | 0 |" in md
+    assert "First divergence: `#" in md and "clip-l input_ids` (max abs 4.94e+04" in md
+    assert "<summary>what each side read</summary>" in md and "text_encoder/model.safetensors" in md
+
+
+def test_markdown_of_a_passing_run():
+    md = markdown(_report((_side(x=torch.ones(2)), _side(x=torch.ones(2)))))
+    assert md.startswith("## sd3-parity check: PASS") and "First divergence: none" in md
