@@ -41,20 +41,6 @@ def prompt_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(n)]
 
 
-def _openai_simple_tokenizer():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
-    s = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)
-    return mod.SimpleTokenizer()
-
-
 def bench_tokenizers(repeats: int) -> list[str]:
     from impl import embedded
     from impl.clip_tokenizer import BPEVocab, ClipTokenizer
@@ -70,7 +56,9 @@ def bench_tokenizers(repeats: int) -> list[str]:
               lambda: [rust(p, add_special_tokens=False).input_ids for p in corpus]),
              ("hf", "tokenizers encode_batch (Rust, batched)",
               lambda: [e.ids[1:-1] for e in rust.backend_tokenizer.encode_batch(corpus)])]
-    openai = _openai_simple_tokenizer()
+    from parity.tokens import openai_tokenizer
+
+    openai = openai_tokenizer()
     if openai is not None:
         pairs.insert(0, ("openai", "OpenAI SimpleTokenizer", lambda: [openai.encode(p) for p in corpus]))
     for mode, name, ref_fn in pairs:

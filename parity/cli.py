@@ -74,6 +74,25 @@ def _write_text(path: str, text: str) -> None:
             os.unlink(tmp)
 
 
+def _explain(args) -> int:
+    from parity.explain import explain, format_explain
+
+    between = tuple(args.between) if args.between else None
+    if between and any(p not in ("diffusers", "sai") for p in between):
+        raise ValueError(f"--between {' '.join(between)}: two profiles of diffusers, sai")
+    s = spec_from(args)
+
+    def progress(n, values):
+        if not args.json:
+            print(f"\r  run {n}: {', '.join(f'{k}={v}' for k, v in values) or 'as given'}"[:100].ljust(100), end="",
+                  file=sys.stderr, flush=True)
+    result = explain(s, between, progress)
+    if not args.json:
+        print(file=sys.stderr)
+    print(json.dumps(result, indent=1, default=str) if args.json else format_explain(result))
+    return EXIT_OK if result["found"] is not None else EXIT_DIVERGENCE
+
+
 def _tokens(args) -> int:
     from pathlib import Path
 
@@ -217,6 +236,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="print the verdict and warnings only")
     c.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
     c.set_defaults(fn=_check)
+    e = sub.add_parser("explain", help="the smallest set of flag values (known quirks) that removes a divergence, and "
+                       "what each moves; exit 1 when none does")
+    _run_options(e)
+    e.add_argument("--between", nargs=2, metavar=("A", "B"), help="explain profile A against profile B's reference: "
+                   "the flags on which they differ")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_explain, max_ulp=0)
     t = sub.add_parser("tokens", help="token ids of a prompt (or a corpus) under impl's tokenizer modes and profiles "
                        "and the real tokenizers; exit 1 where impl differs from a tokenizer it reproduces")
     t.add_argument("prompt", nargs="?")

@@ -91,7 +91,7 @@ def references(directory: Path, sai_code: Path | None) -> tuple[dict[str, dict[s
                                "diffusers pipeline": full(clip_g, 77)})
         refs["t5"].update({"transformers tokenizer_3/": lambda p: t5(p, add_special_tokens=False).input_ids,
                            "diffusers pipeline": full(t5, 256, add_special_tokens=True)})
-    openai = _openai()
+    openai = openai_tokenizer()
     if openai is None:
         missing.append("OpenAI's SimpleTokenizer (pip install --no-deps clip-anytorch==2.6.0)")
     else:
@@ -113,7 +113,9 @@ def references(directory: Path, sai_code: Path | None) -> tuple[dict[str, dict[s
     return refs, missing
 
 
-def _openai():
+def openai_tokenizer():
+    """OpenAI's own ``SimpleTokenizer`` from the clip-anytorch package files (importing the package pulls
+    torchvision), or None when it is not installed."""
     import importlib.util
 
     spec = importlib.util.find_spec("clip")
