@@ -47,6 +47,7 @@ def bench_tokenizers(repeats: int) -> list[str]:
     from transformers import CLIPTokenizer
 
     from parity.embedded import model_dir
+    from parity.tokens import openai_tokenizer
 
     corpus = prompt_corpus()
     vocab = BPEVocab.from_openai_gz(embedded.BPE_GZ)
@@ -56,8 +57,6 @@ def bench_tokenizers(repeats: int) -> list[str]:
               lambda: [rust(p, add_special_tokens=False).input_ids for p in corpus]),
              ("hf", "tokenizers encode_batch (Rust, batched)",
               lambda: [e.ids[1:-1] for e in rust.backend_tokenizer.encode_batch(corpus)])]
-    from parity.tokens import openai_tokenizer
-
     openai = openai_tokenizer()
     if openai is not None:
         pairs.insert(0, ("openai", "OpenAI SimpleTokenizer", lambda: [openai.encode(p) for p in corpus]))
