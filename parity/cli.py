@@ -34,7 +34,9 @@ def spec_from(args):
              dtype=args.dtype, threads=args.threads, text_only=args.text_only, families=tuple(args.family or ()),
              steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift, height=height, width=width,
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
-             sai_code=args.sai_code, max_ulp=getattr(args, "max_ulp", 0))
+             sai_code=args.sai_code, max_ulp=getattr(args, "max_ulp", 0),
+             noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
+             tolerance=getattr(args, "tolerance", "ulp"))
     validate(s)
     return s
 
@@ -233,6 +235,10 @@ def parser() -> argparse.ArgumentParser:
     _run_options(c)
     c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--noise-floor", action="store_true", help="also run the reference with one more thread: its own "
+                   "jitter per record, shown with each divergence, and the cause classes precision / op semantics")
+    c.add_argument("--tolerance", choices=("ulp", "noise"), default="ulp", help="ulp: --max-ulp per element "
+                   "(default); noise: a record's max abs error within the reference's own jitter there")
     c.add_argument("--quiet", action="store_true", help="print the verdict and warnings only")
     c.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
     c.set_defaults(fn=_check)
@@ -267,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--golden-dir", default="golden")
     r.add_argument("--name", help="set name (default embedded-PROFILE-DTYPE, or MODELDIR-PROFILE-DTYPE)")
     r.add_argument("--force", action="store_true", help="replace an existing set of that name")
+    r.add_argument("--noise-floor", action="store_true", help="also store the reference's own jitter per record "
+                   "(its run on one more thread)")
     r.set_defaults(fn=_record)
     v2 = sub.add_parser("verify", help="compare impl (and the installed reference) with golden sets; exit codes "
                         "classify what changed (see parity/golden.py)")

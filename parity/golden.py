@@ -279,7 +279,8 @@ def spec_of(manifest_settings: dict, source: str):
 
     spec = Spec(**values)
     types = {"threads": int, "steps": int, "seed": int, "height": int, "width": int, "max_ulp": int, "text_only": bool,
-             "guidance": (int, float), "strength": (int, float), "profile": str, "dtype": str}
+             "guidance": (int, float), "strength": (int, float), "profile": str, "dtype": str, "noise_floor": bool,
+             "tolerance": str}
     bad = [k for k, t in types.items() if not isinstance(getattr(spec, k), t)
            or (t is int and isinstance(getattr(spec, k), bool))]
     bad += [k for k in ("model", "checkpoint", "config", "image", "sai_code") if not isinstance(getattr(spec, k), (str, type(None)))]
@@ -355,6 +356,15 @@ def _record(target: Path, s, force: bool) -> tuple[dict, list[str]]:
     if ref is None:
         raise ValueError("recording the sai profile needs the SD3.5 code: --sai-code DIR or $SD3PARITY_SAI_CODE")
     entries, tensors = _entries(ref[0], impl)
+    if s.noise_floor:  # the reference's own jitter per record (one more thread), kept with the set
+        from dataclasses import replace
+
+        from parity.run import execute, noise_floor, resolve
+
+        noise = noise_floor(ref[0], execute(resolve(replace(s, threads=s.threads + 1)), run.reference)[0])
+        for e in entries:
+            if e["key"] in noise:
+                e["noise"] = noise[e["key"]]
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

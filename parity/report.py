@@ -38,8 +38,10 @@ class Report:
         """The first record, in the reference's execution order, that is not bitwise equal."""
         return next((r for r in self.records if not r["bitwise_equal"]), None)
 
-    def add_pairs(self, impl: R.Side, ref: R.Side) -> None:
-        """Compare every record of the two sides, in the reference's execution order (``records.paired``)."""
+    def add_pairs(self, impl: R.Side, ref: R.Side, noise: dict | None = None, tolerance: str = "ulp") -> None:
+        """Compare every record of the two sides, in the reference's execution order (``records.paired``). With
+        ``noise`` (record key -> the reference's own jitter), each record carries it, a divergent record its cause
+        class, and ``tolerance="noise"`` accepts an error within that jitter."""
         for fields, got, want in R.paired(impl, ref):
             base = {k: fields.get(k) for k in WHERE_FIELDS} | {"seq": len(self.records)}
             if got is None or want is None:  # one side did not produce it (a different number of calls, ...)
@@ -47,10 +49,17 @@ class Report:
                                      "shape_mismatch": "only the reference has it" if got is None else "only impl has it"})
                 continue
             m = compare(got, want)
-            ok = m.get("bitwise_equal", False) or ("shape_mismatch" not in m and "dtype_mismatch" not in m
-                                                   and m["max_ulp"] <= self.max_ulp)
-            self.records.append({**base, "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
-                                 "ok": bool(ok), **m})
+            floor = None if noise is None else noise.get(R.key(fields))
+            if floor is not None:
+                m["noise"] = floor
+            within = "shape_mismatch" not in m and "dtype_mismatch" not in m and (
+                m["max_abs_err"] <= floor["max_abs"] if tolerance == "noise" and floor is not None
+                else m["max_ulp"] <= self.max_ulp)
+            ok = m.get("bitwise_equal", False) or within
+            r = {**base, "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."), "ok": bool(ok), **m}
+            if not r["bitwise_equal"]:
+                r["cause"] = cause(r, noise is not None)
+            self.records.append(r)
 
     def to_json(self) -> dict:
         fd = self.first_divergence
@@ -83,6 +92,25 @@ def _size(r: dict) -> str:
     return f"{r['max_abs_err']:>10.3g} {r.get('max_rel_err', 0):>9.3g} {r.get('cosine', 1.0):>9.6f} {ulp:>8}"
 
 
+def cause(r: dict, measured: bool) -> str:
+    """The class of a divergent record, from what it is and, for ops, the reference's own jitter there (the
+    error here may be inherited from an earlier record: the first divergence is where it is introduced)."""
+    if r["layer"].startswith("weight:"):
+        return "weight loading"
+    if r["layer"] == "input_ids":
+        return "tokenization (ids differ)"
+    if r.get("shape_mismatch") or r.get("dtype_mismatch"):
+        return "structure (shape or dtype)"
+    if r["component"] == "sampler":
+        return "scheduler / RNG / guidance"
+    if not measured:
+        return "op semantics or precision (--noise-floor tells them apart)"
+    floor = r.get("noise")
+    if floor is not None and r["max_abs_err"] <= floor["max_abs"]:
+        return "precision (within the reference's own jitter)"
+    return "op semantics (above the reference's own jitter)"
+
+
 def _nonfinite_warning(report: Report) -> list[str]:
     bad = report.nonfinite
     if not bad:
@@ -107,6 +135,8 @@ def verdict(report: Report) -> str:
                 f"cosine {fd.get('cosine', 1.0):.6f}, " + (f"{fd['sign_flips']} sign flips" if fd.get("sign_flips")
                                                             else f"ulp {fd.get('max_ulp', '-')}") + extra)
         lines.append(f"first divergence: #{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']} ({size})")
+        lines.append(f"cause: {fd['cause']}" + (f"; the reference's own jitter there: max_abs "
+                                                  f"{fd['noise']['max_abs']:.3g}" if fd.get("noise") else ""))
     lines += [f"warning: {w}" for w in report.warnings + _nonfinite_warning(report)]
     return "\n".join(lines)
 

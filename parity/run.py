@@ -59,6 +59,8 @@ class Spec:
     slg: tuple[int, ...] = ()
     sai_code: str | None = None
     max_ulp: int = 0
+    noise_floor: bool = False  # also run the reference with threads + 1: its own jitter per record
+    tolerance: str = "ulp"  # "ulp": max_ulp per element; "noise": max abs within the reference's own jitter
 
 
 def validate(s: Spec) -> None:
@@ -73,6 +75,8 @@ def validate(s: Spec) -> None:
     need(s.dtype in DTYPES, f"--dtype {s.dtype!r}: expected one of {', '.join(DTYPES)}")
     need(1 <= s.threads <= 1024, f"--threads {s.threads}: between 1 and 1024")
     need(s.max_ulp >= 0, f"--max-ulp {s.max_ulp}: at least 0")
+    need(s.tolerance in ("ulp", "noise"), f"--tolerance {s.tolerance!r}: expected ulp or noise")
+    need(s.tolerance != "noise" or s.noise_floor, "--tolerance noise needs the noise floor (--noise-floor)")
     need(len(s.prompts) > 0, "at least one prompt")
     need(s.steps >= 1, f"--steps {s.steps}: at least 1")
     need(s.steps <= 1000, f"--steps {s.steps}: at most 1000 (the schedule has 1000 training timesteps)")
@@ -522,7 +526,7 @@ def execute(run: Run, side_name: str, cache: dict | None = None):
     return out
 
 
-def compare(run: Run, impl, ref):
+def compare(run: Run, impl, ref, noise: dict | None = None):
     from parity.report import Report
 
     report = Report(run.text_model.label if not run.models else ", ".join(m.label for m in run.models),
@@ -532,7 +536,7 @@ def compare(run: Run, impl, ref):
     impl_records = impl[0] if not covers else {k: v for k, v in impl[0].items() if v[0]["component"] in covers}
     if covers:
         report.notes.append(f"{run.reference} produces {', '.join(covers)} only: impl is compared on those")
-    report.add_pairs(impl_records, ref[0])
+    report.add_pairs(impl_records, ref[0], noise, run.spec.tolerance)
     report.sources = {"impl": impl[1], run.reference: ref[1]}
     if run.reference == "diffusers":  # a parameter that differs is named in diffusers' scheme too
         from parity.convert import _rules
@@ -557,7 +561,26 @@ def check(s: Spec, cache: dict | None = None):
     except Unsupported as e:
         inferred = [n for n in run.notes if "inferred" in n]
         raise Unsupported(str(e) + "".join(f"\n  impl {n}" for n in inferred)) from None
-    return compare(run, impl, ref)
+    noise = None
+    if s.noise_floor:  # the reference against itself on another thread count: CPU reductions in another order
+        other = execute(resolve(replace(s, threads=s.threads + 1)), run.reference, cache)
+        noise = noise_floor(ref[0], other[0])
+        run.notes.append(f"noise floor: {run.reference} with {s.threads} against {s.threads + 1} threads, per record")
+    return compare(run, impl, ref, noise)
+
+
+def noise_floor(a, b) -> dict[str, dict]:
+    """Per record key: the reference's own jitter between two runs (max abs and max ULP of its two tensors)."""
+    from parity import records as R
+    from parity.metrics import compare as metrics
+
+    out = {}
+    for key, (fields, t) in a.items():
+        if key in b:
+            m = metrics(R.load(t), R.load(b[key][1]))
+            if "shape_mismatch" not in m:
+                out[key] = {"max_abs": m["max_abs_err"], "max_ulp": m["max_ulp"]}
+    return out
 
 
 def with_overrides(s: Spec, **flags) -> Spec:

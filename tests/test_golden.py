@@ -341,3 +341,12 @@ def test_another_cpu_is_told_apart_from_an_impl_change(small, monkeypatch, capsy
     assert main(["verify", "--golden-dir", str(small)]) == G.EXIT["impl"]
     assert "live on this machine: impl vs diffusers: model=embedded-default prompt=0 component=clip-l" in \
         capsys.readouterr().out
+
+
+def test_record_keeps_the_noise_floor(tmp_path, capsys):
+    assert main(["record", "--golden-dir", str(tmp_path), "--family", "sd3-medium", "--steps", "1", "--prompt", "a cat",
+                 "--name", "n", "--noise-floor"]) == 0
+    m = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    assert m["settings"]["noise_floor"] is True and all("noise" in e for e in m["records"])
+    assert any(e["noise"]["max_abs"] > 0 for e in m["records"] if e["component"] == "vae")  # 1 vs 2 threads: VAE
+    assert main(["verify", "--golden-dir", str(tmp_path / "n"), "--impl-only"]) == 0

@@ -46,3 +46,38 @@ def test_quiet_and_markdown(tmp_path, capsys):
 def test_markdown_of_a_passing_run():
     md = markdown(_report((_side(x=torch.ones(2)), _side(x=torch.ones(2)))))
     assert md.startswith("## sd3-parity check: PASS") and "First divergence: none" in md
+
+
+def test_noise_floor_tells_precision_from_op_semantics(monkeypatch, capsys):
+    """The reference's own jitter (diffusers on 1 and on 2 threads) per record: an attention-order change at block 0
+    is above it (op semantics, where the jitter is 0); a 1-ULP nudge of impl's last VAE up-block output is within
+    the jitter the thread count alone causes there (precision), and --tolerance noise accepts it."""
+    import json
+
+    import torch
+
+    argv = ["check", "--family", "sd3-medium", "--steps", "2", "--prompt", "a cat", "--json", "--noise-floor"]
+    assert main([*argv, "--flag", "attention_order=context_first"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    fd = next(r for r in out["records"] if r["seq"] == out["first_divergence"]["seq"])
+    assert fd["layer"] == "block.0.context.attn.proj" and fd["noise"]["max_abs"] == 0.0
+    assert fd["cause"] == "op semantics (above the reference's own jitter)"
+
+    from impl import vae
+
+    def nudged(self, z):  # impl's Decoder.forward with the input of conv_out one ULP up
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        h = torch.nn.functional.silu(self.norm_out(h))
+        return self.conv_out(h.view(torch.int32).add(1).view(torch.float32))
+    monkeypatch.setattr(vae.Decoder, "forward", nudged)
+    code = main(argv)
+    out = json.loads(capsys.readouterr().out)
+    bad = [r for r in out["records"] if not r["bitwise_equal"]]
+    assert code == 1 and bad and all(r["component"] == "vae" for r in bad)
+    assert {r["cause"] for r in bad if r["noise"]["max_abs"] > 0} == {"precision (within the reference's own jitter)"}
+    assert main([*argv, "--tolerance", "noise"]) == 0
