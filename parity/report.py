@@ -89,7 +89,9 @@ def _size(r: dict) -> str:
         return f"{'shape ' + r['shape_mismatch']:>38}"
     nonfinite = sum(r.get("nan", ())) + sum(r.get("inf", ()))
     ulp = "sign" if r.get("sign_flips") else "nan/inf" if nonfinite and not r["bitwise_equal"] else r["max_ulp"]
-    return f"{r['max_abs_err']:>10.3g} {r.get('max_rel_err', 0):>9.3g} {r.get('cosine', 1.0):>9.6f} {ulp:>8}"
+    if "cosine" not in r:  # integer records (ids, the uint8 image): differences only
+        return f"{r['max_abs_err']:>10.3g} {'-':>9} {'-':>9} {ulp:>8}"
+    return f"{r['max_abs_err']:>10.3g} {r.get('max_rel_err', 0):>9.3g} {r['cosine']:>9.6f} {ulp:>8}"
 
 
 def cause(r: dict, measured: bool) -> str:
@@ -131,9 +133,10 @@ def verdict(report: Report) -> str:
     else:
         extra = f", dtype {fd['dtype_mismatch']}" if "dtype_mismatch" in fd else ""
         size = (f"shape {fd['shape_mismatch']}" if fd.get("shape_mismatch") else
-                f"max_abs {fd.get('max_abs_err', float('nan')):.3g}, max_rel {fd.get('max_rel_err', 0):.3g}, "
-                f"cosine {fd.get('cosine', 1.0):.6f}, " + (f"{fd['sign_flips']} sign flips" if fd.get("sign_flips")
-                                                            else f"ulp {fd.get('max_ulp', '-')}") + extra)
+                f"max_abs {fd.get('max_abs_err', float('nan')):.3g}, "
+                + (f"max_rel {fd.get('max_rel_err', 0):.3g}, cosine {fd['cosine']:.6f}, " if "cosine" in fd else "")
+                + (f"{fd['sign_flips']} sign flips" if fd.get("sign_flips") else f"ulp {fd.get('max_ulp', '-')}")
+                + extra)
         lines.append(f"first divergence: #{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']} ({size})")
         lines.append(f"cause: {fd['cause']}" + (f"; the reference's own jitter there: max_abs "
                                                   f"{fd['noise']['max_abs']:.3g}" if fd.get("noise") else ""))
@@ -198,7 +201,7 @@ def markdown(report: Report) -> str:
         lines.append("First divergence: none, every record bitwise equal.")
     else:
         size = (f"shape {fd['shape_mismatch']}" if fd.get("shape_mismatch") else
-                f"max abs {fd.get('max_abs_err', 0):.3g}, cosine {fd.get('cosine', 1.0):.6f}")
+                f"max abs {fd.get('max_abs_err', 0):.3g}" + (f", cosine {fd['cosine']:.6f}" if "cosine" in fd else ""))
         lines.append(f"First divergence: `#{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']}` ({size})"
                      + (f", {report.reference} name `{fd['reference_name']}`" if fd.get("reference_name") else ""))
     warnings = report.warnings + _nonfinite_warning(report)

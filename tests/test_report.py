@@ -36,7 +36,8 @@ def test_quiet_and_markdown(tmp_path, capsys):
     assert main(["check", "--text-only", "--prompt", "a cat", "--flag", "clip_l_pad=0", "--quiet",
                  "--markdown", str(path)]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0].endswith("exceed it") and out[1].startswith("first divergence: #") and len(out) == 2
+    assert out[0].endswith("exceed it") and out[1].startswith("first divergence: #") and out[1].endswith("ulp 49407)")
+    assert out[2] == "cause: tokenization (ids differ)" and len(out) == 3
     md = path.read_text()
     assert md.startswith("## sd3-parity check: FAIL") and "| clip-l |" in md and "| weights clip-l | 53 | 53 | 0 | 0 |" in md
     assert "First divergence: `#" in md and "clip-l input_ids` (max abs 4.94e+04" in md
