@@ -185,17 +185,31 @@ def _verify(args) -> int:
     except GoldenError as e:
         print(f"sd3parity verify: {e.kind}: {e}", file=sys.stderr)
         return e.code
+    rows = []
     for d in sets:
         try:
             v = verify(d, args.threads, False if args.impl_only else None, args.sai_code)
-            print(f"{d}: {v.kind} (exit {v.code})")
-            print("\n".join("  " + line for line in v.lines))
-            code = v.code
+            kind, code, lines = v.kind, v.code, v.lines
         except GoldenError as e:
-            print(f"{d}: {e.kind} (exit {e.code})\n  {e}")
-            code = e.code
+            kind, code, lines = e.kind, e.code, [str(e)]
+        print(f"{d}: {kind} (exit {code})")
+        print("\n".join("  " + line for line in lines))
+        rows.append((d, kind, code, lines))
         worst = worst or code
+    if args.markdown:
+        _write_text(args.markdown, _verify_markdown(rows, worst))
     return worst
+
+
+def _verify_markdown(rows, worst: int) -> str:
+    """A job summary: one row per golden set (its verdict and exit code), then what each one printed."""
+    out = [f"## sd3-parity verify: {'PASS' if worst == 0 else f'exit {worst}'}", "",
+           "| golden set | verdict | exit |", "|---|---|---:|"]
+    out += [f"| `{d.name}` | {kind} | {code} |" for d, kind, code, _ in rows]
+    for d, kind, _, lines in rows:
+        out += ["", f"<details><summary>{d.name}: {kind}</summary>", ""] + [f"- {line}" for line in lines]
+        out += ["", "</details>"]
+    return "\n".join(out) + "\n"
 
 
 def _run_options(p, check: bool = True) -> None:
@@ -281,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
     v2.add_argument("--golden-dir", default="golden", help="a set, or a folder of sets (default golden/)")
     v2.add_argument("--threads", type=int, help="run with this many threads instead of the recorded count")
     v2.add_argument("--impl-only", action="store_true", help="do not run the reference even if it is installed")
+    v2.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
     v2.add_argument("--sai-code", metavar="DIR", help="the SD3.5 code for sets of the sai profile "
                     "(default: $SD3PARITY_SAI_CODE; without it their reference is not run)")
     v2.set_defaults(fn=_verify)

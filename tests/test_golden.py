@@ -49,6 +49,13 @@ def test_record_then_verify(small, capsys):
     assert "impl only" in capsys.readouterr().out
 
 
+def test_verify_markdown_summary(small, tmp_path, capsys):
+    path = tmp_path / "summary.md"
+    assert main(["verify", "--golden-dir", str(small), "--impl-only", "--markdown", str(path)]) == 0
+    md = path.read_text()
+    assert md.startswith("## sd3-parity verify: PASS") and "| `small` | ok | 0 |" in md and "impl only" in md
+
+
 def test_impl_change_is_named(small, monkeypatch, capsys):
     from impl import clip
 
