@@ -162,6 +162,24 @@ CLIP_DROP = ("text_model.embeddings.position_ids",)  # a buffer (arange) older t
 T5_TIED = {"shared.weight": "encoder.embed_tokens.weight"}  # transformers ties them; either key may be stored
 
 
+def check_encoder_folder(folder: Path, shapes: dict):
+    """The config of a text-encoder folder (``text_encoder_3`` is T5, the others CLIP), parsed within bounds and
+    checked against stored tensors' names and shapes (``shapes``: anything with ``.shape``) on the meta device,
+    before anything is allocated. Returns the config."""
+    from impl.clip import ClipConfig
+    from impl.t5 import T5Config
+    from impl.weights import expect_layout, read_config
+
+    path = folder / "config.json"
+    if folder.name == "text_encoder_3":
+        cfg = T5Config.from_hf(read_config(path), str(path))
+        expect_layout(lambda: T5Encoder(cfg), shapes, str(folder), tied=T5_TIED)
+    else:
+        cfg = ClipConfig.from_hf(read_config(path), str(path))
+        expect_layout(lambda: ClipTextEncoder(cfg), shapes, str(folder), drop=CLIP_DROP)
+    return cfg
+
+
 def load_text_stack(directory: str | Path | None = None) -> TextStack:
     """The embedded default when ``directory`` is None; else a diffusers-layout model directory (``text_encoder/``,
     ``text_encoder_2/``, optional ``text_encoder_3/``, ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``)."""

@@ -252,21 +252,12 @@ def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
         sai_vae = diffusers_to_sai(read_weights_dir(src / "vae", MODEL_WEIGHTS), vc, str(src / "vae"))
         state.update({PREFIXES["vae"] + k: v for k, v in sai_vae.items()})
         lines.append(f"vae: ch {vc.ch}, mult {list(vc.ch_mult)}")
-    from impl.clip import ClipConfig, ClipTextEncoder
-    from impl.t5 import T5Config, T5Encoder
-    from impl.text import CLIP_DROP, T5_TIED
-    from impl.weights import expect_layout
+    from impl.text import CLIP_DROP, check_encoder_folder
 
     for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
         if (src / sub).is_dir():
             te = {k: v for k, v in read_weights_dir(src / sub, TEXT_WEIGHTS).items() if k not in CLIP_DROP}
-            path = src / sub / "config.json"  # the weights must be the model the folder's config describes
-            if name == "t5xxl":
-                tc = T5Config.from_hf(read_config(path), str(path))
-                expect_layout(lambda: T5Encoder(tc), te, str(src / sub), tied=T5_TIED)
-            else:
-                cc = ClipConfig.from_hf(read_config(path), str(path))
-                expect_layout(lambda: ClipTextEncoder(cc), te, str(src / sub))
+            check_encoder_folder(src / sub, te)  # the weights must be the model the folder's config describes
             if name == "t5xxl" and "encoder.embed_tokens.weight" not in te and "shared.weight" in te:
                 te["encoder.embed_tokens.weight"] = te["shared.weight"].clone()  # the name SAI-layout readers read
             state.update({f"{PREFIXES['text_encoders']}{name}.transformer.{k}": v for k, v in te.items()})

@@ -158,11 +158,9 @@ def _installed(pkg: str) -> bool:
 def _entries(ref: R.Side, impl: R.Side) -> tuple[list[dict], dict[str, Tensor]]:
     """Golden entries, in the reference's execution order: the reference's tensor where it produced one
     (``source: reference``), else impl's (``source: impl``: records no reference computed)."""
-    from parity.sides import WEIGHT
-
     entries, tensors = [], {}
     for fields, got, want in R.paired(impl, ref):
-        if fields["layer"].startswith(WEIGHT):
+        if R.is_weight(fields):
             continue  # the model's files are fingerprinted; their parameters are not golden data
         t, source = (want, "reference") if want is not None else (got, "impl")
         k = R.key(fields)
@@ -532,10 +530,8 @@ def _first_bad(side: R.Side, manifest: dict, tensors: dict, impl: bool) -> str |
                                                      "block", "stream") if e.get(f) is not None)
             size = _size(e, got, tensors) if want == e["sha256"] else "differs from impl's recorded tensor"
             return f"{where} ({size})"
-    from parity.sides import WEIGHT
-
     known = {e["key"] for e in manifest["records"]}
-    extra = [k for k, (f, _) in side.items() if k not in known and not f["layer"].startswith(WEIGHT)]  # new structure
+    extra = [k for k, (f, _) in side.items() if k not in known and not R.is_weight(f)]  # a new record: new structure
     return f"{extra[0]}: not in the golden set" if extra else None
 
 

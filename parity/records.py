@@ -21,6 +21,11 @@ import torch
 from torch import Tensor
 
 KEY_FIELDS = ("model", "prompt", "component", "layer", "step", "branch")
+WEIGHT = "weight:"  # the layer name of a loaded parameter's record: weight:<impl's parameter name>
+
+
+def is_weight(fields: dict) -> bool:
+    return fields["layer"].startswith(WEIGHT)
 Side = dict[str, tuple[dict, Tensor]]
 
 

@@ -74,7 +74,7 @@ class Report:
 
 def _where(r: dict) -> str:
     """Text records: the prompt index; image records: model, step and branch; parameters: the model."""
-    if r["layer"].startswith("weight:"):
+    if R.is_weight(r):
         return (r["model"] or "").removeprefix("embedded-")
     if r["component"] in ("mmdit", "sampler", "vae"):
         step = "" if r.get("step") is None else f" s{r['step']}"
@@ -97,7 +97,7 @@ def _size(r: dict) -> str:
 def cause(r: dict, measured: bool) -> str:
     """The class of a divergent record, from what it is and, for ops, the reference's own jitter there (the
     error here may be inherited from an earlier record: the first divergence is where it is introduced)."""
-    if r["layer"].startswith("weight:"):
+    if R.is_weight(r):
         return "weight loading"
     if r["layer"] == "input_ids":
         return "tokenization (ids differ)"
@@ -154,9 +154,9 @@ def format_table(report: Report, prompts: list[str], quiet: bool = False) -> str
     head = (f"{'seq':>5} {'where':<22} {'component':<12} {'layer':<36} {'shape':<16} {'max_abs':>10} {'max_rel':>9} "
             f"{'cosine':>9} {'ulp':>8}  bitwise")
     lines += [head, "-" * len(head)]
-    weights = [r for r in report.records if r["layer"].startswith("weight:")]
+    weights = [r for r in report.records if R.is_weight(r)]
     for r in report.records:
-        if r in weights and r["bitwise_equal"]:
+        if r["bitwise_equal"] and R.is_weight(r):
             continue  # equal parameters: counted below, not listed
         mark = "yes" if r["bitwise_equal"] else ("no" if r["ok"] else "NO  <-- exceeds tolerance")
         if sum(r.get("nan", ())) + sum(r.get("inf", ())):
@@ -191,7 +191,7 @@ def markdown(report: Report) -> str:
              "| component | records | bitwise equal | exceed tolerance | largest max_abs |", "|---|---:|---:|---:|---:|"]
     comps: dict[str, list[dict]] = {}
     for r in report.records:
-        comps.setdefault(("weights " if r["layer"].startswith("weight:") else "") + r["component"], []).append(r)
+        comps.setdefault(("weights " if R.is_weight(r) else "") + r["component"], []).append(r)
     for comp, rs in comps.items():
         worst = max((r.get("max_abs_err", 0.0) for r in rs if not r.get("shape_mismatch")), default=0.0)
         lines.append(f"| {comp} | {len(rs)} | {sum(r['bitwise_equal'] for r in rs)} | {sum(not r['ok'] for r in rs)} "

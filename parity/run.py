@@ -217,12 +217,10 @@ def check_text_files(text: TextModel) -> None:
     """Before any side runs: each text encoder folder's config parses within bounds and its weights' headers have
     the names and shapes that config builds (checked without allocating), and every tokenizer id fits the
     embedding table it indexes. A single file's encoders are sized from its shapes."""
-    from impl.clip import ClipConfig, ClipTextEncoder
     from impl.clip_tokenizer import BPEVocab
-    from impl.t5 import T5Config, T5Encoder
     from impl.t5_tokenizer import SentencePieceModel
-    from impl.text import CLIP_DROP, T5_TIED
-    from impl.weights import TEXT_WEIGHTS, expect_layout, read_safetensors_meta, weight_files
+    from impl.text import check_encoder_folder
+    from impl.weights import TEXT_WEIGHTS, read_safetensors_meta, weight_files
 
     for tok in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if text.has_t5 else ()):
         need = ("spiece.model",) if tok == "tokenizer_3" else ("vocab.json", "merges.txt")
@@ -240,19 +238,14 @@ def check_text_files(text: TextModel) -> None:
             if t is not None and t.ndim == 2:
                 rows[tok] = (t.shape[0], f"{text.single_file} text_encoders.{key}")
     else:
-        for sub, tok, parse, build, tied, drop in (
-                ("text_encoder", "tokenizer", ClipConfig.from_hf, ClipTextEncoder, None, CLIP_DROP),
-                ("text_encoder_2", "tokenizer_2", ClipConfig.from_hf, ClipTextEncoder, None, CLIP_DROP),
-                ("text_encoder_3", "tokenizer_3", T5Config.from_hf, T5Encoder, T5_TIED, ())):
+        for sub, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
             if sub == "text_encoder_3" and not text.has_t5:
                 continue
-            path = text.directory / sub / "config.json"
-            cfg = parse(_read_json(path), str(path))
             meta = {}
             for f in weight_files(text.directory / sub, TEXT_WEIGHTS):
                 meta.update(read_safetensors_meta(f))
-            expect_layout(lambda: build(cfg), meta, str(text.directory / sub), tied, CLIP_DROP if drop else ())
-            rows[tok] = (cfg.vocab_size, f"{path} vocab_size")
+            cfg = check_encoder_folder(text.directory / sub, meta)
+            rows[tok] = (cfg.vocab_size, f"{text.directory / sub / 'config.json'} vocab_size")
     for tok, (n, where) in rows.items():
         folder = text.directory / tok
         if tok == "tokenizer_3":
@@ -543,10 +536,12 @@ def compare(run: Run, impl, ref, noise: dict | None = None):
 
         names = {m.label: {c: {r.sai: f"{'|'.join(r.diffusers)} ({r.transform})" for r in _rules(cfg)}
                            for c, cfg in (("mmdit", m.mmdit), ("vae", m.vae))} for m in run.models}
+        from parity import records as R
+
         for r in report.records:
-            if r["layer"].startswith("weight:") and not r["bitwise_equal"]:
-                r["reference_name"] = names.get(r["model"], {}).get(r["component"], {}).get(
-                    r["layer"].removeprefix("weight:"), r["layer"].removeprefix("weight:"))
+            if R.is_weight(r) and not r["bitwise_equal"]:
+                name = r["layer"].removeprefix(R.WEIGHT)
+                r["reference_name"] = names.get(r["model"], {}).get(r["component"], {}).get(name, name)
     if run.spec.text_only:
         report.notes.append("image side not run (--text-only)")
     return report

@@ -64,18 +64,16 @@ def test_noise_floor_tells_precision_from_op_semantics(monkeypatch, capsys):
     assert fd["layer"] == "block.0.context.attn.proj" and fd["noise"]["max_abs"] == 0.0
     assert fd["cause"] == "op semantics (above the reference's own jitter)"
 
-    from impl import vae
+    from parity.sides import impl as side
 
-    def nudged(self, z):  # impl's Decoder.forward with the input of conv_out one ULP up
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        h = torch.nn.functional.silu(self.norm_out(h))
-        return self.conv_out(h.view(torch.int32).add(1).view(torch.float32))
-    monkeypatch.setattr(vae.Decoder, "forward", nudged)
+    load = side.load_image_parts
+
+    def nudged(model, opts):  # impl's VAE with the input of the decoder's conv_out one ULP up
+        mmdit, vae = load(model, opts)
+        vae.decoder.conv_out.register_forward_pre_hook(
+            lambda _m, args: (args[0].view(torch.int32).add(1).view(torch.float32),))
+        return mmdit, vae
+    monkeypatch.setattr(side, "load_image_parts", nudged)
     code = main(argv)
     out = json.loads(capsys.readouterr().out)
     bad = [r for r in out["records"] if not r["bitwise_equal"]]

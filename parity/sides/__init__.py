@@ -117,7 +117,6 @@ class ImageCapture:
         return rec.side()
 
 
-WEIGHT = "weight:"  # the layer name of a loaded parameter's record: weight:<impl's parameter name>
 
 
 def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype) -> None:
@@ -126,7 +125,7 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
     parameters are taken in the run's ``dtype``, the values a run in it computes with (impl keeps float32 weights
     and casts them where the references store them cast)."""
     for name, t in state.items():
-        rec.put(t.to(dtype) if t.is_floating_point() else t, model=label, component=component, layer=WEIGHT + name)
+        rec.put(t.to(dtype) if t.is_floating_point() else t, model=label, component=component, layer=R.WEIGHT + name)
 
 
 def text_state(component: str, module) -> dict:
