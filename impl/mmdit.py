@@ -298,21 +298,29 @@ class MMDiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, context: Tensor, skip_layers: tuple[int, ...] = ()) -> Tensor:
         """x (B, C, H, W) latents, t (B,) timesteps in [0, 1000], y (B, pooled_dim), context (B, M, context_dim)."""
-        b, _, height, width = x.shape
-        self.check_size(height, width)
-        p = self.config.patch
-        h, w = height // p, width // p
-        cast = self.options.casts == "cast_back"  # diffusers casts back where the SD3.5 code lets dtypes promote
-        patches = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        tokens = patches + self.cropped_pos_embed(h, w)
-        tokens = self.tokens((tokens.to(patches.dtype) if cast else tokens).contiguous())
-        t_emb = timestep_embedding(t, self.config.freq_dim).to(y.dtype if cast else tokens.dtype)
-        c = self.cond(self.t_embedder(t_emb) + self.y_embedder(y))
-        ctx = self.context_embedder(context)
+        tokens, c, ctx = self.embed(x, t, y, context)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip_layers:
                 ctx, tokens = block(ctx, tokens, c, self.options)
-        return self.unpatchify(self.final_layer(tokens, c, cast), height, width)
+        return self.head(tokens, c, x.shape[2], x.shape[3])
+
+    def embed(self, x: Tensor, t: Tensor, y: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The joint blocks' inputs: image tokens (patches + the cropped position table), the conditioning vector
+        c = t_embedder + y_embedder, and the embedded context."""
+        _, _, height, width = x.shape
+        self.check_size(height, width)
+        p = self.config.patch
+        cast = self.options.casts == "cast_back"  # diffusers casts back where the SD3.5 code lets dtypes promote
+        patches = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = patches + self.cropped_pos_embed(height // p, width // p)
+        tokens = self.tokens((tokens.to(patches.dtype) if cast else tokens).contiguous())
+        t_emb = timestep_embedding(t, self.config.freq_dim).to(y.dtype if cast else tokens.dtype)
+        c = self.cond(self.t_embedder(t_emb) + self.y_embedder(y))
+        return tokens, c, self.context_embedder(context)
+
+    def head(self, tokens: Tensor, c: Tensor, height: int, width: int) -> Tensor:
+        """The final layer on the last block's image tokens, as (B, C, height, width) latents."""
+        return self.unpatchify(self.final_layer(tokens, c, self.options.casts == "cast_back"), height, width)
 
     def unpatchify(self, out: Tensor, height: int, width: int) -> Tensor:
         """(B, N, p*p*C) patch tokens -> (B, C, H, W) latents."""

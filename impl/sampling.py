@@ -211,6 +211,21 @@ def denoise(model: Model, latent: Tensor, cond: Conditioning, uncond: Conditioni
     With ``Form()`` it is diffusers' pipeline loop, with the SD3.5 code's values its ``do_sampling`` (its samplers
     and ``CFGDenoiser`` / ``SkipLayerCFGDenoiser``). ``on_step(i, d)`` sees step ``i``'s sigma, timestep,
     model output, guided output (``velocity`` or ``x0``, by the CFG space) and new latent."""
+    x, old = latent, None
+    for i in range(start, s.steps):
+        d = step(model, x, i, start, old, cond, uncond, s)
+        x, old = d["latent"], d["old"]
+        if on_step is not None:
+            on_step(i, d)
+    return x
+
+
+def step(model: Model, x: Tensor, i: int, start: int, old: Tensor | None, cond: Conditioning,
+         uncond: Conditioning, s: SamplerSettings) -> dict:
+    """Denoising step ``i`` of a loop that began at ``start`` (the skip-layer window counts from it), on the latent
+    ``x``; ``old``: the previous step's x0 (DPM-Solver++(2M)'s second order), None at the first step. Returns the
+    step's sigma, timestep, model output, guided output (under the CFG space's name), new latent, and the x0 the
+    next step takes as ``old``."""
     f = s.form
     sig = sigmas(s)
     if f.cond_dtype is not None:
@@ -220,35 +235,36 @@ def denoise(model: Model, latent: Tensor, cond: Conditioning, uncond: Conditioni
     context = torch.cat([c.context for c in pair]) if cfg else cond.context
     pooled = torch.cat([c.pooled for c in pair]) if cfg else cond.pooled
     scale = s.slg_scale if s.slg_scale is not None else f.slg_scale
-    x, old = latent, None
-    for i in range(start, s.steps):
-        sigma_t = sig[i].to(f.timestep_dtype)  # S4: the reference's sigma * s_in in the start latent's dtype
-        timestep = (sigma_t * 1000).float()
+    sigma_t = sig[i].to(f.timestep_dtype)  # S4: the reference's sigma * s_in in the start latent's dtype
+    timestep = (sigma_t * 1000).float()
 
-        def call(x_in, y, c, skip=()):
-            kwargs = {"skip_layers": skip} if skip else {}
-            out = model(x_in.to(s.dtype), timestep.expand(x_in.shape[0]), y.to(s.dtype), c.to(s.dtype), **kwargs)
-            return out if f.cfg_space == "velocity" else x_in - out.float() * sigma_t
+    def call(x_in, y, c, skip=()):
+        kwargs = {"skip_layers": skip} if skip else {}
+        out = model(x_in.to(s.dtype), timestep.expand(x_in.shape[0]), y.to(s.dtype), c.to(s.dtype), **kwargs)
+        return out if f.cfg_space == "velocity" else x_in - out.float() * sigma_t
 
-        out = call(torch.cat([x, x]) if cfg else x, pooled, context)
-        guided = out
-        if cfg:
-            first, second = out.chunk(2)
-            pos, neg = (second, first) if f.cfg_batch == "uncond_first" else (first, second)
-            guided = guide(neg, pos, s.guidance)
-            if s.slg_layers and s.steps * s.slg_start < i - start < s.steps * s.slg_stop:
-                guided = guided + (pos - call(x, cond.pooled, cond.context, s.slg_layers)) * scale
-        x, old = _update(f.update, f.cfg_space, x, guided, sig, i, sigma_t, old)
-        if f.latent_dtype is None:
-            x = x.to(s.dtype)
-        if on_step is not None:
-            on_step(i, {"sigma": sig[i], "timestep": timestep, "model_output": out, f.cfg_space: guided, "latent": x})
-    return x
+    out = call(torch.cat([x, x]) if cfg else x, pooled, context)
+    guided = out
+    if cfg:
+        first, second = out.chunk(2)
+        pos, neg = (second, first) if f.cfg_batch == "uncond_first" else (first, second)
+        guided = guide(neg, pos, s.guidance)
+        if s.slg_layers and s.steps * s.slg_start < i - start < s.steps * s.slg_stop:
+            guided = guided + (pos - call(x, cond.pooled, cond.context, s.slg_layers)) * scale
+    new, x0 = _update(f.update, f.cfg_space, x, guided, sig, i, sigma_t, old)
+    if f.latent_dtype is None:
+        new = new.to(s.dtype)
+    return {"sigma": sig[i], "timestep": timestep, "model_output": out, f.cfg_space: guided, "latent": new, "old": x0}
 
 
 def guide(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance, in the order both references write it: uncond + (cond - uncond) * scale."""
     return uncond + (cond - uncond) * scale
+
+
+def to_x0(space: str, x: Tensor, guided: Tensor, sigma_t: Tensor) -> Tensor:
+    """The x0 prediction of a guided output in ``space`` at the latent ``x`` (x - v * sigma for a velocity)."""
+    return guided if space == "x0" else x - guided.float() * sigma_t
 
 
 def _update(rule: str, space: str, x: Tensor, guided: Tensor, sig: Tensor, i: int, sigma_t: Tensor,
@@ -257,7 +273,7 @@ def _update(rule: str, space: str, x: Tensor, guided: Tensor, sig: Tensor, i: in
     if rule == "euler_velocity":  # diffusers' FlowMatchEulerDiscreteScheduler.step, on the velocity
         v = guided if space == "velocity" else (x - guided) / sig[i]
         return x.to(torch.float32) + (sig[i + 1] - sig[i]) * v, None
-    x0 = guided if space == "x0" else x - guided.float() * sigma_t
+    x0 = to_x0(space, x, guided, sigma_t)
     if rule == "euler_x0":  # sd3_impls.sample_euler: d = (x - x0) / sigma
         return x + (x - x0) / sig[i] * (sig[i + 1] - sig[i]), x0
     t, t_next = -sig[i].log(), -sig[i + 1].log()  # sd3_impls.sample_dpmpp_2m, in t = -log(sigma)

@@ -75,10 +75,14 @@ class SelfAttention(nn.Module):
         if has_bias:
             self.relative_attention_bias = nn.Embedding(c.num_buckets, c.heads)
 
-    def position_bias(self, n: int) -> Tensor:  # -> (1, H, L, L)
-        pos = torch.arange(n, dtype=torch.long)
-        bucket = relative_bucket(pos[None, :] - pos[:, None], self.c.num_buckets, self.c.max_distance)
-        return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+    def position_bias(self, n: int, table: Tensor | None = None) -> Tensor:  # -> (1, H, L, L)
+        """The additive position bias of ``n`` tokens; ``table`` (L, L, H): the looked-up bucket embeddings to use
+        instead of this layer's lookup (teacher forcing gives the reference's)."""
+        if table is None:
+            pos = torch.arange(n, dtype=torch.long)
+            bucket = relative_bucket(pos[None, :] - pos[:, None], self.c.num_buckets, self.c.max_distance)
+            table = self.relative_attention_bias(bucket)
+        return table.permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, x: Tensor, bias: Tensor, impl: str = "sdpa") -> Tensor:  # bias: additive (1 or B, H, L, L)
         """``impl``: ``sdpa`` (transformers 5: SDPA with the bias as attn_mask, scale 1) or ``eager`` (transformers
@@ -178,9 +182,15 @@ class T5Encoder(nn.Module):
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"T5 activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
         x = self.shared(ids)
-        bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(ids.shape[1])  # (1, H, L, L)
-        if attention_mask is not None:
-            bias = torch.where(attention_mask[:, None, None, :].bool(), bias, torch.finfo(bias.dtype).min)
+        bias = self.attention_bias(ids.shape[1], attention_mask)
         for block in self.encoder.block:
             x = block(x, bias, attention, activation)
         return self.encoder.final_layer_norm(x)
+
+    def attention_bias(self, n: int, attention_mask: Tensor | None = None, table: Tensor | None = None) -> Tensor:
+        """The additive bias every block adds to its attention scores: the first layer's position bias
+        (``SelfAttention.position_bias``), masked where ``attention_mask`` (B, L) is False."""
+        bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(n, table)  # (1, H, L, L)
+        if attention_mask is not None:
+            bias = torch.where(attention_mask[:, None, None, :].bool(), bias, torch.finfo(bias.dtype).min)
+        return bias

@@ -143,10 +143,19 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
         t5_in = torch.tensor([ids["t5"]])
         mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None  # EOS (1) is never pad (0)
         t5_hidden = stack.encoder("t5", run_dtype)(t5_in, attention_mask=mask, attention=s.t5_attention,
-                                                   activation=s.t5_activation).to(dtype)
-        t5_rows = t5_hidden
+                                                   activation=s.t5_activation)
+    width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
+    context, pooled, t5_hidden = conditioning(l_out, g_out, t5_hidden, s, dtype, width)
+    return Conditioning(context, pooled, ids, l_out, g_out, t5_hidden)
+
+
+def conditioning(l_out: ClipOutput, g_out: ClipOutput, t5_hidden: Tensor | None, s: TextSettings, dtype: torch.dtype,
+                 width: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(context, pooled, T5 rows) in ``dtype`` from the encoders' outputs: T5's last hidden state, or without T5
+    the rows of the ``t5_absent`` rule, ``width`` wide (T10)."""
+    if s.t5_absent is None:
+        t5_rows = t5_hidden = t5_hidden.to(dtype)
     else:
-        width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
         if width is None:
             raise ValueError("t5_absent needs the joint width (joint_dim) when the model has no T5")
         n = s.t5_absent_length if s.t5_absent == "zeros" else 0
@@ -154,7 +163,7 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
     l_pool = l_out.projected if s.clip_l_pooled_projected else l_out.pooled
     context, pooled = assemble(l_out.penultimate.to(dtype), g_out.penultimate.to(dtype), t5_rows,
                                l_pool.to(dtype), g_out.projected.to(dtype))
-    return Conditioning(context, pooled, ids, l_out, g_out, t5_hidden)
+    return context, pooled, t5_hidden
 
 
 # checkpoint keys that are known and not parameters of impl: each with the reason it is dropped

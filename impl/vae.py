@@ -8,6 +8,7 @@ reference. Same weights, different kernels (ulp-level differences).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,9 +135,6 @@ class Mid(nn.Module):
         self.block_1, self.block_2 = ResnetBlock(c, channels, channels), ResnetBlock(c, channels, channels)
         self.attn_1 = AttnBlock(c, channels, attention)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
 
 class Encoder(nn.Module):
     def __init__(self, c: VAEConfig, attention: str):
@@ -154,14 +152,21 @@ class Encoder(nn.Module):
         self.mid = Mid(c, cin, attention)
         self.norm_out, self.conv_out = _norm(c, cin), nn.Conv2d(cin, 2 * c.z_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
-                h = block(h)
+    def stages(self) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+        """The encoder as a chain, in execution order: (module name, the function from the previous stage's output
+        to this module's output). Teacher forcing runs each on the reference's previous output."""
+        out = [("conv_in", self.conv_in)]
+        for i, level in enumerate(self.down):
+            out += [(f"down.{i}.block.{j}", block) for j, block in enumerate(level.block)]
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+                out.append((f"down.{i}.downsample", level.downsample))
+        return out + _mid_stages(self.mid) + [("norm_out", self.norm_out),
+                                              ("conv_out", lambda h: self.conv_out(F.silu(h)))]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for _, stage in self.stages():
+            x = stage(x)
+        return x
 
 
 class Decoder(nn.Module):
@@ -181,14 +186,24 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out, self.conv_out = _norm(c, cin), nn.Conv2d(cin, c.in_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
+    def stages(self) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+        """The decoder as a chain, in execution order (see ``Encoder.stages``)."""
+        out = [("conv_in", self.conv_in)] + _mid_stages(self.mid)
+        for i in reversed(range(len(self.up))):
+            level = self.up[i]
+            out += [(f"up.{i}.block.{j}", block) for j, block in enumerate(level.block)]
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                out.append((f"up.{i}.upsample", level.upsample))
+        return out + [("norm_out", self.norm_out), ("conv_out", lambda h: self.conv_out(F.silu(h)))]
+
+    def forward(self, z: Tensor) -> Tensor:
+        for _, stage in self.stages():
+            z = stage(z)
+        return z
+
+
+def _mid_stages(mid: Mid) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+    return [("mid.block_1", mid.block_1), ("mid.attn_1", mid.attn_1), ("mid.block_2", mid.block_2)]
 
 
 class VAE(nn.Module):

@@ -36,7 +36,7 @@ def spec_from(args):
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
              sai_code=args.sai_code, max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
-             tolerance=getattr(args, "tolerance", "ulp"))
+             tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"))
     validate(s)
     return s
 
@@ -55,6 +55,53 @@ def _check(args) -> int:
         print(json.dumps({**report.to_json(), "prompts": list(s.prompts)}, indent=1))
     else:
         print(format_table(report, list(s.prompts), quiet=args.quiet))
+    return EXIT_DIVERGENCE if report.failures else EXIT_OK
+
+
+def _dump(args) -> int:
+    """One side's records of the run as a dump (``parity.dump``): impl under the profile's flags, or a reference
+    side running its own procedure (the profile is the side's)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from parity import dump as D
+    from parity import records as R
+    from parity.golden import versions
+    from parity.run import execute, resolve, spec_json
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"--out {out}: exists; a dump is written to a new directory")
+    s = spec_from(args)
+    if args.side != "impl":
+        s = replace(s, profile=args.side)
+    run = resolve(s)
+    side, sources = execute(run, args.side)
+    if not args.weights:
+        side = {k: v for k, v in side.items() if not R.is_weight(v[0])}
+    producer = {"name": "sd3-parity", "side": args.side, "versions": versions(), "sources": sources}
+    n = D.write(out, side, spec_json(s), producer, args.scheme)
+    print(f"wrote {out}: {n} records of {args.side} ({args.scheme} scheme)")
+    return EXIT_OK
+
+
+def _compare_dumps(args) -> int:
+    from pathlib import Path
+
+    from parity.dump import compare
+    from parity.report import format_table
+
+    if args.max_ulp < 0 or (args.max_abs is not None and not args.max_abs >= 0):
+        raise ValueError("--max-ulp and --max-abs: at least 0")
+    report = compare(Path(args.a), Path(args.b), args.max_ulp, args.max_abs, args.strict)
+    if args.markdown:
+        from parity.report import markdown
+
+        _write_text(args.markdown, markdown(report))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print(format_table(report, [], quiet=args.quiet))
     return EXIT_DIVERGENCE if report.failures else EXIT_OK
 
 
@@ -253,6 +300,10 @@ def parser() -> argparse.ArgumentParser:
                    "jitter per record, shown with each divergence, and the cause classes precision / op semantics")
     c.add_argument("--tolerance", choices=("ulp", "noise"), default="ulp", help="ulp: --max-ulp per element "
                    "(default); noise: a record's max abs error within the reference's own jitter there")
+    c.add_argument("--mode", choices=("propagated", "teacher-forced", "both"), default="propagated",
+                   help="propagated: impl's own run (default); teacher-forced: every impl unit (text layer, MMDiT "
+                   "block, final layer, VAE module, sampler step) on the reference's input there, its local error; "
+                   "both: each record's propagated and local error, and where error is introduced")
     c.add_argument("--quiet", action="store_true", help="print the verdict and warnings only")
     c.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
     c.set_defaults(fn=_check)
@@ -263,6 +314,29 @@ def parser() -> argparse.ArgumentParser:
                    "the flags on which they differ")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_explain, max_ulp=0)
+    d = sub.add_parser("dump", help="write one side's records of the run as an activation dump (the format of "
+                       "parity/dump.py), to compare with another implementation's through compare-dumps")
+    _run_options(d)
+    d.add_argument("--side", choices=("impl", "diffusers", "sai"), default="impl",
+                   help="impl (under --profile's flags) or a reference running its own procedure (default impl)")
+    d.add_argument("--out", required=True, metavar="DIR", help="the dump directory to create (must not exist)")
+    d.add_argument("--scheme", choices=("impl", "diffusers"), default="impl",
+                   help="record names: the harness's (default) or diffusers / transformers module names")
+    d.add_argument("--weights", action="store_true", help="also the loaded parameters (large for real models)")
+    d.set_defaults(fn=_dump)
+    cd = sub.add_parser("compare-dumps", help="dump A against dump B (the reference), record by record; exit 1 "
+                        "where a record exceeds the tolerance")
+    cd.add_argument("a")
+    cd.add_argument("b")
+    cd.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
+    cd.add_argument("--max-abs", type=float, help="also within tolerance: a max abs error at most this (for "
+                    "another runtime's kernels, which round differently)")
+    cd.add_argument("--strict", action="store_true", help="a record only one dump holds is a failure (default: "
+                    "compare the records both hold and count the others)")
+    cd.add_argument("--json", action="store_true")
+    cd.add_argument("--quiet", action="store_true", help="print the verdict only")
+    cd.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary")
+    cd.set_defaults(fn=_compare_dumps)
     t = sub.add_parser("tokens", help="token ids of a prompt (or a corpus) under impl's tokenizer modes and profiles "
                        "and the real tokenizers; exit 1 where impl differs from a tokenizer it reproduces")
     t.add_argument("prompt", nargs="?")

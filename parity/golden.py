@@ -278,7 +278,7 @@ def spec_of(manifest_settings: dict, source: str):
     spec = Spec(**values)
     types = {"threads": int, "steps": int, "seed": int, "height": int, "width": int, "max_ulp": int, "text_only": bool,
              "guidance": (int, float), "strength": (int, float), "profile": str, "dtype": str, "noise_floor": bool,
-             "tolerance": str}
+             "tolerance": str, "mode": str}
     bad = [k for k, t in types.items() if not isinstance(getattr(spec, k), t)
            or (t is int and isinstance(getattr(spec, k), bool))]
     bad += [k for k in ("model", "checkpoint", "config", "image", "sai_code") if not isinstance(getattr(spec, k), (str, type(None)))]

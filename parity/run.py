@@ -23,6 +23,7 @@ DEFAULT_PROMPTS = (
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("sd3-medium", "sd3.5-large", "sd3.5-medium")
 REFERENCES = {"diffusers": "diffusers", "sai": "sai"}  # profile -> the reference it is checked against
+MODES = ("propagated", "teacher-forced", "both")  # what check compares (parity.teacher)
 SLG_WINDOW = (0.01, 0.2)  # both references' default skip-layer window (QUIRKS G5)
 
 
@@ -61,6 +62,7 @@ class Spec:
     max_ulp: int = 0
     noise_floor: bool = False  # also run the reference with threads + 1: its own jitter per record
     tolerance: str = "ulp"  # "ulp": max_ulp per element; "noise": max abs within the reference's own jitter
+    mode: str = "propagated"  # "teacher-forced": impl's units on the reference's inputs (local error); "both"
 
 
 def validate(s: Spec) -> None:
@@ -76,6 +78,7 @@ def validate(s: Spec) -> None:
     need(1 <= s.threads <= 1024, f"--threads {s.threads}: between 1 and 1024")
     need(s.max_ulp >= 0, f"--max-ulp {s.max_ulp}: at least 0")
     need(s.tolerance in ("ulp", "noise"), f"--tolerance {s.tolerance!r}: expected ulp or noise")
+    need(s.mode in MODES, f"--mode {s.mode!r}: expected one of {', '.join(MODES)}")
     need(s.tolerance != "noise" or s.noise_floor, "--tolerance noise needs the noise floor (--noise-floor)")
     need(len(s.prompts) > 0, "at least one prompt")
     need(s.steps >= 1, f"--steps {s.steps}: at least 1")
@@ -519,17 +522,27 @@ def execute(run: Run, side_name: str, cache: dict | None = None):
     return out
 
 
-def compare(run: Run, impl, ref, noise: dict | None = None):
+def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
+    """The report of impl's records against the reference's; ``local``: impl's teacher-forced records
+    (``parity.teacher.local_side``), compared instead of impl's (``--mode teacher-forced``) or beside them."""
     from parity.report import Report
 
+    mode = run.spec.mode
     report = Report(run.text_model.label if not run.models else ", ".join(m.label for m in run.models),
                     run.spec.profile, run.reference, run.spec.dtype, run.values, run.spec.threads, run.spec.max_ulp,
-                    notes=list(run.notes), warnings=list(run.warnings))
+                    notes=list(run.notes), warnings=list(run.warnings), mode=mode)
     covers = ref[1].get("covers")
-    impl_records = impl[0] if not covers else {k: v for k, v in impl[0].items() if v[0]["component"] in covers}
+    keep = lambda side: side if not covers or side is None else {  # noqa: E731
+        k: v for k, v in side.items() if v[0]["component"] in covers}
     if covers:
         report.notes.append(f"{run.reference} produces {', '.join(covers)} only: impl is compared on those")
-    report.add_pairs(impl_records, ref[0], noise, run.spec.tolerance)
+    if mode == "teacher-forced":
+        report.add_pairs(keep(local), ref[0], noise, run.spec.tolerance)
+    else:
+        report.add_pairs(keep(impl[0]), ref[0], noise, run.spec.tolerance, keep(local))
+    if mode != "propagated":
+        report.notes.append(f"teacher forcing: each impl unit also ran on {run.reference}'s inputs; sources "
+                            "(parameters, token ids, sigmas, the start latent) keep impl's own values")
     report.sources = {"impl": impl[1], run.reference: ref[1]}
     if run.reference == "diffusers":  # a parameter that differs is named in diffusers' scheme too
         from parity.convert import _rules
@@ -561,7 +574,12 @@ def check(s: Spec, cache: dict | None = None):
         other = execute(resolve(replace(s, threads=s.threads + 1)), run.reference, cache)
         noise = noise_floor(ref[0], other[0])
         run.notes.append(f"noise floor: {run.reference} with {s.threads} against {s.threads + 1} threads, per record")
-    return compare(run, impl, ref, noise)
+    local = None
+    if s.mode != "propagated":
+        from parity.teacher import local_side
+
+        local = local_side(run, impl[0], ref[0])
+    return compare(run, impl, ref, noise, local)
 
 
 def noise_floor(a, b) -> dict[str, dict]:

@@ -88,6 +88,15 @@ def nonfinite(module, where: str) -> list[str]:
             + (" ..." if len(bad) > 5 else "")]
 
 
+def sampler_settings(run, model):
+    """impl's sampler settings for one image model of the run."""
+    from impl import sampling
+
+    s = run.spec
+    return sampling.SamplerSettings(steps=s.steps, shift=model.shift["impl"], guidance=s.guidance, dtype=run.dtype,
+                                    slg_layers=s.slg, form=run.opts["form"])
+
+
 class ImplSide:
     name = "impl"
     covers = None  # every component
@@ -136,8 +145,7 @@ class ImplSide:
         stack = self.stack(run)
         mmdit, vae = load_image_parts(model, opts)
         run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
-        ss = sampling.SamplerSettings(steps=s.steps, shift=model.shift["impl"], guidance=s.guidance, dtype=run.dtype,
-                                      slg_layers=s.slg, form=form)
+        ss = sampler_settings(run, model)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
                               uint8=opts["uint8"], autocast=opts["autocast"])
         image, start = None, 0
