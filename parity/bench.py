@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: impl against the references, measured in one run on the same thread count.
 
-    python -m parity.bench text|image|check|memory [--threads N] [--repeats N]
+    python -m parity.bench text|image|check|memory|overhead [--threads N] [--repeats N]
 
 Prints ratios (impl time / reference time; below 1.0 means impl is faster). Each pair is timed interleaved
 (impl, reference, impl, ...) after a warm-up, and the median of the repeats is reported, so drift of the
@@ -220,9 +220,45 @@ def bench_memory(threads: int) -> list[str]:
     return lines
 
 
+def bench_overhead(repeats: int, threads: int) -> list[str]:
+    """What the divergence reports cost beside a plain propagated ``check`` of the same run, in one process,
+    interleaved: teacher forcing (``--mode both``), the weight records (the run without them: ``put_weights`` made
+    a no-op), and the HTML report (rendering a finished report). Every run computes both sides afresh."""
+    from dataclasses import replace
+
+    import parity.sides as sides
+    from parity.html import render
+    from parity.run import Spec, check
+
+    spec = Spec(families=("sd3.5-medium",), threads=threads)
+    put_weights = sides.put_weights
+    reports = {}
+
+    def plain():
+        reports["plain"] = check(spec)
+
+    def no_weights():
+        sides.put_weights = lambda *a, **k: None
+        try:
+            check(spec)
+        finally:
+            sides.put_weights = put_weights
+    tm = interleaved({"plain": plain, "both": lambda: check(replace(spec, mode="both")),
+                      "no_weights": no_weights}, repeats)
+    report = reports["plain"]
+    html = interleaved({"html": lambda: render(report, report.sides, report.text_dir)}, repeats)["html"]
+    base = tm["plain"]
+    return [f"Overhead beside a plain propagated check (embedded sd3.5-medium, 3 prompts, 2 steps; median of "
+            f"{repeats}; plain check {base:.2f} s):",
+            f"  teacher forcing (--mode both)   {tm['both']:6.2f} s   ratio {tm['both'] / base:.2f}x",
+            f"  weight records                  {base - tm['no_weights']:6.2f} s   ratio "
+            f"{base / tm['no_weights']:.2f}x (check with them / without)",
+            f"  HTML report (render only)       {html:6.2f} s   ratio {(base + html) / base:.2f}x (check + HTML / check)"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("text", "image", "check", "memory"))
+    ap.add_argument("what", choices=("text", "image", "check", "memory", "overhead"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
@@ -232,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         lines = {"text": lambda: bench_tokenizers(args.repeats) + bench_encoders(args.repeats),
                  "image": lambda: bench_mmdit(args.repeats),
                  "check": lambda: bench_check(args.repeats, args.threads),
-                 "memory": lambda: bench_memory(args.threads)}[args.what]()
+                 "memory": lambda: bench_memory(args.threads),
+                 "overhead": lambda: bench_overhead(args.repeats, args.threads)}[args.what]()
         for line in lines:
             print(line)
 

@@ -36,17 +36,24 @@ def spec_from(args):
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
              sai_code=args.sai_code, max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
-             tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"))
+             tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
+             reference_dump=getattr(args, "reference_dump", None))
     validate(s)
     return s
 
 
 def _check(args) -> int:
     from parity.report import format_table
-    from parity.run import check
+    from parity.run import Progress, check
 
     s = spec_from(args)
-    report = check(s)
+    if args.html:
+        _html_available()
+    report = check(s, progress=Progress(not (args.quiet or args.json)))
+    if args.html:
+        from parity.html import render
+
+        _write_text(args.html, render(report, report.sides, report.text_dir))
     if args.markdown:
         from parity.report import markdown
 
@@ -93,7 +100,13 @@ def _compare_dumps(args) -> int:
 
     if args.max_ulp < 0 or (args.max_abs is not None and not args.max_abs >= 0):
         raise ValueError("--max-ulp and --max-abs: at least 0")
+    if args.html:
+        _html_available()
     report = compare(Path(args.a), Path(args.b), args.max_ulp, args.max_abs, args.strict)
+    if args.html:
+        from parity.html import render
+
+        _write_text(args.html, render(report, report.sides, kind="compare-dumps"))
     if args.markdown:
         from parity.report import markdown
 
@@ -103,6 +116,15 @@ def _compare_dumps(args) -> int:
     else:
         print(format_table(report, [], quiet=args.quiet))
     return EXIT_DIVERGENCE if report.failures else EXIT_OK
+
+
+def _html_available() -> None:
+    """--html needs the report extra: say so before any work."""
+    import importlib.util
+
+    missing = [m for m in ("matplotlib", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"--html needs {' and '.join(missing)}: pip install -e '.[report]'")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -135,9 +157,16 @@ def _explain(args) -> int:
         if not args.json:
             print(f"\r  run {n}: {', '.join(f'{k}={v}' for k, v in values) or 'as given'}"[:100].ljust(100), end="",
                   file=sys.stderr, flush=True)
+    if args.html:
+        _html_available()
     result = explain(s, between, progress)
+    start = result.pop("report")
     if not args.json:
         print(file=sys.stderr)
+    if args.html:
+        from parity.html import render
+
+        _write_text(args.html, render(start, start.sides, start.text_dir, format_explain(result), kind="explain"))
     print(json.dumps(result, indent=1, default=str) if args.json else format_explain(result))
     return EXIT_OK if result["found"] is not None else EXIT_DIVERGENCE
 
@@ -226,6 +255,8 @@ def _verify(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: at least 1")
+    if args.html:
+        _html_available()
     worst = 0
     try:
         sets = golden_sets(Path(args.golden_dir))
@@ -245,6 +276,12 @@ def _verify(args) -> int:
         worst = worst or code
     if args.markdown:
         _write_text(args.markdown, _verify_markdown(rows, worst))
+    if args.html:
+        import jinja2
+
+        env = jinja2.Environment(loader=jinja2.PackageLoader("parity", "templates"), autoescape=True)
+        sets = [{"name": d.name, "kind": kind, "code": code, "text": "\n".join(lines)} for d, kind, code, lines in rows]
+        _write_text(args.html, env.get_template("verify.html").render(sets=sets, worst=worst))
     return worst
 
 
@@ -286,6 +323,9 @@ def _run_options(p, check: bool = True) -> None:
                        "(default: the file's own folder when it holds model_index.json, else --model)")
         p.add_argument("--image", help="img2img from this image (its size must equal --size)")
         p.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")
+    if check is True:
+        p.add_argument("--reference-dump", metavar="DIR", help="the reference is this activation dump (sd3parity "
+                       "dump, or another implementation's): impl is compared on the records it holds")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -306,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
                    "both: each record's propagated and local error, and where error is introduced")
     c.add_argument("--quiet", action="store_true", help="print the verdict and warnings only")
     c.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
+    c.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with plots")
     c.set_defaults(fn=_check)
     e = sub.add_parser("explain", help="the smallest set of flag values (known quirks) that removes a divergence, and "
                        "what each moves; exit 1 when none does")
@@ -313,10 +354,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--between", nargs=2, metavar=("A", "B"), help="explain profile A against profile B's reference: "
                    "the flags on which they differ")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--html", metavar="PATH", help="also write the HTML report of the run as given, with the result")
     e.set_defaults(fn=_explain, max_ulp=0)
     d = sub.add_parser("dump", help="write one side's records of the run as an activation dump (the format of "
                        "parity/dump.py), to compare with another implementation's through compare-dumps")
-    _run_options(d)
+    _run_options(d, check="dump")
     d.add_argument("--side", choices=("impl", "diffusers", "sai"), default="impl",
                    help="impl (under --profile's flags) or a reference running its own procedure (default impl)")
     d.add_argument("--out", required=True, metavar="DIR", help="the dump directory to create (must not exist)")
@@ -336,6 +378,7 @@ def parser() -> argparse.ArgumentParser:
     cd.add_argument("--json", action="store_true")
     cd.add_argument("--quiet", action="store_true", help="print the verdict only")
     cd.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary")
+    cd.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with plots")
     cd.set_defaults(fn=_compare_dumps)
     t = sub.add_parser("tokens", help="token ids of a prompt (or a corpus) under impl's tokenizer modes and profiles "
                        "and the real tokenizers; exit 1 where impl differs from a tokenizer it reproduces")
@@ -370,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
     v2.add_argument("--threads", type=int, help="run with this many threads instead of the recorded count")
     v2.add_argument("--impl-only", action="store_true", help="do not run the reference even if it is installed")
     v2.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
+    v2.add_argument("--html", metavar="PATH", help="also write an HTML page: one row per set, then what each printed")
     v2.add_argument("--sai-code", metavar="DIR", help="the SD3.5 code for sets of the sai profile "
                     "(default: $SD3PARITY_SAI_CODE; without it their reference is not run)")
     v2.set_defaults(fn=_verify)

@@ -235,6 +235,7 @@ def compare(a: Path, b: Path, max_ulp: int = 0, max_abs: float | None = None, st
                                                               ma["records"] + mb["records"]})),
                     {}, 0, max_ulp, max_abs=max_abs)
     report.add_pairs(side_a, side_b)
+    report.sides = (side_a, side_b)
     report.sources = {str(a): {"producer": ma.get("producer", {})}, str(b): {"producer": mb.get("producer", {})}}
     if not strict and (only_a or only_b):
         report.notes.append(f"compared the {len(side_b)} records both dumps hold; {len(only_a)} only in {a}, "

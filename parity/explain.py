@@ -81,7 +81,8 @@ def explain(spec, between: tuple[str, str] | None = None, progress=None) -> dict
 
     start_values = {**F.profile_values(spec.profile), **dict(spec.overrides)}
     base = run(())
-    out = {"profile": spec.profile, "between": list(between) if between else None, "start": _summary(base.report)}
+    out = {"profile": spec.profile, "between": list(between) if between else None, "start": _summary(base.report),
+           "report": base.report}  # the run as given (for the HTML report; not part of the JSON result)
     if not base.report.failures:
         return {**out, "found": [], "runs": runs, "verdict": "nothing to explain: no record exceeds the tolerance"}
     pool = candidates(start_values, between[1] if between else None, not spec.text_only)

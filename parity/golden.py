@@ -281,7 +281,7 @@ def spec_of(manifest_settings: dict, source: str):
              "tolerance": str, "mode": str}
     bad = [k for k, t in types.items() if not isinstance(getattr(spec, k), t)
            or (t is int and isinstance(getattr(spec, k), bool))]
-    bad += [k for k in ("model", "checkpoint", "config", "image", "sai_code") if not isinstance(getattr(spec, k), (str, type(None)))]
+    bad += [k for k in ("model", "checkpoint", "config", "image", "sai_code", "reference_dump") if not isinstance(getattr(spec, k), (str, type(None)))]
     bad += [k for k in ("prompts", "families", "slg") if not isinstance(getattr(spec, k), tuple)]
     if bad:
         raise GoldenError("manifest_malformed", f"{source}: settings {', '.join(sorted(bad))} of the wrong type")

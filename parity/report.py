@@ -25,6 +25,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # suspect inputs (dtype casts, NaN / Inf weights)
     max_abs: float | None = None  # also within tolerance: a max abs error at most this (compare-dumps --max-abs)
     mode: str = "propagated"  # "teacher-forced": records are impl's units on the reference's inputs; "both"
+    versions: dict[str, str] = field(default_factory=dict)  # python, torch and the reference libraries
+    sides: tuple | None = field(default=None, repr=False)  # the two compared sides' records (for the HTML report)
+    text_dir: Any = None  # the model directory whose tokenizer folders name the ids (for the HTML report)
 
     @property
     def nonfinite(self) -> list[dict]:
@@ -85,7 +88,7 @@ class Report:
         fd = self.first_divergence
         return {"model": self.model, "profile": self.profile, "reference": self.reference, "dtype": self.dtype,
                 "threads": self.threads, "flags": dict(self.flags), "tolerance": {"max_ulp": self.max_ulp, "max_abs": self.max_abs},
-                "sources": self.sources, "notes": self.notes, "warnings": self.warnings + _nonfinite_warning(self),
+                "versions": self.versions, "sources": self.sources, "notes": self.notes, "warnings": self.warnings + _nonfinite_warning(self),
                 "n_nonfinite": len(self.nonfinite), "n_records": len(self.records),
                 "n_failed": len(self.failures), "mode": self.mode,
                 "introduced": [r["seq"] for r in self.introduced] if self.mode != "propagated" else None,

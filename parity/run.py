@@ -63,6 +63,7 @@ class Spec:
     noise_floor: bool = False  # also run the reference with threads + 1: its own jitter per record
     tolerance: str = "ulp"  # "ulp": max_ulp per element; "noise": max abs within the reference's own jitter
     mode: str = "propagated"  # "teacher-forced": impl's units on the reference's inputs (local error); "both"
+    reference_dump: str | None = None  # a dump (parity.dump) as the reference instead of the profile's library
 
 
 def validate(s: Spec) -> None:
@@ -103,7 +104,9 @@ def validate(s: Spec) -> None:
         active = [k for k in range(s.steps) if s.steps * lo < k < s.steps * hi]
         need(bool(active), f"--slg with {s.steps} steps: the skip-layer window ({lo} to {hi} of the steps, exclusive) "
                            "holds no step; use at least 6 steps")
-    for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code)):
+    need(not (s.reference_dump and s.noise_floor), "--noise-floor reruns the reference; a dump cannot be rerun")
+    for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code),
+                       ("--reference-dump", s.reference_dump)):
         need(path is None or Path(path).is_dir(), f"{flag} {path}: not a directory")
     for flag, path in (("--checkpoint", s.checkpoint), ("--image", s.image)):
         need(path is None or Path(path).is_file(), f"{flag} {path}: no such file")
@@ -502,7 +505,35 @@ def read_image(path: str, height: int, width: int):
     return arr
 
 
-def execute(run: Run, side_name: str, cache: dict | None = None):
+class Progress:
+    """A run's stages (each side's text and image parts, the noise floor, teacher forcing) as a progress bar on
+    stderr (tqdm, when installed), drawn only on a terminal."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+
+    def start(self, total: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        import sys
+
+        self.bar = tqdm(total=total, file=sys.stderr, unit="stage", disable=None, leave=False, dynamic_ncols=True)
+
+    def step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(what)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def execute(run: Run, side_name: str, cache: dict | None = None, progress: Progress | None = None):
     """One side's records of the whole run (text, then each model's image run), in its execution order. With
     ``cache`` (a dict), a side whose inputs are unchanged is computed once (e.g. the reference of a flag sweep)."""
     from parity import records as R
@@ -511,11 +542,18 @@ def execute(run: Run, side_name: str, cache: dict | None = None):
 
     side = make_side(side_name, run)
     key = (side_name, side.key(run)) if cache is not None else None
+    step = progress.step if progress is not None else lambda what: None
     if key is not None and key in cache:
+        for what in ["text"] + [m.label for m in run.models]:
+            step(f"{side_name} {what} (computed before)")
         return cache[key]
     init = read_image(run.spec.image, run.spec.height, run.spec.width) if run.spec.image else None
     with pinned(run.spec.threads):
-        parts = [side.text(run)] + [side.image(run, m, init) for m in run.models]
+        parts = [side.text(run)]
+        step(f"{side_name} text")
+        for m in run.models:
+            parts.append(side.image(run, m, init))
+            step(f"{side_name} {m.label}")
     out = R.merge(*parts), {**side.sources(run), **({"covers": sorted(side.covers)} if side.covers else {})}
     if key is not None:
         cache[key] = out
@@ -540,6 +578,10 @@ def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
         report.add_pairs(keep(local), ref[0], noise, run.spec.tolerance)
     else:
         report.add_pairs(keep(impl[0]), ref[0], noise, run.spec.tolerance, keep(local))
+    from parity.golden import versions
+
+    report.versions, report.text_dir = versions(), run.text_model.directory
+    report.sides = (keep(local) if mode == "teacher-forced" else keep(impl[0]), ref[0])
     if mode != "propagated":
         report.notes.append(f"teacher forcing: each impl unit also ran on {run.reference}'s inputs; sources "
                             "(parameters, token ids, sigmas, the start latent) keep impl's own values")
@@ -560,18 +602,29 @@ def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
     return report
 
 
-def check(s: Spec, cache: dict | None = None):
+def check(s: Spec, cache: dict | None = None, progress: Progress | None = None):
     """impl against the profile's reference, every record: the ``sd3parity check`` command."""
     run = resolve(s)
-    impl = execute(run, "impl", cache)
+    progress = progress or Progress(False)
+    progress.start((1 + len(run.models)) * (3 if s.noise_floor else 2) + (s.mode != "propagated"))
     try:
-        ref = execute(run, run.reference, cache)
+        return _check(s, run, cache, progress)
+    finally:
+        progress.close()
+
+
+def _check(s: Spec, run: Run, cache: dict | None, progress: Progress):
+    impl = execute(run, "impl", cache, progress)
+    if s.reference_dump:
+        return _against_dump(s, run, impl, progress)
+    try:
+        ref = execute(run, run.reference, cache, progress)
     except Unsupported as e:
         inferred = [n for n in run.notes if "inferred" in n]
         raise Unsupported(str(e) + "".join(f"\n  impl {n}" for n in inferred)) from None
     noise = None
     if s.noise_floor:  # the reference against itself on another thread count: CPU reductions in another order
-        other = execute(resolve(replace(s, threads=s.threads + 1)), run.reference, cache)
+        other = execute(resolve(replace(s, threads=s.threads + 1)), run.reference, cache, progress)
         noise = noise_floor(ref[0], other[0])
         run.notes.append(f"noise floor: {run.reference} with {s.threads} against {s.threads + 1} threads, per record")
     local = None
@@ -579,7 +632,30 @@ def check(s: Spec, cache: dict | None = None):
         from parity.teacher import local_side
 
         local = local_side(run, impl[0], ref[0])
+        progress.step("teacher forcing")
     return compare(run, impl, ref, noise, local)
+
+
+def _against_dump(s: Spec, run: Run, impl, progress: Progress):
+    """impl against a dump's records (``--reference-dump``), on the records the dump holds."""
+    from parity import dump as D
+
+    path = Path(s.reference_dump)
+    records, manifest = D.read(path)
+    for _ in range(1 + len(run.models)):
+        progress.step("reference dump")
+    run.reference = f"dump {path}"
+    held = {k: v for k, v in impl[0].items() if k in records}
+    run.notes.append(f"reference: the dump {path} ({manifest.get('producer', {}).get('name', 'unnamed producer')}); "
+                     f"impl compared on the {len(held)} records it holds ({len(impl[0]) - len(held)} not dumped)")
+    ref = (records, {"dump": str(path), "producer": manifest.get("producer", {})})
+    local = None
+    if s.mode != "propagated":
+        from parity.teacher import local_side
+
+        local = local_side(run, impl[0], records)
+        progress.step("teacher forcing")
+    return compare(run, (held, impl[1]), ref, None, local)
 
 
 def noise_floor(a, b) -> dict[str, dict]:

@@ -108,3 +108,20 @@ def test_onnx_runtime_mmdit_layer_by_layer(dumps, capsys, tmp_path, monkeypatch)
     failed = [r for r in report["records"] if not r["ok"]]
     assert code == 1 and failed[0]["layer"] == "block.1.x"
     assert all(r["ok"] for r in report["records"] if r["block"] is not None and r["block"] < 1)
+
+
+def test_a_dump_as_the_reference_of_check_and_explain(tmp_path, capsys):
+    """``--reference-dump``: impl checked against diffusers' dumped text records, and ``explain`` finding the two
+    quirks impl was run with from the dump alone."""
+    prompt = ["--text-only", "--prompt", "wow!! a cat"]
+    assert main(["dump", *prompt, "--side", "diffusers", "--out", str(tmp_path / "ref")]) == 0
+    capsys.readouterr()
+    assert main(["check", *prompt, "--reference-dump", str(tmp_path / "ref"), "--quiet"]) == 0
+    assert main(["check", *prompt, "--reference-dump", str(tmp_path / "ref"), "--flag", "clip_g_tokenizer=hf",
+                 "--quiet"]) == 1
+    assert "first divergence: #" in capsys.readouterr().out
+    code = main(["explain", "--json", *prompt, "--reference-dump", str(tmp_path / "ref"),
+                 "--flag", "clip_g_tokenizer=hf", "--flag", "t5_activation=gelu_tanh"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and sorted(map(tuple, out["found"])) == [("clip_g_tokenizer", "hf-bang-pad"),
+                                                               ("t5_activation", "gelu_new")]

@@ -56,6 +56,18 @@ def test_verify_markdown_summary(small, tmp_path, capsys):
     assert md.startswith("## sd3-parity verify: PASS") and "| `small` | ok | 0 |" in md and "impl only" in md
 
 
+def test_verify_html_page(small, tmp_path, monkeypatch):
+    from impl import clip
+
+    forward = clip.MLP.forward
+    monkeypatch.setattr(clip.MLP, "forward", lambda self, x: forward(self, x) * (1 + 2 ** -20))
+    path = tmp_path / "verify.html"
+    assert main(["verify", "--golden-dir", str(small), "--impl-only", "--html", str(path)]) == G.EXIT["impl"]
+    html = path.read_text()
+    assert "sd3-parity verify: <span class=\"fail\">exit 10</span>" in html and "<td>small</td>" in html
+    assert "layer=layers.0.mlp" in html
+
+
 def test_impl_change_is_named(small, monkeypatch, capsys):
     from impl import clip
 

@@ -133,3 +133,22 @@ def test_teacher_forced_mode_alone(cache, monkeypatch):
     report = check(replace(SPEC, mode="teacher-forced"), {})
     assert {(r["component"], r["layer"]) for r in report.failures} == {("vae", "decoder.mid.attn_1")}
     assert report.to_json()["introduced"] == [r["seq"] for r in report.failures]
+
+
+def test_progress_names_each_stage_on_a_terminal(cache, monkeypatch):
+    """On a terminal the run's stages are a progress bar on stderr (nothing is drawn elsewhere: tqdm's default)."""
+    import io
+    import sys
+
+    from parity.run import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    check(SPEC, cache, Progress())
+    shown = err.getvalue()
+    for stage in ("impl text", "impl embedded-sd3.5-medium", "diffusers text", "diffusers embedded-sd3.5-medium",
+                  "teacher forcing", "5/5"):
+        assert stage in shown, stage
