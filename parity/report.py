@@ -267,6 +267,8 @@ def markdown(report: Report) -> str:
                 f"max abs {fd.get('max_abs_err', 0):.3g}" + (f", cosine {fd['cosine']:.6f}" if "cosine" in fd else ""))
         lines.append(f"First divergence: `#{fd['seq']} {_where(fd)} {fd['component']} {fd['layer']}` ({size})"
                      + (f", {report.reference} name `{fd['reference_name']}`" if fd.get("reference_name") else ""))
+    if report.mode == "both":
+        lines += ["", _introduced(report).replace("introduced at:", "Introduced at (teacher forcing):", 1)]
     warnings = report.warnings + _nonfinite_warning(report)
     if warnings:
         lines += ["", "**Warnings**", ""] + [f"- {w}" for w in warnings]
