@@ -127,6 +127,23 @@ def _html_available() -> None:
         raise ValueError(f"--html needs {' and '.join(missing)}: pip install -e '.[report]'")
 
 
+def _fixture(args) -> int:
+    from pathlib import Path
+
+    from parity.fixture import plan_size, write
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"{out}: exists; a fixture is written to a new directory")
+    size = plan_size(args.preset, args.layout, args.dtype)
+    print(f"writing {args.preset} ({args.layout} layout, {args.dtype}, seed {args.seed}): {size / 2 ** 30:.1f} GiB",
+          file=sys.stderr)
+    m = write(args.preset, out, args.layout, args.dtype, args.seed,
+              progress=lambda rel: print(f"  {rel}", file=sys.stderr, flush=True))
+    print(f"wrote {out}: " + ", ".join(f"{rel} {digest[:12]}" for rel, digest in m["files"].items()))
+    return EXIT_OK
+
+
 def _write_text(path: str, text: str) -> None:
     """Write a report file atomically (a reader never sees half of it)."""
     import os
@@ -380,6 +397,15 @@ def parser() -> argparse.ArgumentParser:
     cd.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary")
     cd.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with plots")
     cd.set_defaults(fn=_compare_dumps)
+    fx = sub.add_parser("fixture", help="write a synthetic full-size model (the released shapes, deterministic "
+                        "values; nothing downloaded)")
+    fx.add_argument("preset", choices=("sd3-medium", "sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium"))
+    fx.add_argument("out", help="the directory to create (must not exist)")
+    fx.add_argument("--layout", choices=("diffusers", "sai"), default="diffusers",
+                    help="diffusers folders (default) or an SAI single file with its text encoders")
+    fx.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    fx.add_argument("--seed", type=int, default=0, help="the values' seed (default 0)")
+    fx.set_defaults(fn=_fixture)
     t = sub.add_parser("tokens", help="token ids of a prompt (or a corpus) under impl's tokenizer modes and profiles "
                        "and the real tokenizers; exit 1 where impl differs from a tokenizer it reproduces")
     t.add_argument("prompt", nargs="?")
