@@ -28,6 +28,7 @@ class Report:
     versions: dict[str, str] = field(default_factory=dict)  # python, torch and the reference libraries
     sides: tuple | None = field(default=None, repr=False)  # the two compared sides' records (for the HTML report)
     text_dir: Any = None  # the model directory whose tokenizer folders name the ids (for the HTML report)
+    resources: dict = field(default_factory=dict)  # peak RSS of the process and seconds per stage
 
     @property
     def nonfinite(self) -> list[dict]:
@@ -88,7 +89,7 @@ class Report:
         fd = self.first_divergence
         return {"model": self.model, "profile": self.profile, "reference": self.reference, "dtype": self.dtype,
                 "threads": self.threads, "flags": dict(self.flags), "tolerance": {"max_ulp": self.max_ulp, "max_abs": self.max_abs},
-                "versions": self.versions, "sources": self.sources, "notes": self.notes, "warnings": self.warnings + _nonfinite_warning(self),
+                "versions": self.versions, "resources": self.resources, "sources": self.sources, "notes": self.notes, "warnings": self.warnings + _nonfinite_warning(self),
                 "n_nonfinite": len(self.nonfinite), "n_records": len(self.records),
                 "n_failed": len(self.failures), "mode": self.mode,
                 "introduced": [r["seq"] for r in self.introduced] if self.mode != "propagated" else None,
@@ -239,6 +240,10 @@ def format_table(report: Report, prompts: list[str], quiet: bool = False) -> str
         lines.append(f"{name} read: {len(files)} weight files" + (f", {rest}" if rest else ""))
         lines += [f"  {path}  {digest[:12]}" for path, digest in files.items()]
     lines += [f"note: {n}" for n in report.notes]
+    if report.resources:
+        r = report.resources
+        lines.append(f"resources: peak RSS {r['peak_rss_mb'] / 1024:.2f} GB; "
+                     + ", ".join(f"{what} {t:.2f} s" for what, t in r["seconds"]))
     lines += [f"prompt {i}: {p!r}" for i, p in enumerate(prompts)]
     return "\n".join(lines + ["", verdict(report)])
 

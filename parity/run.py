@@ -150,6 +150,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
     files: dict[str, list[Path]] = field(default_factory=dict)  # a component folder or single file -> files read
     warnings: list[str] = field(default_factory=list)  # suspect inputs: dtype casts on load, NaN / Inf weights
+    timings: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds) in the order they ran
 
     def sources(self, single_files: bool) -> dict[str, str]:
         """The files a side reads, each with its fingerprint (``file_fingerprint``): the text encoders', then per
@@ -542,7 +543,15 @@ def execute(run: Run, side_name: str, cache: dict | None = None, progress: Progr
 
     side = make_side(side_name, run)
     key = (side_name, side.key(run)) if cache is not None else None
-    step = progress.step if progress is not None else lambda what: None
+    import time
+
+    def step(what: str) -> None:
+        nonlocal start
+        run.timings.append((what, time.perf_counter() - start))
+        start = time.perf_counter()
+        if progress is not None:
+            progress.step(what)
+    start = time.perf_counter()
     if key is not None and key in cache:
         for what in ["text"] + [m.label for m in run.models]:
             step(f"{side_name} {what} (computed before)")
@@ -578,9 +587,15 @@ def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
         report.add_pairs(keep(local), ref[0], noise, run.spec.tolerance)
     else:
         report.add_pairs(keep(impl[0]), ref[0], noise, run.spec.tolerance, keep(local))
+    import resource
+    import sys
+
     from parity.golden import versions
 
     report.versions, report.text_dir = versions(), run.text_model.directory
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    report.resources = {"peak_rss_mb": round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1),
+                        "seconds": [[what, round(t, 3)] for what, t in run.timings]}
     report.sides = (keep(local) if mode == "teacher-forced" else keep(impl[0]), ref[0])
     if mode != "propagated":
         report.notes.append(f"teacher forcing: each impl unit also ran on {run.reference}'s inputs; sources "
@@ -631,9 +646,18 @@ def _check(s: Spec, run: Run, cache: dict | None, progress: Progress):
     if s.mode != "propagated":
         from parity.teacher import local_side
 
-        local = local_side(run, impl[0], ref[0])
+        local = _timed(run, "teacher forcing", lambda: local_side(run, impl[0], ref[0]))
         progress.step("teacher forcing")
     return compare(run, impl, ref, noise, local)
+
+
+def _timed(run: Run, what: str, fn):
+    import time
+
+    start = time.perf_counter()
+    out = fn()
+    run.timings.append((what, time.perf_counter() - start))
+    return out
 
 
 def _against_dump(s: Spec, run: Run, impl, progress: Progress):
@@ -653,7 +677,7 @@ def _against_dump(s: Spec, run: Run, impl, progress: Progress):
     if s.mode != "propagated":
         from parity.teacher import local_side
 
-        local = local_side(run, impl[0], records)
+        local = _timed(run, "teacher forcing", lambda: local_side(run, impl[0], records))
         progress.step("teacher forcing")
     return compare(run, (held, impl[1]), ref, None, local)
 
