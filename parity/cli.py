@@ -43,25 +43,29 @@ def spec_from(args):
 
 
 def _check(args) -> int:
-    from parity.report import format_table
     from parity.run import Progress, check
 
     s = spec_from(args)
     if args.html:
         _html_available()
     report = check(s, progress=Progress(not (args.quiet or args.json)))
+    return _emit(args, report, list(s.prompts), text_dir=report.text_dir)
+
+
+def _emit(args, report, prompts: list[str], kind: str = "check", **render) -> int:
+    """The report of check or compare-dumps: the HTML and Markdown files asked for, then JSON or the text table."""
+    from parity.report import format_table, markdown
+
     if args.html:
-        from parity.html import render
+        from parity.html import render as html
 
-        _write_text(args.html, render(report, report.sides, report.text_dir))
+        _write_text(args.html, html(report, report.sides, kind=kind, **render))
     if args.markdown:
-        from parity.report import markdown
-
         _write_text(args.markdown, markdown(report))
     if args.json:
-        print(json.dumps({**report.to_json(), "prompts": list(s.prompts)}, indent=1))
+        print(json.dumps({**report.to_json(), **({"prompts": prompts} if prompts else {})}, indent=1))
     else:
-        print(format_table(report, list(s.prompts), quiet=args.quiet))
+        print(format_table(report, prompts, quiet=args.quiet))
     return EXIT_DIVERGENCE if report.failures else EXIT_OK
 
 
@@ -96,26 +100,13 @@ def _compare_dumps(args) -> int:
     from pathlib import Path
 
     from parity.dump import compare
-    from parity.report import format_table
 
     if args.max_ulp < 0 or (args.max_abs is not None and not args.max_abs >= 0):
         raise ValueError("--max-ulp and --max-abs: at least 0")
     if args.html:
         _html_available()
-    report = compare(Path(args.a), Path(args.b), args.max_ulp, args.max_abs, args.strict)
-    if args.html:
-        from parity.html import render
-
-        _write_text(args.html, render(report, report.sides, kind="compare-dumps"))
-    if args.markdown:
-        from parity.report import markdown
-
-        _write_text(args.markdown, markdown(report))
-    if args.json:
-        print(json.dumps(report.to_json(), indent=1))
-    else:
-        print(format_table(report, [], quiet=args.quiet))
-    return EXIT_DIVERGENCE if report.failures else EXIT_OK
+    return _emit(args, compare(Path(args.a), Path(args.b), args.max_ulp, args.max_abs, args.strict), [],
+                 kind="compare-dumps")
 
 
 def _html_available() -> None:
@@ -294,11 +285,10 @@ def _verify(args) -> int:
     if args.markdown:
         _write_text(args.markdown, _verify_markdown(rows, worst))
     if args.html:
-        import jinja2
+        from parity.html import template
 
-        env = jinja2.Environment(loader=jinja2.PackageLoader("parity", "templates"), autoescape=True)
         sets = [{"name": d.name, "kind": kind, "code": code, "text": "\n".join(lines)} for d, kind, code, lines in rows]
-        _write_text(args.html, env.get_template("verify.html").render(sets=sets, worst=worst))
+        _write_text(args.html, template("verify.html").render(sets=sets, worst=worst))
     return worst
 
 
@@ -345,6 +335,14 @@ def _run_options(p, check: bool = True) -> None:
                        "dump, or another implementation's): impl is compared on the records it holds")
 
 
+def _report_options(p) -> None:
+    """The outputs of a report (check, compare-dumps)."""
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print the verdict and warnings only")
+    p.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with plots")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sd3parity", description="SD3/SD3.5 reference-parity harness")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
@@ -352,7 +350,6 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="impl vs the references, layer by layer: text stack, then txt2img per model")
     _run_options(c)
     c.add_argument("--max-ulp", type=int, default=0, help="tolerance in ULPs per element (default 0: bitwise)")
-    c.add_argument("--json", action="store_true")
     c.add_argument("--noise-floor", action="store_true", help="also run the reference with one more thread: its own "
                    "jitter per record, shown with each divergence, and the cause classes precision / op semantics")
     c.add_argument("--tolerance", choices=("ulp", "noise"), default="ulp", help="ulp: --max-ulp per element "
@@ -361,9 +358,7 @@ def parser() -> argparse.ArgumentParser:
                    help="propagated: impl's own run (default); teacher-forced: every impl unit (text layer, MMDiT "
                    "block, final layer, VAE module, sampler step) on the reference's input there, its local error; "
                    "both: each record's propagated and local error, and where error is introduced")
-    c.add_argument("--quiet", action="store_true", help="print the verdict and warnings only")
-    c.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
-    c.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with plots")
+    _report_options(c)
     c.set_defaults(fn=_check)
     e = sub.add_parser("explain", help="the smallest set of flag values (known quirks) that removes a divergence, and "
                        "what each moves; exit 1 when none does")
@@ -392,10 +387,7 @@ def parser() -> argparse.ArgumentParser:
                     "another runtime's kernels, which round differently)")
     cd.add_argument("--strict", action="store_true", help="a record only one dump holds is a failure (default: "
                     "compare the records both hold and count the others)")
-    cd.add_argument("--json", action="store_true")
-    cd.add_argument("--quiet", action="store_true", help="print the verdict only")
-    cd.add_argument("--markdown", metavar="PATH", help="also write a Markdown summary")
-    cd.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with plots")
+    _report_options(cd)
     cd.set_defaults(fn=_compare_dumps)
     fx = sub.add_parser("fixture", help="write a synthetic full-size model (the released shapes, deterministic "
                         "values; nothing downloaded)")

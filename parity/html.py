@@ -199,13 +199,18 @@ def _rows(report: Report) -> tuple[list[dict], str]:
     return out, more
 
 
+def template(name: str):
+    """A page template of ``parity/templates`` (HTML-escaped values)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("parity", "templates"), autoescape=True)
+    return env.get_template(name)
+
+
 def render(report: Report, sides=None, text_dir: Path | None = None, explain: str | None = None,
            kind: str = "check") -> str:
     """The HTML page of ``report``; ``sides``: the two compared sides' records (images and ids), ``text_dir``:
     the model directory whose tokenizer folders name the ids, ``explain``: the explain result as text."""
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.PackageLoader("parity", "templates"), autoescape=True)
     depth, steps = depth_plots(report), step_plots(report)
     images, tokens = image_views(report, sides), token_views(sides, vocabularies(text_dir))
     rows, more = _rows(report)
@@ -215,7 +220,7 @@ def render(report: Report, sides=None, text_dir: Path | None = None, explain: st
         header = f"dump {report.model} against dump {report.reference}, tolerance max_ulp={report.max_ulp}" + (
             f" or max_abs<={report.max_abs:g}" if report.max_abs is not None else "")
     n_images = sum(len(x) for x in (depth, steps)) + 3 * len(images)
-    return env.get_template("report.html").render(
+    return template("report.html").render(
         title=report.model, kind=kind, passed=not report.failures, verdict=verdict(report), header=header,
         depth=depth, steps=steps, images=images, tokens=tokens, reference=report.reference, explain=explain,
         tokens_note="" if text_dir else "(token texts: no tokenizer folder)", rows=rows, rows_more=more,

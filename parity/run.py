@@ -642,22 +642,22 @@ def _check(s: Spec, run: Run, cache: dict | None, progress: Progress):
         other = execute(resolve(replace(s, threads=s.threads + 1)), run.reference, cache, progress)
         noise = noise_floor(ref[0], other[0])
         run.notes.append(f"noise floor: {run.reference} with {s.threads} against {s.threads + 1} threads, per record")
-    local = None
-    if s.mode != "propagated":
-        from parity.teacher import local_side
-
-        local = _timed(run, "teacher forcing", lambda: local_side(run, impl[0], ref[0]))
-        progress.step("teacher forcing")
-    return compare(run, impl, ref, noise, local)
+    return compare(run, impl, ref, noise, _teacher(run, impl[0], ref[0], progress))
 
 
-def _timed(run: Run, what: str, fn):
+def _teacher(run: Run, impl, ref, progress: Progress):
+    """impl's teacher-forced records against ``ref`` (``parity.teacher``), when the mode asks for them."""
+    if run.spec.mode == "propagated":
+        return None
     import time
 
+    from parity.teacher import local_side
+
     start = time.perf_counter()
-    out = fn()
-    run.timings.append((what, time.perf_counter() - start))
-    return out
+    local = local_side(run, impl, ref)
+    run.timings.append(("teacher forcing", time.perf_counter() - start))
+    progress.step("teacher forcing")
+    return local
 
 
 def _against_dump(s: Spec, run: Run, impl, progress: Progress):
@@ -673,13 +673,7 @@ def _against_dump(s: Spec, run: Run, impl, progress: Progress):
     run.notes.append(f"reference: the dump {path} ({manifest.get('producer', {}).get('name', 'unnamed producer')}); "
                      f"impl compared on the {len(held)} records it holds ({len(impl[0]) - len(held)} not dumped)")
     ref = (records, {"dump": str(path), "producer": manifest.get("producer", {})})
-    local = None
-    if s.mode != "propagated":
-        from parity.teacher import local_side
-
-        local = _timed(run, "teacher forcing", lambda: local_side(run, impl[0], records))
-        progress.step("teacher forcing")
-    return compare(run, (held, impl[1]), ref, None, local)
+    return compare(run, (held, impl[1]), ref, None, _teacher(run, impl[0], records, progress))
 
 
 def noise_floor(a, b) -> dict[str, dict]:

@@ -43,7 +43,7 @@ def local_side(run, impl: R.Side, ref: R.Side) -> R.Side:
             _image(run, model, ref, rec)
     out = rec.side()
     starts = {}
-    for k, (fields, _) in ref.items():
+    for fields, _ in ref.values():
         if fields["layer"] == "input.latent_in":
             starts[fields["model"]] = min(starts.get(fields["model"], fields["step"]), fields["step"])
     for k, (fields, t) in impl.items():
