@@ -86,6 +86,7 @@ class MMDiTOptions:
     qkv: str = "split"  # "split" (diffusers) or "fused" (SD3.5 reference)
     qk_norm: str = "upcast"  # "upcast" (diffusers) or "native" (SD3.5 reference)
     casts: str = "cast_back"  # N3: diffusers' explicit casts back to the input dtype, or "promote" (the SD3.5 code)
+    modulate: str = "mul_add"  # x * (1 + scale) + shift, or "addcmul": torch.addcmul(shift, x, 1 + scale) (ComfyUI)
 
     def __post_init__(self):
         if self.attention_order not in ("image_first", "context_first"):
@@ -96,6 +97,8 @@ class MMDiTOptions:
             raise ValueError(f"qk_norm {self.qk_norm!r}: expected 'upcast' or 'native'")
         if self.casts not in ("cast_back", "promote"):
             raise ValueError(f"casts {self.casts!r}: expected 'cast_back' or 'promote'")
+        if self.modulate not in ("mul_add", "addcmul"):
+            raise ValueError(f"modulate {self.modulate!r}: expected 'mul_add' or 'addcmul'")
 
 
 class QKNorm(RMSNorm):
@@ -158,7 +161,11 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, fused: bool = False) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, two roundings; ``fused``: ``torch.addcmul``, whose CPU kernel rounds
+    differently."""
+    if fused:
+        return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -166,9 +173,10 @@ class DismantledBlock(nn.Module):
     """One stream (image ``x_block`` or ``context_block``) of a joint block: adaLN modulation (6 chunks: shift,
     scale, gate for attention and MLP; 9 with the MMDiT-X second attention; 2 (shift, scale) when pre-only)."""
 
-    def __init__(self, c: MMDiTConfig, pre_only: bool = False, dual: bool = False, norm_form: str = "upcast"):
+    def __init__(self, c: MMDiTConfig, pre_only: bool = False, dual: bool = False, norm_form: str = "upcast",
+                 fused: bool = False):
         super().__init__()
-        self.pre_only, self.dual, self.eps = pre_only, dual, c.eps
+        self.pre_only, self.dual, self.eps, self.fused = pre_only, dual, c.eps, fused
         n_mods = 2 if pre_only else (9 if dual else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, n_mods * c.hidden))
         self.attn = SelfAttention(c, pre_only, norm_form)
@@ -184,12 +192,13 @@ class DismantledBlock(nn.Module):
         """Modulated input of the joint attention, of the second attention (MMDiT-X), and the later modulations."""
         if self.pre_only:  # diffusers' AdaLayerNormContinuous: SiLU, cast to x's dtype, Linear; (shift, scale) here
             shift, scale = ada_linear(self.adaLN_modulation, c, x, cast).chunk(2, dim=1)
-            return modulate(self.norm(x), shift, scale), None, ()
+            return modulate(self.norm(x), shift, scale, self.fused), None, ()
         mods = self.adaLN_modulation(c).chunk(9 if self.dual else 6, dim=1)
         normed = self.norm(x)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        second = modulate(normed, mods[6], mods[7]) if self.dual else None
-        return modulate(normed, shift_msa, scale_msa), second, (gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods[8:])
+        second = modulate(normed, mods[6], mods[7], self.fused) if self.dual else None
+        return (modulate(normed, shift_msa, scale_msa, self.fused), second,
+                (gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods[8:]))
 
     def post(self, x: Tensor, attn: Tensor, mods: tuple, second: Tensor | None = None, qkv: str = "split",
              cast: bool = True) -> Tensor:
@@ -197,14 +206,14 @@ class DismantledBlock(nn.Module):
         x = x + gate_msa[:, None] * self.attn.proj(attn)
         if self.dual:
             x = x + mods[4][:, None] * self.attn2.proj(sdpa(*self.attn2.project(second, qkv), cast=cast))
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp, self.fused))
 
 
 class JointBlock(nn.Module):
-    def __init__(self, c: MMDiTConfig, pre_only: bool, dual: bool, norm_form: str = "upcast"):
+    def __init__(self, c: MMDiTConfig, pre_only: bool, dual: bool, norm_form: str = "upcast", fused: bool = False):
         super().__init__()
-        self.context_block = DismantledBlock(c, pre_only=pre_only, norm_form=norm_form)
-        self.x_block = DismantledBlock(c, dual=dual, norm_form=norm_form)
+        self.context_block = DismantledBlock(c, pre_only=pre_only, norm_form=norm_form, fused=fused)
+        self.x_block = DismantledBlock(c, dual=dual, norm_form=norm_form, fused=fused)
 
     def forward(self, context: Tensor, x: Tensor, c: Tensor, opt: MMDiTOptions) -> tuple[Tensor | None, Tensor]:
         cast = opt.casts == "cast_back"
@@ -243,15 +252,15 @@ class Embedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, c: MMDiTConfig):
+    def __init__(self, c: MMDiTConfig, fused: bool = False):
         super().__init__()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden, 2 * c.hidden))
         self.linear = nn.Linear(c.hidden, c.patch * c.patch * c.out_channels)
-        self.eps = c.eps
+        self.eps, self.fused = c.eps, fused
 
     def forward(self, x: Tensor, c: Tensor, cast: bool = True) -> Tensor:
         shift, scale = ada_linear(self.adaLN_modulation, c, x, cast).chunk(2, dim=1)  # QUIRKS M2
-        return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale))
+        return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale, self.fused))
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -272,10 +281,11 @@ class MMDiT(nn.Module):
         self.t_embedder = Embedder(c.freq_dim, c.hidden)
         self.y_embedder = Embedder(c.pooled_dim, c.hidden)
         self.context_embedder = nn.Linear(c.context_dim, c.hidden)
+        fused = options.modulate == "addcmul"
         self.joint_blocks = nn.ModuleList(
-            JointBlock(c, pre_only=i == c.depth - 1, dual=i in c.dual_attention_layers, norm_form=options.qk_norm)
-            for i in range(c.depth))
-        self.final_layer = FinalLayer(c)
+            JointBlock(c, pre_only=i == c.depth - 1, dual=i in c.dual_attention_layers, norm_form=options.qk_norm,
+                       fused=fused) for i in range(c.depth))
+        self.final_layer = FinalLayer(c, fused)
         self.tokens, self.cond = nn.Identity(), nn.Identity()  # capture points: embedded image tokens, c = t + y
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:

@@ -1,16 +1,19 @@
-"""The SD3.5 reference's tokenization procedure, on top of any base tokenizer.
+"""The weight-syntax tokenization of the SD3.5 code and of ComfyUI, on top of any base tokenizer.
 
-Reproduces ``other_impls.py`` of Stability-AI/sd3.5 (``SDTokenizer.tokenize_with_weights``, ``token_weights``,
-``parse_parentheses``, ``escape_important``): the ComfyUI-style weight syntax is parsed and removed (the weights are
-then discarded), each space-separated word is tokenized on its own, and the ids are packed into chunks of
-``max_length`` (BOS + ids + EOS + pad) where a word shorter than 8 tokens that does not fit moves whole to the next
-chunk. The caller keeps chunk 0 only, as the reference does.
+Both parse ``(text:1.2)`` / ``(text)`` weights and remove the syntax (``token_weights``, ``parse_parentheses``,
+``escape_important``), tokenize the pieces, and pack the ids into chunks of ``max_length`` (BOS + ids + EOS + pad)
+where a piece shorter than 8 tokens that does not fit moves whole to the next chunk. They differ in the pieces:
+the SD3.5 code (``other_impls.SDTokenizer``) tokenizes each space-separated word on its own; ComfyUI
+(``comfy/sd1_clip.py SDTokenizer.tokenize_with_weights``) tokenizes each weighted segment whole, cut only before
+`` embedding:`` names. What the caller does with the weights and the chunks is its choice (``impl.text``).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 MAX_WORD_LENGTH = 8  # SDTokenizer.max_word_length
+EMBEDDING = "embedding:"  # ComfyUI's textual-inversion prefix; a segment is cut before " embedding:" / "\nembedding:"
 
 
 def escape_important(text: str) -> str:
@@ -68,22 +71,36 @@ def token_weights(text: str, weight: float) -> list[tuple[str, float]]:
     return out
 
 
-def words(text: str, parse_weights: bool = True) -> list[str]:
-    """The words the reference tokenizes one by one: weight syntax removed, newlines to spaces, split on ' '."""
+def words(text: str, parse_weights: bool = True) -> list[tuple[str, float]]:
+    """The SD3.5 code's pieces, each with its weight: weight syntax removed, newlines to spaces, split on ' '."""
     segments = token_weights(escape_important(text), 1.0) if parse_weights else [(text, 1.0)]
     out = []
-    for seg, _ in segments:
-        out += [w for w in unescape_important(seg).replace("\n", " ").split(" ") if w != ""]
+    for seg, w in segments:
+        out += [(word, w) for word in unescape_important(seg).replace("\n", " ").split(" ") if word != ""]
+    return out
+
+
+def segments(text: str, parse_weights: bool = True) -> list[tuple[str, float]]:
+    """ComfyUI's pieces, each with its weight: each weighted segment whole, cut before " embedding:" and
+    "\nembedding:" (the prefix stays with the piece after the cut, the space or newline goes)."""
+    parsed = token_weights(escape_important(text), 1.0) if parse_weights else [(escape_important(text), 1.0)]
+    out = []
+    for seg, w in parsed:
+        parts = re.split(f" {EMBEDDING}|\n{EMBEDDING}", unescape_important(seg))
+        pieces = parts[:1] + [EMBEDDING + p for p in parts[1:]]
+        out += [(p, w) for p in pieces if p != ""]
     return out
 
 
 def chunk(
-    word_ids: list[list[int]], start: int | None, end: int, pad: int, max_length: int = 77,
+    word_ids: list[list[tuple[int, float]]], start: int | None, end: int, pad: int, max_length: int = 77,
     min_length: int | None = None, pad_to_max_length: bool = True,
-) -> list[list[int]]:
-    """``SDTokenizer.tokenize_with_weights`` packing of per-word ids into chunks."""
-    chunks: list[list[int]] = []
-    batch = [start] if start is not None else []
+) -> list[list[tuple[int, float]]]:
+    """``SDTokenizer.tokenize_with_weights`` packing of per-piece (id, weight) pairs into chunks; BOS, EOS and
+    padding weigh 1."""
+    chunks: list[list[tuple[int, float]]] = []
+    start_, end_, pad_ = [] if start is None else [(start, 1.0)], (end, 1.0), (pad, 1.0)
+    batch = list(start_)
     chunks.append(batch)
     for group in word_ids:
         is_large = len(group) >= MAX_WORD_LENGTH
@@ -92,29 +109,32 @@ def chunk(
                 remaining = max_length - len(batch) - 1
                 if is_large:  # split the word, close the chunk
                     batch += group[:remaining]
-                    batch.append(end)
+                    batch.append(end_)
                     group = group[remaining:]
                 else:  # close the chunk, the word moves whole to the next one
-                    batch.append(end)
+                    batch.append(end_)
                     if pad_to_max_length:
-                        batch += [pad] * remaining
-                batch = [start] if start is not None else []
+                        batch += [pad_] * remaining
+                batch = list(start_)
                 chunks.append(batch)
             else:
                 batch += group
                 group = []
-    batch.append(end)
+    batch.append(end_)
     if pad_to_max_length:
-        batch += [pad] * (max_length - len(batch))
+        batch += [pad_] * (max_length - len(batch))
     if min_length is not None and len(batch) < min_length:
-        batch += [pad] * (min_length - len(batch))
+        batch += [pad_] * (min_length - len(batch))
     return chunks
 
 
 def sai_tokenize(
     text: str, encode_word: Callable[[str], list[int]], *, start: int | None, end: int, pad: int,
     max_length: int = 77, min_length: int | None = None, pad_to_max_length: bool = True, parse_weights: bool = True,
-) -> list[list[int]]:
-    """All chunks of ``text``; ``encode_word`` returns a word's content ids (no BOS/EOS)."""
-    return chunk([encode_word(w) for w in words(text, parse_weights)], start, end, pad, max_length, min_length,
+    split: str = "words",
+) -> list[list[tuple[int, float]]]:
+    """All chunks of ``text`` as (id, weight) pairs; ``encode_word`` returns a piece's content ids (no BOS/EOS);
+    ``split``: ``words`` (the SD3.5 code) or ``segments`` (ComfyUI)."""
+    pieces = {"words": words, "segments": segments}[split](text, parse_weights)
+    return chunk([[(i, w) for i in encode_word(p)] for p, w in pieces], start, end, pad, max_length, min_length,
                  pad_to_max_length)

@@ -59,19 +59,32 @@ def image_to_tensor(pixels) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- SD3.5 reference
 
-def sai_schedule(steps: int, shift: float, train_steps: int = 1000) -> Tensor:
+def _flow_sigma(t: Tensor, shift: float) -> Tensor:
+    """sigma of timestep fraction ``t``: shift * t / (1 + (shift - 1) * t), t itself when shift == 1."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+def sai_schedule(steps: int, shift: float, train_steps: int = 1000, sgm: bool = False) -> Tensor:
     """``SD3Inferencer.get_sigmas``: the float32 table sigma(t/1000) for t = 1..1000, its ends times 1000 spanned
-    by ``torch.linspace`` in float32, each point shifted again (no formula when shift == 1), then 0 (QUIRKS S3)."""
+    by ``torch.linspace`` in float32, each point shifted again (no formula when shift == 1), then 0 (QUIRKS S3).
+    ComfyUI's ``normal`` scheduler computes the same; ``sgm``: its ``sgm_uniform``, steps + 1 points of which the
+    last is dropped."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    table = _flow_sigma(torch.arange(1, train_steps + 1, 1) / 1000.0, shift)
+    timesteps = torch.linspace(table[-1] * 1000, table[0] * 1000, steps + 1 if sgm else steps)
+    timesteps = timesteps[:-1] if sgm else timesteps
+    return torch.tensor([float(_flow_sigma(ts / 1000.0, shift)) for ts in timesteps] + [0.0], dtype=torch.float32)
 
-    def sigma(t: Tensor) -> Tensor:
-        t = t / 1000.0
-        return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
-    table = sigma(torch.arange(1, train_steps + 1, 1))
-    timesteps = torch.linspace(table[-1] * 1000, table[0] * 1000, steps)
-    return torch.tensor([float(sigma(ts)) for ts in timesteps] + [0.0], dtype=torch.float32)
+def simple_schedule(steps: int, shift: float, train_steps: int = 1000) -> Tensor:
+    """ComfyUI's ``simple`` scheduler: entries of its table sigma(((t / 1000) * 1000) / 1000), t = 1..1000 in
+    float32, taken from the end every ``1000 / steps`` (int of the float product), then 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    table = _flow_sigma((torch.arange(1, train_steps + 1, 1) / train_steps) * 1000 / 1000, shift)
+    every = len(table) / steps
+    return torch.tensor([float(table[-(1 + int(x * every))]) for x in range(steps)] + [0.0], dtype=torch.float32)
 
 
 def sai_start_index(steps: int, denoise: float) -> int:
@@ -108,7 +121,8 @@ def to_uint8(image: Tensor) -> Tensor:
 class Form:
     """How the loop computes, one field per quirk, each independent of the others. The defaults are diffusers'
     ``StableDiffusion3Pipeline``."""
-    schedule: str = "linspace_f64"  # S3: numpy float64 linspace (diffusers) or "linspace_f32": torch float32
+    schedule: str = "linspace_f64"  # S3: numpy float64 linspace (diffusers) or "linspace_f32": torch float32;
+    #                                 "sgm_uniform" and "simple": two of ComfyUI's schedulers
     update: str = "euler_velocity"  # S1/S6: x + dt * v, "euler_x0" (k-diffusion: d = (x - x0) / sigma) or "dpmpp_2m"
     cfg_batch: str = "uncond_first"  # G2: the order of the CFG batch, "uncond_first" or "cond_first"
     cfg_space: str = "velocity"  # G2: guide the model output in its dtype, or "x0" = x - v * sigma in float32
@@ -120,13 +134,16 @@ class Form:
     slg_scale: float = 2.8  # G5: the skip-layer guidance scale (2.5 in the SD3.5 code); added in cfg_space
     noise: str = "model_dtype"  # N1: one generator, randn in the model dtype, the img2img posterior drawn first;
     #                             "fp32_to_fp16": a float32 randn cast to float16, the posterior from seed + 1
+    cfg_lengths: str = "concat"  # G6: cond and uncond contexts of other lengths are concatenated as they are (an
+    #                              error); "split" (ComfyUI): then they run as two batch-1 calls, cond first
     img2img: str = "scale_noise"  # S7: t_start = int(N - N * strength), sigma in the latent dtype, channels-last
     #                               image; "noise_scaling": sigmas[int(N * (1 - strength)):], float32 sigma, contiguous
 
 
-_CHOICES = {"schedule": ("linspace_f64", "linspace_f32"), "update": ("euler_velocity", "euler_x0", "dpmpp_2m"),
+_CHOICES = {"schedule": ("linspace_f64", "linspace_f32", "sgm_uniform", "simple"), "update": ("euler_velocity", "euler_x0", "dpmpp_2m"),
             "cfg_batch": ("uncond_first", "cond_first"), "cfg_space": ("velocity", "x0"),
-            "noise": ("model_dtype", "fp32_to_fp16"), "img2img": ("scale_noise", "noise_scaling")}
+            "noise": ("model_dtype", "fp32_to_fp16"), "img2img": ("scale_noise", "noise_scaling"),
+            "cfg_lengths": ("concat", "split")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +168,11 @@ class SamplerSettings:
 
 def sigmas(s: SamplerSettings) -> Tensor:
     """The (steps + 1,) float32 sigmas, ending in 0, of the form's schedule (S3)."""
-    return diffusers_schedule(s.steps, s.shift)[0] if s.form.schedule == "linspace_f64" else sai_schedule(s.steps, s.shift)
+    if s.form.schedule == "linspace_f64":
+        return diffusers_schedule(s.steps, s.shift)[0]
+    if s.form.schedule == "simple":
+        return simple_schedule(s.steps, s.shift)
+    return sai_schedule(s.steps, s.shift, sgm=s.form.schedule == "sgm_uniform")
 
 
 def start_index(s: SamplerSettings, strength: float) -> int:
@@ -231,9 +252,15 @@ def step(model: Model, x: Tensor, i: int, start: int, old: Tensor | None, cond: 
     if f.cond_dtype is not None:
         cond, uncond = (Conditioning(c.context.to(f.cond_dtype), c.pooled.to(f.cond_dtype)) for c in (cond, uncond))
     cfg = f.cfg_always or s.guidance > 1
+    unequal = cond.context.shape[1] != uncond.context.shape[1]
+    if cfg and unequal and f.cfg_lengths == "concat":
+        raise ValueError(f"the prompt's context has {cond.context.shape[1]} rows and the negative's "
+                         f"{uncond.context.shape[1]}: one CFG batch cannot hold both (cfg_lengths=split runs them "
+                         "as two calls, as ComfyUI does)")
+    split = cfg and unequal
     pair = (uncond, cond) if f.cfg_batch == "uncond_first" else (cond, uncond)
-    context = torch.cat([c.context for c in pair]) if cfg else cond.context
-    pooled = torch.cat([c.pooled for c in pair]) if cfg else cond.pooled
+    context = torch.cat([c.context for c in pair]) if cfg and not split else cond.context
+    pooled = torch.cat([c.pooled for c in pair]) if cfg and not split else cond.pooled
     scale = s.slg_scale if s.slg_scale is not None else f.slg_scale
     sigma_t = sig[i].to(f.timestep_dtype)  # S4: the reference's sigma * s_in in the start latent's dtype
     timestep = (sigma_t * 1000).float()
@@ -243,7 +270,12 @@ def step(model: Model, x: Tensor, i: int, start: int, old: Tensor | None, cond: 
         out = model(x_in.to(s.dtype), timestep.expand(x_in.shape[0]), y.to(s.dtype), c.to(s.dtype), **kwargs)
         return out if f.cfg_space == "velocity" else x_in - out.float() * sigma_t
 
-    out = call(torch.cat([x, x]) if cfg else x, pooled, context)
+    if split:  # ComfyUI: the cond call, then the uncond call, each alone
+        parts = {"cond": call(x, cond.pooled, cond.context), "uncond": call(x, uncond.pooled, uncond.context)}
+        out = torch.cat([parts["uncond"], parts["cond"]] if f.cfg_batch == "uncond_first" else
+                        [parts["cond"], parts["uncond"]])
+    else:
+        out = call(torch.cat([x, x]) if cfg else x, pooled, context)
     guided = out
     if cfg:
         first, second = out.chunk(2)

@@ -26,9 +26,13 @@ class TextSettings:
     clip_g_mode: str = "hf-bang-pad"
     clip_l_pad: int = 49407
     clip_g_pad: int = 0
-    wordwise: bool = False  # weight parser + word-wise tokenization + 77-slot chunking, chunk 0 only (T1-T3)
+    split: str = "whole"  # the prompt tokenized whole; "words": weight parser, each word alone, 77-slot chunks
+    #                       (the SD3.5 code); "segments": weight parser, each weighted segment alone (ComfyUI) (T1-T3)
+    weights: str = "discard"  # parsed prompt weights: "apply": (z - z_empty) * w + z_empty per token (ComfyUI)
+    chunks: str = "first"  # the 77-token CLIP chunks encoded: chunk 0, or "all" concatenated (ComfyUI)
     t5_mode: str = "hf"
-    t5_length_rule: str = "max_length"  # pad/truncate to t5_max_length; "chars226_min77": 226 chars, >= 77 tokens
+    t5_length_rule: str = "max_length"  # pad/truncate to t5_max_length; "chars226_min77": 226 chars, >= 77 tokens;
+    #                                     "min77": >= 77 tokens, no cut (ComfyUI)
     t5_max_length: int = 256
     t5_mask: bool = False  # pass the padding mask to T5 (no reference does: T9)
     t5_attention: str = "sdpa"  # "sdpa" (transformers 5) or "eager" (transformers 4.x)
@@ -38,6 +42,8 @@ class TextSettings:
     clip_pool: str = "argmax"  # T6
     clip_l_pooled_projected: bool = True  # diffusers projects CLIP-L's pooled vector, SAI does not (T6)
     encoder_dtype: torch.dtype | None = None  # None: run encoders in the pipeline dtype (diffusers); else e.g. fp32 (T7)
+    weight_storage: torch.dtype | None = None  # encoder weights rounded through this dtype, computed in the encoder
+    #                                            dtype (ComfyUI stores text encoders in float16 and casts per op)
 
 
 SAI_T5_CHARS = 226  # sd3_infer / other_impls: text[:226]
@@ -61,18 +67,24 @@ class TextStack:
             self._cache[key] = ClipTokenizer(self.vocab, mode, pad)
         return self._cache[key]
 
-    def encoder(self, name: str, dtype: torch.dtype):
+    def encoder(self, name: str, dtype: torch.dtype, storage: torch.dtype | None = None):
         """``clip_l``, ``clip_g`` or ``t5`` in ``dtype``: a cached copy, so the loaded float32 weights are never
         rounded in place (running in bfloat16 and then in float32 gives float32 results). T5 in float16 keeps its
-        ``wo`` layers in float32 as transformers does."""
+        ``wo`` layers in float32 as transformers does. ``storage``: every weight rounded through that dtype first
+        (weights stored in it and cast to ``dtype`` by each op)."""
         import copy
 
         master = getattr(self, name)
-        if master is None or dtype == next(master.parameters()).dtype:
+        if master is None or (storage is None and dtype == next(master.parameters()).dtype):
             return master
-        key = ("encoder", name, dtype)
+        key = ("encoder", name, dtype, storage)
         if key not in self._cache:
             model = copy.deepcopy(master)
+            if storage is not None:
+                with torch.no_grad():
+                    for t in (*model.parameters(), *model.buffers()):
+                        if t.is_floating_point():
+                            t.copy_(t.to(storage))
             self._cache[key] = model.half_keep_wo_fp32() if name == "t5" and dtype == torch.float16 else model.to(dtype)
         return self._cache[key]
 
@@ -83,23 +95,57 @@ class TextStack:
         return self._cache[key]
 
 
-def clip_ids(stack: TextStack, prompt: str, mode: str, pad: int, sai: bool) -> list[int]:
+SPLITS = ("whole", "words", "segments")
+Chunks = list[list[tuple[int, float]]]  # 77-slot chunks of (id, weight)
+
+
+def clip_chunks(stack: TextStack, prompt: str, mode: str, pad: int, split: str) -> Chunks:
+    """Every chunk of the prompt's CLIP tokens with their weights (``whole``: one chunk, truncated, weight 1)."""
     tok = stack.clip_tokenizer(mode, pad)
-    if not sai:
-        return tok(prompt).ids
+    if split == "whole":
+        return [[(i, 1.0) for i in tok(prompt).ids]]
+    if split not in SPLITS:
+        raise ValueError(f"unknown prompt split {split!r}; expected one of {SPLITS}")
     v = stack.vocab
-    return sai_tokenize.sai_tokenize(prompt, tok.encode, start=v.bos_id, end=v.eos_id, pad=pad)[0]
+    return sai_tokenize.sai_tokenize(prompt, tok.encode, start=v.bos_id, end=v.eos_id, pad=pad, split=split)
+
+
+def clip_ids(stack: TextStack, prompt: str, mode: str, pad: int, split: str) -> list[int]:
+    """Chunk 0's ids."""
+    return [i for i, _ in clip_chunks(stack, prompt, mode, pad, split)[0]]
+
+
+def t5_chunk(stack: TextStack, prompt: str, s: TextSettings) -> list[tuple[int, float]]:
+    """T5's one sequence of (id, weight)."""
+    tok = stack.t5_tokenizer(s.t5_mode)
+    if s.t5_length_rule == "max_length":
+        return [(i, 1.0) for i in tok.pad_to(tok.encode(prompt), s.t5_max_length).ids]
+    if s.t5_length_rule in ("chars226_min77", "min77"):
+        text = prompt[:SAI_T5_CHARS] if s.t5_length_rule == "chars226_min77" else prompt
+        split = "segments" if s.split == "segments" else "words"
+        return sai_tokenize.sai_tokenize(text, tok.encode, start=None, end=tok.eos_id, pad=tok.pad_id,
+                                         max_length=99999999, min_length=SAI_T5_MIN, pad_to_max_length=False,
+                                         parse_weights=s.split != "whole", split=split)[0]
+    raise ValueError(f"unknown T5 length rule {s.t5_length_rule!r}; expected 'max_length', 'chars226_min77' or "
+                     "'min77'")
 
 
 def t5_ids(stack: TextStack, prompt: str, s: TextSettings) -> list[int]:
-    tok = stack.t5_tokenizer(s.t5_mode)
-    if s.t5_length_rule == "max_length":
-        return tok.pad_to(tok.encode(prompt), s.t5_max_length).ids
-    if s.t5_length_rule == "chars226_min77":
-        return sai_tokenize.sai_tokenize(prompt[:SAI_T5_CHARS], tok.encode, start=None, end=tok.eos_id,
-                                         pad=tok.pad_id, max_length=99999999, min_length=SAI_T5_MIN,
-                                         pad_to_max_length=False, parse_weights=s.wordwise)[0]
-    raise ValueError(f"unknown T5 length rule {s.t5_length_rule!r}; expected 'max_length' or 'chars226_min77'")
+    return [i for i, _ in t5_chunk(stack, prompt, s)]
+
+
+def weighted(z: Tensor, rows: Chunks, sections: int) -> Tensor:
+    """ComfyUI's prompt weights: ``z`` holds ``sections`` encoded rows and, after them, the empty sequence's;
+    each token whose weight is not 1 becomes ``(z - z_empty) * w + z_empty`` (float32 weights, one op each)."""
+    w = torch.tensor([[wt for _, wt in r] for r in rows[:sections]], dtype=torch.float32)[..., None].to(z.dtype)
+    z, empty = z[:sections], z[sections:sections + 1]
+    return torch.where(w != 1, (z - empty) * w + empty, z)
+
+
+def empty_row(length: int, start: int | None, end: int, pad: int) -> list[tuple[int, float]]:
+    """The empty sequence ComfyUI appends to a weighted batch: [start] + [end] + pad up to ``length``."""
+    ids = ([] if start is None else [start]) + [end]
+    return [(i, 1.0) for i in ids + [pad] * (length - len(ids))]
 
 
 @dataclass
@@ -118,35 +164,69 @@ def assemble(l_hidden: Tensor, g_hidden: Tensor, t5_hidden: Tensor, l_pooled: Te
     Padding is ``F.pad`` by ``t5_width - clip_width`` exactly as diffusers does: a negative amount *truncates*
     the CLIP features silently (diffusers' own tiny test config hits this).
     """
-    clip = torch.cat([l_hidden, g_hidden], dim=-1)  # (B, 77, W_l + W_g)
+    n = min(l_hidden.shape[1], g_hidden.shape[1])  # ComfyUI cuts to the shorter (equal chunk counts here)
+    clip = torch.cat([l_hidden[:, :n], g_hidden[:, :n]], dim=-1)  # (B, 77 k, W_l + W_g)
     clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))  # (B, 77, joint)
     return torch.cat([clip, t5_hidden], dim=-2), torch.cat([l_pooled, g_pooled], dim=-1)
 
 
-def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.dtype = torch.float32,
-                  joint_dim: int | None = None) -> Conditioning:
-    """Run the three encoders on one prompt; outputs are cast to ``dtype`` (the pipeline dtype)."""
-    ids = {
-        "clip-l": clip_ids(stack, prompt, s.clip_l_mode, s.clip_l_pad, s.wordwise),
-        "clip-g": clip_ids(stack, prompt, s.clip_g_mode, s.clip_g_pad, s.wordwise),
-    }
-    run_dtype = s.encoder_dtype or dtype
-    outs = {}
-    for key, name in (("clip-l", "clip_l"), ("clip-g", "clip_g")):
-        outs[key] = stack.encoder(name, run_dtype)(torch.tensor([ids[key]]), pool=s.clip_pool)
-    l_out, g_out = outs["clip-l"], outs["clip-g"]
-    t5_hidden = None
+def batch(rows: Chunks, s: TextSettings, start: int | None, end: int, pad: int) -> tuple[Chunks, int]:
+    """The sequences one encoder call runs: the chunks kept (chunk 0, or all), then, when weights are applied
+    and any differs from 1, the empty sequence. Returns them and how many are the prompt's."""
+    rows = rows if s.chunks == "all" else rows[:1]
+    if s.weights == "apply" and any(w != 1.0 for r in rows for _, w in r):
+        return rows + [empty_row(max(len(r) for r in rows), start, end, pad)], len(rows)
+    return rows, len(rows)
+
+
+def encoder_rows(stack: TextStack, prompt: str, s: TextSettings) -> dict[str, tuple[Chunks, int]]:
+    """Per encoder (``clip-l``, ``clip-g``, ``t5`` unless absent), the sequences its one call runs and how many of
+    them are the prompt's (``batch``)."""
+    v, out = stack.vocab, {}
+    for key, mode, pad in (("clip-l", s.clip_l_mode, s.clip_l_pad), ("clip-g", s.clip_g_mode, s.clip_g_pad)):
+        out[key] = batch(clip_chunks(stack, prompt, mode, pad, s.split), s, v.bos_id, v.eos_id, pad)
     if s.t5_absent is None:
         if stack.t5 is None:
             raise ValueError("this model has no T5 encoder; choose a t5_absent rule")
-        ids["t5"] = t5_ids(stack, prompt, s)
-        t5_in = torch.tensor([ids["t5"]])
+        tok = stack.t5_tokenizer(s.t5_mode)
+        out["t5"] = batch([t5_chunk(stack, prompt, s)], s, None, tok.eos_id, tok.pad_id)
+    return out
+
+
+def clip_result(out: ClipOutput, rows: Chunks, n: int) -> ClipOutput:
+    """One prompt's CLIP output from its batch: the prompt's rows weighted and joined along the sequence; the
+    pooled vectors of chunk 0."""
+    hidden = weighted(out.penultimate, rows, n) if len(rows) > n else out.penultimate[:n]
+    return ClipOutput(out.last[:1], hidden.reshape(1, -1, hidden.shape[-1]), out.pooled[:1], out.projected[:1])
+
+
+def t5_result(hidden: Tensor, rows: Chunks, n: int) -> Tensor:
+    return weighted(hidden, rows, n) if len(rows) > n else hidden
+
+
+def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.dtype = torch.float32,
+                  joint_dim: int | None = None) -> Conditioning:
+    """Run the three encoders on one prompt; outputs are cast to ``dtype`` (the pipeline dtype). Each encoder
+    runs once on its batch of sequences (``encoder_rows``); ``ids`` holds them concatenated."""
+    run_dtype = s.encoder_dtype or dtype
+    plan = encoder_rows(stack, prompt, s)
+    ids = {key: [i for r in rows for i, _ in r] for key, (rows, _) in plan.items()}
+    outs = {}
+    for key, name in (("clip-l", "clip_l"), ("clip-g", "clip_g")):
+        rows, n = plan[key]
+        out = stack.encoder(name, run_dtype, s.weight_storage)(torch.tensor([[i for i, _ in r] for r in rows]),
+                                                              pool=s.clip_pool)
+        outs[key] = clip_result(out, rows, n)
+    t5_hidden = None
+    if "t5" in plan:
+        rows, n = plan["t5"]
+        t5_in = torch.tensor([[i for i, _ in r] for r in rows])
         mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None  # EOS (1) is never pad (0)
-        t5_hidden = stack.encoder("t5", run_dtype)(t5_in, attention_mask=mask, attention=s.t5_attention,
-                                                   activation=s.t5_activation)
+        t5_hidden = t5_result(stack.encoder("t5", run_dtype, s.weight_storage)(
+            t5_in, attention_mask=mask, attention=s.t5_attention, activation=s.t5_activation), rows, n)
     width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
-    context, pooled, t5_hidden = conditioning(l_out, g_out, t5_hidden, s, dtype, width)
-    return Conditioning(context, pooled, ids, l_out, g_out, t5_hidden)
+    context, pooled, t5_hidden = conditioning(outs["clip-l"], outs["clip-g"], t5_hidden, s, dtype, width)
+    return Conditioning(context, pooled, ids, outs["clip-l"], outs["clip-g"], t5_hidden)
 
 
 def conditioning(l_out: ClipOutput, g_out: ClipOutput, t5_hidden: Tensor | None, s: TextSettings, dtype: torch.dtype,

@@ -34,7 +34,7 @@ def spec_from(args):
              dtype=args.dtype, threads=args.threads, text_only=args.text_only, families=tuple(args.family or ()),
              steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift, height=height, width=width,
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
-             sai_code=args.sai_code, max_ulp=getattr(args, "max_ulp", 0),
+             sai_code=args.sai_code, comfyui=getattr(args, "comfyui", None), max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
              tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
              reference_dump=getattr(args, "reference_dump", None))
@@ -157,8 +157,10 @@ def _explain(args) -> int:
     from parity.explain import explain, format_explain
 
     between = tuple(args.between) if args.between else None
-    if between and any(p not in ("diffusers", "sai") for p in between):
-        raise ValueError(f"--between {' '.join(between)}: two profiles of diffusers, sai")
+    from parity.flags import PROFILES
+
+    if between and any(p not in PROFILES for p in between):
+        raise ValueError(f"--between {' '.join(between)}: two profiles of {', '.join(PROFILES)}")
     s = spec_from(args)
 
     def progress(n, values):
@@ -306,7 +308,7 @@ def _verify_markdown(rows, worst: int) -> str:
 def _run_options(p, check: bool = True) -> None:
     p.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
-    p.add_argument("--profile", choices=("diffusers", "sai"), default="diffusers",
+    p.add_argument("--profile", choices=("diffusers", "sai", "comfyui"), default="diffusers",
                    help="impl's flag values and the reference they are checked against (default diffusers)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE", help="override one flag of the profile")
@@ -324,6 +326,8 @@ def _run_options(p, check: bool = True) -> None:
                    help="skip-layer guidance layer (repeatable; window 0.01-0.2, scale by the slg flag)")
     p.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the reference of the sai "
                    "profile (default: $SD3PARITY_SAI_CODE)")
+    p.add_argument("--comfyui", metavar="DIR", help="a local ComfyUI checkout: the reference of the comfyui profile "
+                   "(default: $SD3PARITY_COMFYUI)")
     if check:
         p.add_argument("--checkpoint", help="SAI single-file .safetensors (MMDiT + VAE, optionally the text encoders)")
         p.add_argument("--config", metavar="DIR", help="a diffusers directory with the configs a single file lacks "

@@ -25,6 +25,11 @@ from dataclasses import dataclass, replace
 from parity import flags as F
 
 SETTINGS = ("t5_max_length", "sampler")  # flags the references read as run settings: never searched, kept as given
+SIDE_SETTINGS = {"comfyui": ("schedule",)}  # and those one reference reads too (ComfyUI's KSampler scheduler)
+
+
+def settings(profile: str) -> tuple[str, ...]:
+    return SETTINGS + SIDE_SETTINGS.get(profile, ())
 MAX_STAGES = 8
 MAX_PAIRS = 300  # pair trials per stage, at most
 
@@ -50,11 +55,11 @@ class Trial:
         return (0, fd["seq"] if fd else 0, -len(self.report.failures))
 
 
-def candidates(start: dict, between: str | None, image: bool) -> list[tuple[str, object]]:
+def candidates(start: dict, between: str | None, image: bool, profile: str) -> list[tuple[str, object]]:
     target = F.profile_values(between) if between else None
     out = []
     for f in F.FLAGS:
-        if (f.side == "image" and not image) or f.name in SETTINGS:
+        if (f.side == "image" and not image) or f.name in settings(profile):
             continue
         values = [target[f.name]] if target is not None else list(f.choices)
         out += [(f.name, v) for v in values if v != start[f.name]]
@@ -67,7 +72,7 @@ def explain(spec, between: tuple[str, str] | None = None, progress=None) -> dict
 
     if between is not None:
         a, b = between
-        impl_a = {k: v for k, v in F.profile_values(a).items() if k not in SETTINGS}
+        impl_a = {k: v for k, v in F.profile_values(a).items() if k not in settings(b)}
         spec = replace(spec, profile=b, overrides=tuple(sorted({**impl_a, **dict(spec.overrides)}.items())))
     cache: dict = {}
     runs = 0
@@ -85,7 +90,7 @@ def explain(spec, between: tuple[str, str] | None = None, progress=None) -> dict
            "report": base.report}  # the run as given (for the HTML report; not part of the JSON result)
     if not base.report.failures:
         return {**out, "found": [], "runs": runs, "verdict": "nothing to explain: no record exceeds the tolerance"}
-    pool = candidates(start_values, between[1] if between else None, not spec.text_only)
+    pool = candidates(start_values, between[1] if between else None, not spec.text_only, spec.profile)
     current, active = base, None
     for _ in range(MAX_STAGES):
         if not current.report.failures:

@@ -6,7 +6,7 @@ the plain values impl receives (impl never sees a profile name); they are the on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -20,6 +20,8 @@ class Flag:
     provenance: str
     changes: str  # what flipping it changes
     side: str = "text"  # "text" or "image"
+    comfyui: Any = None  # ComfyUI's value (``COMFYUI``)
+    comfyui_provenance: str = ""
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -37,11 +39,18 @@ FLAGS: tuple[Flag, ...] = (
     Flag("clip_g_pad", "T4", (0, 49407), 0, 0,
          "diffusers tokenizer_2 pad_token '!' = id 0; sd3.5 SDXLClipGTokenizer(pad_with_end=False)",
          "CLIP-G states at padded positions"),
-    Flag("sai_wordwise", "T1-T3", (False, True), False, True,
+    Flag("prompt_split", "T1-T3", ("whole", "words", "segments"), "whole", "words",
          "sd3.5 other_impls.SDTokenizer.tokenize_with_weights (token_weights parser, per-word tokenization, "
          "77-slot chunks, chunk 0 encoded); diffusers tokenizes the whole string",
-         "prompts with (weights:1.2) parens or more than 75 tokens"),
-    Flag("t5_length_rule", "T8", ("max_length", "sai"), "max_length", "sai",
+         "prompts with (weights:1.2) parens or more than 75 tokens: the ids, and which tokens reach chunk 0"),
+    Flag("prompt_weights", "T2", ("discard", "apply"), "discard", "discard",
+         "diffusers has no weight syntax; sd3.5 SDTokenizer parses the weights and SDClipModel encodes the ids only",
+         "weighted prompts: an empty sequence joins the encoder batch and weighted tokens become "
+         "(z - z_empty) * w + z_empty, in CLIP and T5"),
+    Flag("clip_chunks", "T3", ("first", "all"), "first", "first",
+         "diffusers truncates to 77 tokens; sd3.5 SD3Inferencer.get_cond encodes chunk 0 of the CLIP tokens",
+         "prompts over 75 CLIP tokens: 77 context rows per chunk (231 for three)"),
+    Flag("t5_length_rule", "T8", ("max_length", "sai", "min77"), "max_length", "sai",
          "diffusers _get_t5_prompt_embeds padding='max_length' (max_sequence_length=256, PR #8506); sd3.5 "
          "T5XXLTokenizer: text[:226], min_length=77, pad 0",
          "T5 sequence length (256 vs >= 77) and, without a mask, every T5 state (T9)"),
@@ -79,6 +88,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("encoder_dtype", "T7", ("pipeline", "float32"), "pipeline", "float32",
          "diffusers runs encoders in the pipeline dtype; sd3.5 sd3_infer builds CLIP/T5 in float32 on CPU",
          "embeddings in half precision (~1e-3 rel. fp16, ~1e-2 bf16)"),
+    Flag("text_encoder_storage", "T7", ("as_loaded", "float16"), "as_loaded", "as_loaded",
+         "diffusers and sd3.5 keep the encoder weights in the dtype they compute in",
+         "every text state: the weights rounded to float16 (3e-3 to 7e-3 on the embedded model's states)"),
     # image side
     Flag("attention_order", "M3", ("image_first", "context_first"), "image_first", "context_first",
          "diffusers JointAttnProcessor2_0 cat([image, context]); sd3.5 mmditx.block_mixing cat([context, x])",
@@ -95,6 +107,9 @@ FLAGS: tuple[Flag, ...] = (
          "pooled dtype, AdaLayerNormContinuous silu(emb).to(x.dtype), the attention output to the query dtype; "
          "sd3.5 mmditx lets them promote (t_embedder(t, dtype=x.dtype))",
          "nothing while every tensor has the model dtype; under autocast the residual stream's dtype", "image"),
+    Flag("modulate", "M7", ("mul_add", "addcmul"), "mul_add", "mul_add",
+         "diffusers AdaLayerNormZero norm(x) * (1 + scale) + shift; sd3.5 mmditx.modulate x * (1 + scale) + shift",
+         "every adaLN-modulated input (each block's attention and MLP input, the final layer) by ulps", "image"),
     Flag("vae_attention", "V1b", ("linear", "conv"), "linear", "conv",
          "diffusers AutoencoderKL Attention to_q/k/v Linear; sd3.5 AttnBlock 1x1 Conv2d",
          "VAE mid-block attention by ulps, then every later decoder layer", "image"),
@@ -102,10 +117,10 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers FlowMatchEulerDiscreteScheduler.step x + dt * v; sd3.5 sd3_infer --sampler dpmpp_2m by default "
          "(euler for Large-Turbo): sd3_impls.sample_dpmpp_2m / sample_euler on the x0 prediction",
          "the update of every step (rounding for sai_euler; the 2M correction from the second step on)", "image"),
-    Flag("schedule", "S3", ("diffusers", "sai"), "diffusers", "sai",
+    Flag("schedule", "S3", ("diffusers", "sai", "sgm_uniform", "simple"), "diffusers", "sai",
          "diffusers FlowMatchEulerDiscreteScheduler.set_timesteps: np.linspace in float64, shifted again, cast to "
          "float32; sd3.5 SD3Inferencer.get_sigmas: torch.linspace and the shift in float32",
-         "sigmas and timesteps by at most 1.2e-7", "image"),
+         "sigmas and timesteps by at most 1.2e-7 (sai vs diffusers); every sigma (sgm_uniform, simple)", "image"),
     Flag("cfg_batch", "G2", ("uncond_first", "cond_first"), "uncond_first", "cond_first",
          "diffusers torch.cat([negative_prompt_embeds, prompt_embeds]); sd3.5 CFGDenoiser torch.cat([cond, uncond])",
          "which batch row each branch is computed in (equal on CPU here: the kernels are row-invariant)", "image"),
@@ -113,6 +128,11 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers uncond + scale * (cond - uncond) on the transformer output in its dtype; sd3.5 CFGDenoiser on "
          "apply_model's x0 = x - v * sigma in float32",
          "the guided output (recorded as velocity or x0) and every latent after it", "image"),
+    Flag("cfg_lengths", "G6", ("concat", "split"), "concat", "concat",
+         "diffusers pads every context to one length (never unequal); sd3.5 CFGDenoiser torch.cat([cond, uncond]) "
+         "(fails on unequal lengths, e.g. a T5 prompt over 77 tokens against the empty negative)",
+         "prompts whose context length differs from the negative's: two batch-1 calls instead of one batch",
+         "image"),
     Flag("cfg_always", "G3", (False, True), False, True,
          "diffusers do_classifier_free_guidance = guidance_scale > 1; sd3.5 CFGDenoiser batches [cond, uncond] at "
          "any cfg (Large-Turbo runs cfg 1.0)",
@@ -156,8 +176,66 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers VaeImageProcessor.numpy_to_pil round(); sd3.5 vae_decode astype(uint8)",
          "about half of the pixels by 1", "image"),
 )
+
+C = "ComfyUI 8d9faaa1 "
+# ComfyUI's value of every flag, with where it comes from (file:line in ComfyUI at 8d9faaa1); run from a checkout
+# (--comfyui), never copied. Values that only the example workflow chooses say so.
+COMFYUI: dict[str, tuple[Any, str]] = {
+    "clip_l_tokenizer": ("hf", C + "comfy/sd1_clip.py:490 transformers CLIPTokenizer.from_pretrained(comfy/sd1_tokenizer)"),
+    "clip_g_tokenizer": ("hf", C + "comfy/sdxl_clip.py:21 the same sd1_tokenizer files ('!' is no special token there)"),
+    "clip_l_pad": (49407, C + "comfy/sd1_clip.py:487 SDTokenizer(pad_with_end=True)"),
+    "clip_g_pad": (0, C + "comfy/sdxl_clip.py:21 SDXLClipGTokenizer(pad_with_end=False)"),
+    "prompt_split": ("segments", C + "comfy/sd1_clip.py:586-615 each weighted segment tokenized whole (cut only "
+                     "before ' embedding:')"),
+    "prompt_weights": ("apply", C + "comfy/sd1_clip.py:28-66 ClipTokenWeightEncoder.encode_token_weights (CLIP and T5)"),
+    "clip_chunks": ("all", C + "comfy/sd1_clip.py:53-66 every chunk encoded, concatenated along the sequence"),
+    "t5_length_rule": ("min77", C + "comfy/text_encoders/sd3_clip.py:33 T5XXLTokenizer(min_length=77, "
+                       "max_length=99999999): no character cut"),
+    "t5_max_length": (256, "not used by ComfyUI (t5_length_rule min77)"),
+    "t5_mask": (False, C + "comfy/text_encoders/sd3_clip.py:53 t5_attention_mask=False"),
+    "t5_attention": ("sdpa", C + "comfy/text_encoders/t5.py:164 optimized_attention(q, k * sqrt(d_kv), v, mask=bias): "
+                     "SDPA (--use-pytorch-cross-attention) with scale 1 in effect"),
+    "t5_activation": ("gelu_tanh", C + "comfy/text_encoders/t5.py:18 gelu_pytorch_tanh (t5_config_xxl.json)"),
+    "t5_absent": (None, C + "comfy/text_encoders/sd3_clip.py:138-143 T5 runs when present; without it the CLIP rows "
+                  "alone (none; the ComfyUI side does not run such a model yet)"),
+    "clip_pool": ("first_eos", C + "comfy/clip_model.py:189 the first position equal to eos_token_id"),
+    "clip_l_pooled_projected": (False, C + "comfy/text_encoders/sd3_clip.py:56 return_projected_pooled=False"),
+    "single_file_clip_l_projection": ("file", C + "comfy/clip_model.py:198 text_projection loaded from the file"),
+    "encoder_dtype": ("float32", C + "comfy/sd.py:239 set_model_compute_dtype(torch.float32); comfy/sd1_clip.py:213"),
+    "text_encoder_storage": ("float16", C + "comfy/model_management.py:996 text_encoder_dtype: float16 on the CPU "
+                             "unless --fp32-text-enc (weights cast per op by comfy.ops.manual_cast)"),
+    "attention_order": ("context_first", C + "comfy/ldm/modules/diffusionmodules/mmdit.py:621 cat((context, x))"),
+    "qkv_fusion": ("fused", C + "comfy/ldm/modules/diffusionmodules/mmdit.py SelfAttention.qkv one Linear"),
+    "qk_norm_form": ("native", C + "mmdit.py RMSNorm (float32 runs: both forms equal; half precision: not yet "
+                     "reproduced)"),
+    "casts": ("sai", C + "comfy/ldm/modules/diffusionmodules/mmdit.py, from the SD3.5 code"),
+    "modulate": ("addcmul", C + "comfy/ldm/modules/diffusionmodules/mmdit.py:109-112 "
+                 "torch.addcmul(shift, x, 1 + scale)"),
+    "vae_attention": ("conv", C + "comfy/ldm/modules/diffusionmodules/model.py AttnBlock: 1x1 Conv2d q, k, v"),
+    "sampler": ("sai_euler", "ComfyUI's sd3.5_simple_example.json KSampler 'euler' (comfy/k_diffusion/sampling.py "
+                "sample_euler on the x0 prediction)"),
+    "schedule": ("sgm_uniform", "ComfyUI's sd3.5_simple_example.json scheduler; " + C +
+                 "comfy/samplers.py:431-453 normal_scheduler(sgm=True) ('normal' is the sai value)"),
+    "cfg_batch": ("uncond_first", C + "comfy/samplers.py calc_cond_batch: the uncond entry first in the batch"),
+    "cfg_space": ("x0", C + "comfy/samplers.py:358 uncond_pred + (cond_pred - uncond_pred) * cond_scale on x0"),
+    "cfg_lengths": ("split", C + "comfy/model_base.py:739 SD3's context is a CONDRegular, concatenated only at equal "
+                    "shapes (comfy/conds.py:36-42); comfy/samplers.py:250-260 runs the cond call first"),
+    "cfg_always": (False, C + "comfy/samplers.py:370 no uncond branch when math.isclose(cfg, 1.0) (impl: at cfg <= 1)"),
+    "timestep_dtype": ("float32", C + "comfy/model_base.py apply_model: the float32 sigma's timestep"),
+    "latent_dtype": ("model", C + "comfy/samplers.py: the float32 latent throughout (float32 runs)"),
+    "cond_dtype": ("model", C + "comfy/model_base.py apply_model: context cast to the model dtype"),
+    "noise": ("diffusers", C + "comfy/sample.py:11 randn(latent.size(), float32, generator=manual_seed(seed)) on "
+              "the CPU: the same draw as diffusers' randn_tensor in float32"),
+    "slg": ("sai", "not run yet: --slg with the comfyui profile is refused (ComfyUI's SkipLayerGuidanceSD3: "
+            "scale 3.0, window 0.01-0.15, comfy_extras/nodes_sd3.py:176-179)"),
+    "img2img": ("sai", "not run yet: --image with the comfyui profile is refused"),
+    "shift": ("scheduler_config", C + "comfy/supported_models.py:542 SD3 sampling_settings shift 3.0 (every family)"),
+    "autocast": ("off", C + "the CPU runs every op in the module dtype"),
+    "uint8": ("truncate", C + "nodes.py:1664 SaveImage np.clip(255 * x, 0, 255).astype(np.uint8)"),
+}
+FLAGS = tuple(replace(f, comfyui=COMFYUI[f.name][0], comfyui_provenance=COMFYUI[f.name][1]) for f in FLAGS)
 BY_NAME = {f.name: f for f in FLAGS}
-PROFILES = ("diffusers", "sai")
+PROFILES = ("diffusers", "sai", "comfyui")
 
 
 def profile_values(profile: str) -> dict[str, Any]:
@@ -186,7 +264,8 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
     from impl.sampling import Form
 
     half = {"float16": torch.float16}
-    plain = {"schedule": {"diffusers": "linspace_f64", "sai": "linspace_f32"},
+    plain = {"schedule": {"diffusers": "linspace_f64", "sai": "linspace_f32", "sgm_uniform": "sgm_uniform",
+                          "simple": "simple"},
              "sampler": {"diffusers_euler": "euler_velocity", "sai_euler": "euler_x0", "sai_dpmpp_2m": "dpmpp_2m"},
              "slg": {"diffusers": 2.8, "sai": 2.5}, "noise": {"diffusers": "model_dtype", "sai": "fp32_to_fp16"},
              "img2img": {"diffusers": "scale_noise", "sai": "noise_scaling"},
@@ -196,9 +275,9 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
                 cfg_space=values["cfg_space"], cfg_always=values["cfg_always"],
                 timestep_dtype=half.get(values["timestep_dtype"], torch.float32),
                 latent_dtype=half.get(values["latent_dtype"]), cond_dtype=half.get(values["cond_dtype"]),
-                slg_scale=v["slg"], noise=v["noise"], img2img=v["img2img"])
+                slg_scale=v["slg"], noise=v["noise"], img2img=v["img2img"], cfg_lengths=values["cfg_lengths"])
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
-                                  qk_norm=values["qk_norm_form"], casts=v["casts"]),
+                                  qk_norm=values["qk_norm_form"], casts=v["casts"], modulate=values["modulate"]),
             "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"],
             "autocast": values["autocast"] == "cuda_fp16"}
 
@@ -216,13 +295,15 @@ def settings(values: dict[str, Any]):
 
     return TextSettings(
         clip_l_mode=values["clip_l_tokenizer"], clip_g_mode=values["clip_g_tokenizer"],
-        clip_l_pad=values["clip_l_pad"], clip_g_pad=values["clip_g_pad"], wordwise=values["sai_wordwise"],
-        t5_mode="hf", t5_length_rule={"max_length": "max_length", "sai": "chars226_min77"}[values["t5_length_rule"]],
+        clip_l_pad=values["clip_l_pad"], clip_g_pad=values["clip_g_pad"], split=values["prompt_split"],
+        weights=values["prompt_weights"], chunks=values["clip_chunks"], t5_mode="hf",
+        t5_length_rule={"max_length": "max_length", "sai": "chars226_min77", "min77": "min77"}[values["t5_length_rule"]],
         t5_max_length=values["t5_max_length"],
         t5_mask=values["t5_mask"], t5_attention=values["t5_attention"], t5_absent=values["t5_absent"],
         t5_activation=values["t5_activation"], t5_absent_length=values["t5_max_length"],
         clip_pool=values["clip_pool"], clip_l_pooled_projected=values["clip_l_pooled_projected"],
         encoder_dtype=torch.float32 if values["encoder_dtype"] == "float32" else None,
+        weight_storage=torch.float16 if values["text_encoder_storage"] == "float16" else None,
     )
 
 
@@ -231,17 +312,19 @@ def catalogue() -> str:
     value comes from. ``QUIRKS.md`` is this text (a test keeps it in step)."""
     lines = ["# Quirk catalogue", "",
              "Every known difference between the references that changes numbers is a named flag of `sd3parity`.",
-             "A profile is a set of flag values: `diffusers` (diffusers + transformers) and `sai` (the Stability-AI",
-             "SD3.5 code). Set one flag with `--flag NAME=VALUE`. Generated by `sd3parity flags --markdown` from",
+             "A profile is a set of flag values: `diffusers` (diffusers + transformers), `sai` (the Stability-AI",
+             "SD3.5 code) and `comfyui` (ComfyUI's own nodes). Set one flag with `--flag NAME=VALUE`. Generated by",
+             "`sd3parity flags --markdown` from",
              "`parity/flags.py`. The id groups related quirks: T text, C conditioning, G guidance, S schedule and",
              "sampler, N numerics, M MMDiT, V VAE.", ""]
     for side, title in (("text", "Text side"), ("image", "Image side")):
-        lines += [f"## {title}", "", "| flag | id | diffusers | sai | choices | changes |", "|---|---|---|---|---|---|"]
+        lines += [f"## {title}", "", "| flag | id | diffusers | sai | comfyui | choices | changes |",
+                  "|---|---|---|---|---|---|---|"]
         for f in FLAGS:
             if f.side == side:
-                lines.append(f"| `{f.name}` | {f.quirk} | `{f.diffusers}` | `{f.sai}` | "
+                lines.append(f"| `{f.name}` | {f.quirk} | `{f.diffusers}` | `{f.sai}` | `{f.comfyui}` | "
                              f"{', '.join(f'`{c}`' for c in f.choices)} | {f.changes} |")
         lines.append("")
     lines += ["## Provenance", ""]
-    lines += [f"- `{f.name}`: {f.provenance}." for f in FLAGS]
+    lines += [f"- `{f.name}`: {f.provenance}; comfyui: {f.comfyui_provenance}." for f in FLAGS]
     return "\n".join(lines) + "\n"

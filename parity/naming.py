@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-SIDES = ("impl", "diffusers", "sai")
+SIDES = ("impl", "diffusers", "sai", "comfyui")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Row:
     reads: str = "output"  # where impl and diffusers read the record (unless the fields below say otherwise)
     diffusers_reads: str | None = None
     sai: At | None = None  # the SD3.5 code's module when it differs from impl's (same reads otherwise)
+    comfyui: At | None = None  # ComfyUI's when it differs from the SD3.5 code's (its modules came from that code)
 
     def at(self, side: str) -> At:
         if side == "impl":
@@ -55,6 +56,8 @@ class Row:
             return At(self.diffusers, self.diffusers_reads or self.reads, "swap_halves" if self.weights == "swap" else "")
         if side == "sai":
             return self.sai or At(self.impl, self.reads)
+        if side == "comfyui":
+            return self.comfyui or self.at("sai")
         raise ValueError(f"unknown side {side!r}; expected one of {SIDES}")
 
 
@@ -172,6 +175,10 @@ MMDIT_SKIP = {
         r"final_layer\.(norm_final|linear|adaLN_modulation(\.0)?)": "inside the captured final layer",
     },
 }
+MMDIT_SKIP["comfyui"] = {**MMDIT_SKIP["sai"],
+                         r"joint_blocks\.\d+\.(x|context)_block\.(attn2?\.proj_drop|mlp\.(drop1|drop2|norm))":
+                             "dropout / Identity (inference)",
+                         r"x_embedder\.norm": "Identity (no patch-embedding norm in SD3)"}
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -252,7 +259,8 @@ def clip_rows(n_layers: int) -> list[Row]:
                   ("layer_norm2", "mlp.fc1", "mlp.fc2", "mlp")]
     per_layer.append(Row("layers.{i}", L, L))
     return ([Row("token_embedding", "text_model.embeddings.token_embedding", "text_model.embeddings.token_embedding"),
-             Row("embeddings", "text_model.embeddings", "text_model.embeddings")]
+             Row("embeddings", "text_model.embeddings", "text_model.embeddings",
+                 comfyui=At("text_model.encoder.layers.0", "input"))]  # ComfyUI adds the positions inline
             + _per_layer(per_layer, n_layers)
             + [Row("final_layer_norm", "text_model.final_layer_norm", "text_model.final_layer_norm"),
                Row("text_projection", "text_projection", "text_projection")])
@@ -269,7 +277,7 @@ def t5_rows(n_layers: int, ref_embed: str = "encoder.embed_tokens") -> list[Row]
                   "layer.1.DenseReluDense", "layer.1")]
     per_layer.append(Row("block.{i}", B, B))
     bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
-    return ([Row("embed", "shared", ref_embed, sai=At("encoder.embed_tokens")),
+    return ([Row("embed", "shared", ref_embed, sai=At("encoder.embed_tokens"), comfyui=At("shared")),
              Row("relative_attention_bias", bias, bias)]
             + _per_layer(per_layer, n_layers)
             + [Row("final_layer_norm", "encoder.final_layer_norm", "encoder.final_layer_norm")])
@@ -279,7 +287,9 @@ def _per_layer(rows: list[Row], n: int) -> list[Row]:
     def fmt(r: Row, i: int) -> Row:
         f = lambda t: t.format(i=i)  # noqa: E731
         sai = None if r.sai is None else At(f(r.sai.module), r.sai.reads, r.sai.transform)
-        return Row(f(r.record), f(r.impl), f(r.diffusers), r.weights, r.leaves, r.reads, r.diffusers_reads, sai)
+        comfyui = None if r.comfyui is None else At(f(r.comfyui.module), r.comfyui.reads, r.comfyui.transform)
+        return Row(f(r.record), f(r.impl), f(r.diffusers), r.weights, r.leaves, r.reads, r.diffusers_reads, sai,
+                   comfyui)
     return [fmt(r, i) for i in range(n) for r in rows]
 
 
@@ -295,6 +305,10 @@ CLIP_SKIP = {
     "sai": {r"": "the whole model", r"text_model": "its outputs are compared as final_layer_norm/pooled",
             r"text_model\.encoder(\.layers)?": "containers (encoder output = last layer output)",
             _POS: "the weight is read directly; token_embedding and embeddings bracket it"},
+    "comfyui": {r"": "the whole model", r"text_model": "its outputs are compared as final_layer_norm/pooled",
+                r"text_model\.encoder(\.layers)?": "containers (encoder output = last layer output)",
+                r"text_model\.embeddings": "never called: the positions are added inline (read at layer 0's input)",
+                _POS: "the weight is read directly"},
 }
 T5_SKIP = {
     "impl": {r"": "the whole model", r"encoder(\.block(\.\d+\.layer)?)?": "containers, never called as modules"},
@@ -305,6 +319,8 @@ T5_SKIP = {
                       "identity at inference (dropout) or elementwise (act) between captured points"},
     "sai": {r"": "the whole model", r"encoder": "its output = final_layer_norm output",
             r"encoder\.block(\.\d+\.layer)?": "container"},
+    "comfyui": {r"": "the whole model", r"encoder": "its output = final_layer_norm output",
+                r"encoder\.block(\.\d+\.layer)?": "container"},
 }
 
 

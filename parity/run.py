@@ -22,7 +22,7 @@ DEFAULT_PROMPTS = (
 )
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("sd3-medium", "sd3.5-large", "sd3.5-medium")
-REFERENCES = {"diffusers": "diffusers", "sai": "sai"}  # profile -> the reference it is checked against
+REFERENCES = {"diffusers": "diffusers", "sai": "sai", "comfyui": "comfyui"}  # profile -> its reference
 MODES = ("propagated", "teacher-forced", "both")  # what check compares (parity.teacher)
 SLG_WINDOW = (0.01, 0.2)  # both references' default skip-layer window (QUIRKS G5)
 
@@ -59,6 +59,7 @@ class Spec:
     strength: float = 0.6
     slg: tuple[int, ...] = ()
     sai_code: str | None = None
+    comfyui: str | None = None  # a ComfyUI checkout (the comfyui profile's reference)
     max_ulp: int = 0
     noise_floor: bool = False  # also run the reference with threads + 1: its own jitter per record
     tolerance: str = "ulp"  # "ulp": max_ulp per element; "noise": max abs within the reference's own jitter
@@ -106,6 +107,7 @@ def validate(s: Spec) -> None:
                            "holds no step; use at least 6 steps")
     need(not (s.reference_dump and s.noise_floor), "--noise-floor reruns the reference; a dump cannot be rerun")
     for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code),
+                       ("--comfyui", s.comfyui),
                        ("--reference-dump", s.reference_dump)):
         need(path is None or Path(path).is_dir(), f"{flag} {path}: not a directory")
     for flag, path in (("--checkpoint", s.checkpoint), ("--image", s.image)):
@@ -184,6 +186,12 @@ class Run:
         from parity.sides.sai import code_dir
 
         return code_dir(self.spec.sai_code)
+
+    @property
+    def comfyui_code(self) -> Path | None:
+        from parity.sides.comfyui import code_dir
+
+        return code_dir(self.spec.comfyui)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -406,7 +414,8 @@ def _image_models(s: Spec, values: dict, reference: str, notes: list[str]) -> li
             return {"impl": s.shift, reference: s.shift}
         rule = {"scheduler_config": scheduler_shift(directory)}
         impl = rule.get(values["shift"]) or F.sai_config_shift(label)
-        ref = rule["scheduler_config"] if reference == "diffusers" else F.sai_config_shift(label)
+        # ComfyUI: its own model config's shift (the side reads it there; ModelSamplingSD3 only with --shift)
+        ref = {"diffusers": rule["scheduler_config"], "sai": F.sai_config_shift(label), "comfyui": None}[reference]
         return {"impl": impl, reference: ref}
 
     if s.text_only:
@@ -467,8 +476,8 @@ def resolve(s: Spec) -> Run:
     values = {**F.profile_values(s.profile), **dict(s.overrides)}
     text_model = _text_model(s, notes)
     if not text_model.has_t5:
-        if reference == "sai":
-            raise Unsupported(f"{text_model.directory}: no text_encoder_3/; the SD3.5 code requires T5")
+        if reference in ("sai", "comfyui"):
+            raise Unsupported(f"{text_model.directory}: no text_encoder_3/; the {reference} side requires T5 here")
         values = {**values, "t5_absent": values["t5_absent"] or "zeros", **dict(s.overrides)}
     check_json_files([text_model.directory, text_model.config_dir, _config_dir(s)])
     check_text_files(text_model)
@@ -482,8 +491,8 @@ def resolve(s: Spec) -> Run:
             if v // 8 // p > side:
                 raise UsageError(f"--size: {name} {v} gives {v // 8 // p} patches; {m.label}'s position table "
                                  f"holds {side} (at most {side * p * 8} pixels)")
-    if reference == "sai" and models and any(m.single_file is None for m in models):
-        raise UsageError("the SD3.5 code reads SAI single files: give the model's --checkpoint FILE "
+    if reference in ("sai", "comfyui") and models and any(m.single_file is None for m in models):
+        raise UsageError(f"the {reference} side reads SAI single files: give the model's --checkpoint FILE "
                          "(e.g. the repository's sd3.5_large.safetensors)")
     files = weight_sources(text_model, models)
     return Run(s, values, text_model, models, reference, notes, files, stored_dtypes(files, s.dtype))

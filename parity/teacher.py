@@ -104,49 +104,55 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
     import torch
 
     from impl.clip import ClipOutput, pooled_index
-    from impl.text import conditioning
+    from impl.text import clip_result, conditioning, encoder_rows, t5_result
     from parity.sides.impl import ENCODERS, load_stack, text_points
 
     stack, _ = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
     settings, label = run.text, run.text_model.label
     dtype = settings.encoder_dtype or run.dtype
-    encoders = {comp: stack.encoder(attr, dtype) for comp, attr in ENCODERS}
-    for pi in range(len(run.spec.prompts)):
+    encoders = {comp: stack.encoder(attr, dtype, settings.weight_storage) for comp, attr in ENCODERS}
+    for pi, prompt in enumerate(run.spec.prompts):
         outs: dict = {}
+        plan = encoder_rows(stack, prompt, settings)  # impl's own weights and batch layout (a source)
         for comp, enc in encoders.items():
             get = _getter(ref, model=label, prompt=pi, component=comp)
             ids = get("input_ids")
-            if enc is None or ids is None:
+            if enc is None or ids is None or comp not in plan:
                 continue
+            rows, sections = plan[comp]
+            first = get("embed" if comp == "t5" else "token_embedding")  # the reference's batch: one row a sequence
+            b = first.shape[0] if first is not None and first.dim() == 3 and ids.numel() % first.shape[0] == 0 else 1
+            ids = ids.reshape(b, -1)
             n = enc.config.layers
             units = _Units(rec, enc, text_points(comp, n, "impl"), model=label, prompt=pi, component=comp)
             if comp == "t5":
-                units(enc.shared, ids[None])
+                units(enc.shared, ids)
                 attn = enc.encoder.block[0].layer[0].SelfAttention
-                units(attn.position_bias, ids.shape[0])
+                units(attn.position_bias, ids.shape[1])
                 table = get("relative_attention_bias")
                 mask = None
                 if settings.t5_mask:
-                    mask = (ids != stack.t5_tokenizer(settings.t5_mode).pad_id)[None]
-                bias = None if table is None else enc.attention_bias(ids.shape[0], mask, table)
+                    mask = ids != stack.t5_tokenizer(settings.t5_mode).pad_id
+                bias = None if table is None else enc.attention_bias(ids.shape[1], mask, table)
                 stages = [(f"block.{i}", lambda x, b=b: b(x, bias, settings.t5_attention, settings.t5_activation))
                           for i, b in enumerate(enc.encoder.block)] if bias is not None else []
                 _chain(units, get, get("embed"), stages + [("final_layer_norm", enc.encoder.final_layer_norm)])
-                outs[comp] = get("final_layer_norm")
+                last = get("final_layer_norm")
+                outs[comp] = None if last is None or last.shape[0] != len(rows) else t5_result(last, rows, sections)
                 continue
-            units(enc.text_model.embeddings, ids[None])
+            units(enc.text_model.embeddings, ids)
             tm = enc.text_model
             stages = [(f"layers.{i}", layer) for i, layer in enumerate(tm.encoder.layers)]
             _chain(units, get, get("embeddings"), stages + [("final_layer_norm", tm.final_layer_norm)])
             last = get("final_layer_norm")
             if last is None:
                 continue
-            pooled = last[torch.arange(last.shape[0]), pooled_index(ids[None], settings.clip_pool, enc.config.eos_id)]
+            pooled = last[torch.arange(last.shape[0]), pooled_index(ids, settings.clip_pool, enc.config.eos_id)]
             units(enc.text_projection, pooled)
             penultimate, projected = get(f"layers.{n - 2}"), get("text_projection")
-            if penultimate is not None and projected is not None:
-                outs[comp] = ClipOutput(last, penultimate, pooled, projected)
-        if "clip-l" in outs and "clip-g" in outs and (settings.t5_absent is not None or "t5" in outs):
+            if penultimate is not None and projected is not None and penultimate.shape[0] == len(rows):
+                outs[comp] = clip_result(ClipOutput(last, penultimate, pooled, projected), rows, sections)
+        if "clip-l" in outs and "clip-g" in outs and (settings.t5_absent is not None or outs.get("t5") is not None):
             width = run.text_model.joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
             context, pooled, _ = conditioning(outs["clip-l"], outs["clip-g"], outs.get("t5"), settings, dtype, width)
             where = {"model": label, "prompt": pi, "component": "conditioning"}

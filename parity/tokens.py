@@ -229,7 +229,7 @@ def tokens_report(prompt: str, model_dir: str | None = None, refs: dict | None =
         for name, s in profiles.items():
             def run(s=s, pad_attr=pad_attr, mode_attr=mode_attr):
                 p = getattr(s, pad_attr)
-                ids = clip_ids(stack, prompt, getattr(s, mode_attr), p, s.wordwise)
+                ids = clip_ids(stack, prompt, getattr(s, mode_attr), p, s.split)
                 return ids, {"pooled_index": ids.index(v.eos_id), "n_content": ids.index(v.eos_id) - 1, "pad_id": p}
             entries[name] = _entry(run, strings)
         out["encoders"][enc] = entries

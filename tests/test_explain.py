@@ -50,5 +50,5 @@ def test_between_diffusers_and_the_sd3_5_code(capsys):
     code, out = _explain(capsys, "--text-only", "--prompt", "wow!! a (red:1.2) cat", "--between", "diffusers", "sai",
                          "--sai-code", SAI_CODE)
     assert code == 0
-    assert sorted(n for n, _ in out["found"]) == ["clip_g_tokenizer", "clip_l_pooled_projected", "sai_wordwise",
+    assert sorted(n for n, _ in out["found"]) == ["clip_g_tokenizer", "clip_l_pooled_projected", "prompt_split",
                                                   "t5_activation", "t5_length_rule"]

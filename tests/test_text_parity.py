@@ -57,13 +57,14 @@ FLIPS = [
     ("clip_l_tokenizer", "openai", "salt &amp; pepper", "clip-l", "input_ids"),
     ("clip_l_pad", 0, "a cat", "clip-l", "input_ids"),
     ("clip_g_pad", 49407, "a cat", "clip-g", "input_ids"),
-    ("sai_wordwise", True, "(red:1.3) cat", "clip-l", "input_ids"),
+    ("prompt_split", "words", "(red:1.3) cat", "clip-l", "input_ids"),
     ("t5_length_rule", "sai", "a cat", "t5", "input_ids"),
     ("t5_mask", True, "a cat", "t5", "block.0.layer.0.SelfAttention.o"),  # q/k/v equal; the mask acts inside
     ("t5_attention", "eager", "a cat", "t5", "block.0.layer.0.SelfAttention.o"),  # transformers 4.x's kernel
     ("t5_activation", "gelu_tanh", "a cat", "t5", "block.0.layer.1.DenseReluDense.wo"),  # the SD3.5 code's GELU
     ("clip_l_pooled_projected", False, "a cat", "conditioning", "pooled"),
     ("encoder_dtype", "float32", "a cat", "clip-l", "token_embedding"),  # float32 vs the pipeline's bfloat16
+    ("text_encoder_storage", "float16", "a cat", "clip-l", "weight:text_model.embeddings.token_embedding.weight"),
 ]
 
 
@@ -83,7 +84,10 @@ def test_every_flag_is_flipped_or_has_a_reason():
     # t5_absent: changes the context length, tested below
     # t5_max_length: a diffusers argument both sides receive, tested on impl below
     # single_file_clip_l_projection: acts only on single files (test_independence)
-    assert untested == {"clip_pool", "t5_absent", "t5_max_length", "single_file_clip_l_projection"}
+    # prompt_weights, clip_chunks: act only with a split that parses weights and chunks (prompt_split words or
+    # segments), flipped from the comfyui profile against ComfyUI itself (test_comfyui)
+    assert untested == {"clip_pool", "t5_absent", "t5_max_length", "single_file_clip_l_projection", "prompt_weights",
+                        "clip_chunks"}
 
 
 def test_t5_padding_length_changes_real_token_states_without_mask(stack):
@@ -128,13 +132,13 @@ def test_sai_tokenization_examples_from_quirks(stack):
     from impl.text import clip_ids, t5_ids
 
     s = F.settings(F.profile_values("sai"))
-    ids = clip_ids(stack, "(masterpiece:1.2), a (red) cat, ((blue eyes))", "hf", 49407, True)
+    ids = clip_ids(stack, "(masterpiece:1.2), a (red) cat, ((blue eyes))", "hf", 49407, "words")
     # words masterpiece , a red cat, blue eyes -> 8 content ids (10 with BOS/EOS; QUIRKS T2 says "10"), HF 17
     assert ids.index(49407) - 1 == 8
-    assert clip_ids(stack, "(masterpiece:1.2), a (red) cat, ((blue eyes))", "hf", 49407, False).index(49407) - 1 == 17
+    assert clip_ids(stack, "(masterpiece:1.2), a (red) cat, ((blue eyes))", "hf", 49407, "whole").index(49407) - 1 == 17
     long = " ".join(["cat"] * 74) + " photorealistic"
-    assert clip_ids(stack, long, "hf", 49407, True).index(49407) - 1 == 74  # T3: the word moves to chunk 1
-    assert clip_ids(stack, long, "hf", 49407, False).index(49407) - 1 == 75
+    assert clip_ids(stack, long, "hf", 49407, "words").index(49407) - 1 == 74  # T3: the word moves to chunk 1
+    assert clip_ids(stack, long, "hf", 49407, "whole").index(49407) - 1 == 75
     assert len(t5_ids(stack, "a cat", s)) == 77 and len(t5_ids(stack, "a " * 200, s)) > 77
 
 

@@ -12,11 +12,48 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
+import torch
+
 from parity import layermap as LM
 from parity import naming as N
 from parity import records as R
 
 INPUTS = ("latent_in", "timestep", "context", "pooled")
+
+
+def checkout(arg: str | None, env: str, flag: str, markers, what: str):
+    """The checkout named by option ``flag`` (``arg``) or the variable ``env`` (None when neither is set), checked
+    to hold ``markers``."""
+    import os
+    from pathlib import Path
+
+    from parity.run import UsageError
+
+    raw = arg or os.environ.get(env)
+    if not raw:
+        return None
+    d = Path(raw)
+    missing = [f for f in markers if not (d / f).is_file()]
+    if missing:
+        raise UsageError(f"{flag if arg else '$' + env} {d}: not a checkout of {what} (missing {', '.join(missing)})")
+    return d
+
+
+def code_fingerprint(d, files) -> dict:
+    """A reference checkout's fingerprint: the sha256 of ``files`` (each named by its path relative to ``d``), and
+    the commit when ``d`` is a git checkout."""
+    import hashlib
+    import subprocess
+
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(str(p.relative_to(d)).encode() + b"\0" + p.read_bytes())
+    out = {"path": str(d), "sha256": h.hexdigest()}
+    if (d / ".git").exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out["commit"] = subprocess.run(["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           timeout=10, check=True).stdout.strip()
+    return out
 
 
 def make_side(name: str, run):
@@ -32,6 +69,10 @@ def make_side(name: str, run):
         from parity.sides.sai import SaiSide
 
         return SaiSide(run.sai_code)
+    if name == "comfyui":
+        from parity.sides.comfyui import ComfySide
+
+        return ComfySide(run.comfyui_code)
     raise ValueError(f"unknown side {name!r}")
 
 
@@ -93,11 +134,17 @@ class ImageCapture:
         if self.sigmas is not None:
             rec.put(self.sigmas[1], at=self.sigmas[0], model=label, component="sampler", layer="sigmas")
         step, prev = step0 - 1, 0
+        # CFG run as two batch-1 calls per step (ComfyUI, contexts of other lengths): cond, then uncond
+        split = len(self.calls) == 2 * len(self.steps) and all(c[1][0].shape[0] == 1 for c in self.calls)
         for n, (time, inputs, _) in enumerate(self.calls):
             batch = inputs[0].shape[0]
             skip = batch == 1 and prev == 2
-            step, prev = (step if skip else step + 1), batch
-            branches = list(cfg_order) if batch == 2 else (["skip"] if skip else ["cond"])
+            if split:
+                step, branches = step + (n % 2 == 0), ["cond" if n % 2 == 0 else "uncond"]
+            else:
+                step = step if skip else step + 1
+                branches = list(cfg_order) if batch == 2 else (["skip"] if skip else ["cond"])
+            prev = batch
             for b, branch in enumerate(branches):
                 where = {"model": label, "step": step, "branch": branch}
                 for i, (name, t) in enumerate(zip(INPUTS, inputs)):
@@ -142,32 +189,38 @@ def text_state(component: str, module) -> dict:
 
 
 def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callable, first_arg: str,
-              dtype) -> R.Side:
+              dtype, ids_at: dict | None = None) -> R.Side:
     """One side's text records: each encoder's parameters, then per prompt each encoder's input ids (the first
-    argument of its call, or keyword ``first_arg``) and every mapped layer, then the context and pooled tensors
-    ``encode(prompt)`` returns."""
+    argument of its call, or keyword ``first_arg``; every sequence it ran, flattened) and every mapped layer, then
+    the context and pooled tensors ``encode(prompt)`` returns. ``ids_at``: per encoder, the module whose calls
+    carry the ids when the encoder is called with embeddings (ComfyUI embeds each sequence of the batch by itself:
+    those calls, and any point captured once per sequence, are joined along the batch)."""
     rec = R.Recorder()
     for comp, model in encoders.items():
         put_weights(rec, label, comp, text_state(comp, model), dtype)
     for pi, prompt in enumerate(prompts):
         stores: dict[str, dict] = {c: {} for c in encoders}
-        ids: dict[str, tuple] = {}
+        ids: dict[str, list] = {}
         with contextlib.ExitStack() as es:
             for comp, model in encoders.items():
                 es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
 
                 def pre(_m, args, kwargs, comp=comp):
-                    ids.setdefault(comp, (rec.tick(), (args[0] if args else kwargs[first_arg])[0].detach().clone()))
-                es.callback(model.register_forward_pre_hook(pre, with_kwargs=True).remove)
+                    if comp not in ids or ids_at is not None:
+                        x = args[0] if args else kwargs[first_arg]
+                        ids.setdefault(comp, []).append((rec.tick(), x.detach().reshape(-1).clone()))
+                at = model if ids_at is None else ids_at[comp]
+                es.callback(at.register_forward_pre_hook(pre, with_kwargs=True).remove)
             context, pooled = encode(prompt)
         for comp in encoders:
             where = {"model": label, "prompt": pi, "component": comp}
             if comp in ids:
-                rec.put(ids[comp][1], at=ids[comp][0], layer="input_ids", **where)
+                rec.put(torch.cat([t for _, t in ids[comp]]), at=ids[comp][0][0], layer="input_ids", **where)
             for layer, at in points[comp].items():
                 if stores[comp].get(layer):
-                    t, v = stores[comp][layer][0]
-                    rec.put(N.apply_transform(at.transform, v), at=t, layer=layer, **where)
+                    got = stores[comp][layer] if ids_at is not None else stores[comp][layer][:1]
+                    v = got[0][1] if len(got) == 1 else torch.cat([v for _, v in got])
+                    rec.put(N.apply_transform(at.transform, v), at=got[0][0], layer=layer, **where)
         where = {"model": label, "prompt": pi, "component": "conditioning"}
         rec.put(context, layer="context", **where)
         rec.put(pooled, layer="pooled", **where)

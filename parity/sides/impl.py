@@ -127,7 +127,7 @@ class ImplSide:
 
         stack, settings = self.stack(run), run.text
         out_dtype = settings.encoder_dtype or run.dtype
-        models = {comp: stack.encoder(attr, out_dtype) for comp, attr in ENCODERS}
+        models = {comp: stack.encoder(attr, out_dtype, settings.weight_storage) for comp, attr in ENCODERS}
         models = {c: m for c, m in models.items() if m is not None and not (c == "t5" and settings.t5_absent)}
         points = {c: text_points(c, m.config.layers, "impl") for c, m in models.items()}
 

@@ -43,12 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import inspect
 import io
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import types
@@ -66,7 +63,7 @@ from parity import naming as N
 from parity import records as R
 from parity.determinism import own_storage
 from parity.run import Unsupported, UsageError
-from parity.sides import ImageCapture, text_side
+from parity.sides import ImageCapture, checkout, code_fingerprint, text_side
 
 ENV = "SD3PARITY_SAI_CODE"
 FILES = ("sd3_infer.py", "sd3_impls.py", "mmditx.py", "other_impls.py")
@@ -85,30 +82,12 @@ SKIPPED_TEXT_KEYS = {r"text_model\.embeddings\.position_ids": "an arange buffer 
 
 def code_dir(arg: str | None) -> Path | None:
     """The checkout named by ``--sai-code`` or ``$SD3PARITY_SAI_CODE`` (None when neither is set), checked."""
-    raw = arg or os.environ.get(ENV)
-    if not raw:
-        return None
-    d = Path(raw)
-    missing = [f for f in FILES if not (d / f).is_file()]
-    if missing:
-        src = "--sai-code" if arg else f"${ENV}"
-        raise UsageError(f"{src} {d}: not a checkout of Stability-AI/sd3.5 (missing {', '.join(missing)})")
-    return d
+    return checkout(arg, ENV, "--sai-code", FILES, "Stability-AI/sd3.5")
 
 
 def fingerprint(d: Path) -> dict:
     """The checkout's commit when it is a git checkout, and always the sha256 of its Python files."""
-    h = hashlib.sha256()
-    for p in sorted(d.glob("*.py")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    out = {"path": str(d), "sha256": h.hexdigest()}
-    if (d / ".git").exists():
-        try:
-            out["commit"] = subprocess.run(["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           timeout=10, check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return out
+    return code_fingerprint(d, d.glob("*.py"))
 
 
 @dataclass

@@ -1,0 +1,480 @@
+"""ComfyUI as a side: its own loaders and nodes, from a local checkout the user names.
+
+ComfyUI (GPL-3.0) is not a dependency and nothing of it is copied here: the user points at a checkout
+(``--comfyui DIR`` or ``$SD3PARITY_COMFYUI``) and its own code runs every step:
+
+* text: ``comfy.sd.load_clip`` (the three encoder files, ``CLIPType.SD3``: its ``SD3ClipModel``, its CLIP and T5
+  modules, its ``SD3Tokenizer``), then the ``CLIPTextEncode`` node;
+* image: ``comfy.sd.load_checkpoint_guess_config`` on the SAI single file (its model detection, ``SD3`` model,
+  VAE), then the nodes ``EmptySD3LatentImage``, ``ModelSamplingSD3`` (only with ``--shift``), ``KSampler``,
+  ``VAEDecode`` and ``SaveImage`` (its PNG read back: the uint8 conversion is ComfyUI's own).
+
+What the harness adapts, at the boundary, none of it computing:
+
+* ComfyUI parses its command line on import: it is imported with ``--cpu --use-pytorch-cross-attention`` and its
+  folders (output, temp, user, input) under a temporary base directory of this process; ``sys.argv`` is restored.
+* ``torchvision`` / ``torchaudio``: modules outside SD3 import them at module level; where they are not installed,
+  empty stand-ins take their names (an attribute read from them raises).
+* torch state ComfyUI sets on import (``allow_fp16_bf16_reduction_math_sdp``) is its own while ComfyUI runs and
+  the caller's otherwise.
+* Sizes other than the released ones (the embedded models): its CLIP-L / CLIP-G / T5 JSON configs get the model's
+  sizes through its own ``{clip_l,clip_g,t5xxl}_model_config`` model options; ``SD3ClipModel.load_sd`` (which
+  tells CLIP-G by a 31st layer) gets the files in the order it was given them; its VAE configuration
+  (``ch``, ``ch_mult``, ``num_res_blocks``, hard-coded in ``comfy/sd.py``) takes the file's; ``get_cond``'s
+  ``F.pad(..., 4096 - width)`` pads to the model's T5 width; a T5 whose vocabulary is not T5-XXL's uses the model's
+  ``tokenizer_3`` instead of ComfyUI's bundled T5 tokenizer. Each adaptation made is listed in the report's notes.
+
+ComfyUI runs with its defaults otherwise (text-encoder weights in float16, the model and VAE dtypes it picks). The
+run's ``sampler`` and ``schedule`` flags are the ``KSampler`` node's sampler and scheduler.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from parity import naming as N
+from parity import records as R
+from parity.run import Unsupported, UsageError
+from parity.sides import ImageCapture, checkout, code_fingerprint, text_side
+from parity.sides.sai import joint_width
+
+ENV = "SD3PARITY_COMFYUI"
+MARKERS = ("nodes.py", "comfy/sd.py", "comfy/text_encoders/sd3_clip.py", "comfy_extras/nodes_sd3.py",
+           "comfy/ldm/modules/diffusionmodules/mmdit.py")
+ARGV = ("--cpu", "--use-pytorch-cross-attention", "--disable-all-custom-nodes")
+PACKAGES = ("comfy", "comfy_extras", "comfy_api", "comfy_execution", "comfy_config", "app", "nodes", "folder_paths",
+            "comfyui_version", "node_helpers", "latent_preview", "server", "execution", "utils", "api_server",
+            "comfy_api_nodes", "alembic_db", "middleware", "protocol", "hook_breaker_ac10a0", "cuda_malloc")
+STUBBED = ("torchvision", "torchaudio")
+SAMPLERS = {"sai_euler": "euler", "sai_dpmpp_2m": "dpmpp_2m"}
+SCHEDULERS = {"sai": "normal", "sgm_uniform": "sgm_uniform", "simple": "simple"}
+CLIP_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "projection_dim",
+             "hidden_act")
+T5_KEYS = ("d_ff", "d_model", "num_heads", "num_layers", "vocab_size", "d_kv")
+RELEASED_VAE = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+
+
+def code_dir(arg: str | None) -> Path | None:
+    """The checkout named by ``--comfyui`` or ``$SD3PARITY_COMFYUI`` (None when neither is set), checked."""
+    return checkout(arg, ENV, "--comfyui", MARKERS, "ComfyUI")
+
+
+def fingerprint(d: Path) -> dict:
+    """ComfyUI's version, the commit when it is a git checkout, and the sha256 of the Python files that can run
+    (``comfy/``, ``comfy_extras/``, ``comfy_api/`` and the top level)."""
+    files = [*d.glob("*.py"), *(p for sub in ("comfy", "comfy_extras", "comfy_api") for p in (d / sub).rglob("*.py"))]
+    out = code_fingerprint(d, files)
+    version = d / "comfyui_version.py"
+    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", version.read_text()) if version.is_file() else None
+    if m:
+        out["version"] = m.group(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- importing
+
+class _Stand_in(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Empty modules for packages ComfyUI imports at module level outside SD3 and that are not installed."""
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in STUBBED:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        m = types.ModuleType(spec.name)
+        m.__path__ = []
+
+        def missing(attr, name=spec.name):
+            raise AttributeError(f"{name}.{attr}: {name} is not installed (an empty stand-in for ComfyUI's imports)")
+        m.__getattr__ = missing
+        return m
+
+    def exec_module(self, module):
+        pass
+
+
+class Comfy(types.SimpleNamespace):
+    """The imported checkout: ``sd``, ``nodes``, ``samplers``, ``k_sampling``, ``nodes_sd3``, ``advanced``,
+    ``sd3_clip``, ``long_clip``, ``folder_paths``, and the torch settings it chose."""
+
+
+_LOADED: dict = {}  # path -> Comfy (one checkout per process; another one replaces it)
+
+
+def _purge() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in PACKAGES:
+            del sys.modules[name]
+
+
+def _torch_state() -> bool:
+    return torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+
+
+def _set_torch_state(allowed: bool) -> None:
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+
+
+def load(d: Path) -> Comfy:
+    """ComfyUI from ``d``, imported once per process (its modules stay loaded; torch state is restored)."""
+    key = str(d.resolve())
+    if key in _LOADED:
+        return _LOADED[key]
+    _LOADED.clear()
+    _purge()
+    base = Path(tempfile.mkdtemp(prefix="sd3parity-comfyui-"))
+    import atexit
+
+    atexit.register(shutil.rmtree, base, True)
+    stand_in = None
+    if any(importlib.util.find_spec(n) is None for n in STUBBED):
+        stand_in = _Stand_in()
+        sys.meta_path.insert(0, stand_in)
+    saved_argv, saved_state = sys.argv, _torch_state()
+    sys.argv = ["comfyui", *ARGV, "--base-directory", str(base)]
+    sys.path.insert(0, key)
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        with contextlib.redirect_stdout(io.StringIO()):
+            import comfy.k_diffusion.sampling as k_sampling
+            import comfy.samplers
+            import comfy.sd
+            import comfy.text_encoders.long_clipl as long_clip
+            import comfy.text_encoders.sd3_clip as sd3_clip
+            import folder_paths
+            import nodes
+            from comfy_extras import nodes_model_advanced, nodes_sd3
+    except ModuleNotFoundError as e:
+        _purge()
+        raise Unsupported(f"--comfyui {d}: importing ComfyUI failed: {e} (pip install -e '.[comfyui]')") from None
+    except Exception as e:  # noqa: BLE001 - whatever its import raises
+        _purge()
+        raise Unsupported(f"--comfyui {d}: ComfyUI does not import: {type(e).__name__} {e}") from None
+    finally:
+        sys.argv = saved_argv
+        sys.path.remove(key)
+    for mod in (comfy.sd, nodes):
+        if not Path(mod.__file__).resolve().is_relative_to(d.resolve()):
+            raise Unsupported(f"--comfyui {d}: {mod.__name__} was imported from {mod.__file__}")
+    c = Comfy(sd=comfy.sd, nodes=nodes, samplers=comfy.samplers, k_sampling=k_sampling, nodes_sd3=nodes_sd3,
+              advanced=nodes_model_advanced, sd3_clip=sd3_clip, long_clip=long_clip, folder_paths=folder_paths,
+              path=d, base=base, stand_in=stand_in is not None, state=_torch_state())
+    _set_torch_state(saved_state)
+    _LOADED[key] = c
+    return c
+
+
+@contextlib.contextmanager
+def running(c: Comfy):
+    """ComfyUI's torch settings while it runs; the caller's after. The global RNG is left as it was."""
+    saved = _torch_state()
+    _set_torch_state(c.state)
+    try:
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        _set_torch_state(saved)
+
+
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+def _node(result):
+    """A node's outputs, for the classic (tuple) and the schema (``NodeOutput``) node APIs."""
+    return result if isinstance(result, tuple) else tuple(result.result)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+def _json(path: Path) -> dict:
+    from impl.weights import read_config
+
+    return read_config(path)
+
+
+def text_sizes(c: Comfy, directory: Path) -> tuple[dict, list[str]]:
+    """Model options giving ComfyUI's encoder configs the model's sizes where they differ from its own JSON."""
+    own = {"clip_l": c.path / "comfy" / "sd1_clip_config.json", "clip_g": c.path / "comfy" / "clip_config_bigg.json",
+           "t5xxl": c.path / "comfy" / "text_encoders" / "t5_config_xxl.json"}
+    options, notes = {}, []
+    for name, sub, keys in (("clip_l", "text_encoder", CLIP_KEYS), ("clip_g", "text_encoder_2", CLIP_KEYS),
+                            ("t5xxl", "text_encoder_3", T5_KEYS)):
+        theirs, ours = _json(own[name]) if own[name].is_file() else {}, _json(directory / sub / "config.json")
+        diff = {k: ours[k] for k in keys if k in ours and ours[k] != theirs.get(k)}
+        if diff:
+            options[f"{name}_model_config"] = diff
+            notes.append(f"ComfyUI {name}: not the released size; its config gets {diff} from "
+                         f"{directory / sub / 'config.json'}")
+    return options, notes
+
+
+def load_text(c: Comfy, text_model, notes: list[str]):
+    """ComfyUI's CLIP object for the model's three encoder files (``comfy.sd.load_clip``, ``CLIPType.SD3``)."""
+    from impl.weights import TEXT_WEIGHTS, weight_files
+
+    if text_model.single_file is not None or not text_model.has_t5:
+        raise Unsupported("the ComfyUI side loads the three text-encoder files of a diffusers-layout model (a single "
+                          "file's text encoders or a model without T5: not yet)")
+    paths = []
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        files = weight_files(text_model.directory / sub, TEXT_WEIGHTS)
+        if len(files) != 1:
+            raise Unsupported(f"{text_model.directory / sub}: {len(files)} weight files; ComfyUI loads one file per "
+                              "text encoder")
+        paths.append(str(files[0]))
+    sizes, size_notes = text_sizes(c, text_model.directory)
+    options: dict = {}  # ComfyUI picks the text encoders' dtype itself (float16 unless --fp32-text-enc)
+    order = iter(("clip_l", "clip_g", "t5xxl"))
+    t5_vocab = _json(text_model.directory / "text_encoder_3" / "config.json").get("vocab_size")
+    t5_class = c.sd3_clip.T5TokenizerFast
+    local_t5 = t5_vocab != 32128  # not T5-XXL's vocabulary: ComfyUI's bundled tokenizer would index past it
+
+    class ModelT5Tokenizer:
+        @staticmethod
+        def from_pretrained(_path, *a, **k):
+            return t5_class.from_pretrained(str(text_model.directory / "tokenizer_3"), *a, **k)
+
+    def sized(sd, tokenizer_data, model_options, original=c.long_clip.model_options_long_clip):
+        tokenizer_data, model_options = original(sd, tokenizer_data, model_options)
+        return tokenizer_data, {**model_options, **{k: {**model_options.get(k, {}), **v} for k, v in sizes.items()}}
+
+    with contextlib.ExitStack() as es:
+        if sizes:
+            es.enter_context(patched(c.long_clip, "model_options_long_clip", sized))
+            es.enter_context(patched(c.sd3_clip.SD3ClipModel, "load_sd",
+                                     lambda self, sd: getattr(self, next(order)).load_sd(sd)))
+        if local_t5:
+            es.enter_context(patched(c.sd3_clip, "T5TokenizerFast", ModelT5Tokenizer))
+        with running(c), contextlib.redirect_stdout(io.StringIO()):
+            clip = c.sd.load_clip(ckpt_paths=paths, clip_type=c.sd.CLIPType.SD3, model_options=options)
+    notes += size_notes
+    if sizes:
+        notes.append("ComfyUI SD3ClipModel.load_sd: the files given in the order CLIP-L, CLIP-G, T5 (it tells CLIP-G "
+                     "by a 31st layer)")
+    if local_t5:
+        notes.append(f"ComfyUI T5 tokenizer: {text_model.directory / 'tokenizer_3'} (a vocabulary of {t5_vocab}, not "
+                     "T5-XXL's: ComfyUI's bundled one does not fit it)")
+    _check_text_loaded(clip, paths)
+    return clip
+
+
+def _check_text_loaded(clip, paths: list[str]) -> None:
+    """Every parameter of ComfyUI's encoders came from the files (``load_sd`` is not strict): compared by name."""
+    from impl.weights import safetensors_keys
+
+    model = clip.cond_stage_model
+    for name, path in zip(("clip_l", "clip_g", "t5xxl"), paths):
+        keys = set(safetensors_keys(Path(path)))
+        params = {n for n, _ in getattr(model, name).transformer.named_parameters()}
+        missing = sorted(params - keys - ({"encoder.embed_tokens.weight"} if name == "t5xxl" else set()))
+        if name == "t5xxl" and "shared.weight" in missing and "encoder.embed_tokens.weight" in keys:
+            missing.remove("shared.weight")
+        if missing:
+            raise Unsupported(f"{path}: ComfyUI's {name} has parameters the file does not fill: {missing[:6]}")
+
+
+def encoders(clip) -> dict:
+    m = clip.cond_stage_model
+    return {"clip-l": m.clip_l.transformer, "clip-g": m.clip_g.transformer, "t5": m.t5xxl.transformer}
+
+
+def encode(c: Comfy, clip, prompt: str, width: int):
+    """The ``CLIPTextEncode`` node: its conditioning's (context, pooled)."""
+    with running(c), joint_width(width):
+        cond = _node(c.nodes.CLIPTextEncode().encode(clip, prompt))[0]
+    return cond, (cond[0][0], cond[0][1]["pooled_output"])
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+def _vae_dims(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        from parity.sides.sai import _vae_dims as dims
+
+        d = dims(f, "first_stage_model.")
+    return {"ch": d["ch"], "ch_mult": list(d["ch_mult"]), "num_res_blocks": d["num_res_blocks"]}
+
+
+def load_image(c: Comfy, path: Path, dtype: torch.dtype, notes: list[str]):
+    """(ModelPatcher, VAE) from the single file by ``load_checkpoint_guess_config``."""
+    dims = _vae_dims(path)
+    engine = c.sd.AutoencodingEngine
+
+    def sized(*a, encoder_config, decoder_config, **k):
+        for cfg in (encoder_config, decoder_config):
+            cfg["params"] = {**cfg["params"], **dims}
+        return engine(*a, encoder_config=encoder_config, decoder_config=decoder_config, **k)
+
+    with contextlib.ExitStack() as es:
+        if dims != RELEASED_VAE:
+            es.enter_context(patched(c.sd, "AutoencodingEngine", sized))
+            notes.append(f"ComfyUI VAE: not the released size; its encoder/decoder configuration gets {dims} from "
+                         f"{path.name}'s shapes")
+        with running(c), contextlib.redirect_stdout(io.StringIO()):
+            out = c.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False,
+                                                    output_clipvision=False, model_options={"dtype": dtype})
+    model, vae = out[0], out[2]
+    if model is None or vae is None or vae.first_stage_model is None:
+        raise Unsupported(f"{path}: ComfyUI did not detect an SD3 model and VAE in it")
+    if type(model.model).__name__ != "SD3":
+        raise Unsupported(f"{path}: ComfyUI detects it as {type(model.model).__name__}, not SD3")
+    return model, vae
+
+
+class ComfySide:
+    name = "comfyui"
+    covers = None
+
+    def __init__(self, code: Path | None):
+        if code is None:
+            raise UsageError(f"the comfyui profile's reference is ComfyUI's own code: point --comfyui or ${ENV} at a "
+                             "local checkout")
+        self.code = code
+        self._text = None  # (CLIP object, T5 width), loaded once
+        self._conditioning: dict[str, list] = {}  # prompt -> the CLIPTextEncode conditioning
+
+    def key(self, run) -> tuple:
+        s = run.spec
+        return (str(self.code), s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps,
+                s.guidance, s.seed, s.height, s.width, s.shift, s.text_only, self.sampler(run))
+
+    def sources(self, run) -> dict:
+        return {"files": run.sources(single_files=True), "comfyui": fingerprint(self.code)}
+
+    @staticmethod
+    def sampler(run) -> tuple[str, str]:
+        """ComfyUI's sampler and scheduler names for the run's flags."""
+        v = run.values
+        if v["sampler"] not in SAMPLERS:
+            raise UsageError(f"--flag sampler={v['sampler']}: ComfyUI's side runs sai_euler (euler) or sai_dpmpp_2m "
+                             "(dpmpp_2m)")
+        if v["schedule"] not in SCHEDULERS:
+            raise UsageError(f"--flag schedule={v['schedule']}: ComfyUI's side runs sai (normal), sgm_uniform or simple")
+        return SAMPLERS[v["sampler"]], SCHEDULERS[v["schedule"]]
+
+    def _clip(self, c: Comfy, run):
+        if self._text is None:
+            clip = load_text(c, run.text_model, run.notes)
+            width = encoders(clip)["t5"].get_input_embeddings().weight.shape[1]
+            self._text = clip, width
+        return self._text
+
+    def text(self, run) -> R.Side:
+        c = load(self.code)
+        clip, width = self._clip(c, run)
+        mods = encoders(clip)
+        points = {}
+        for comp, model in mods.items():
+            layers = model.num_layers
+            rows = N.t5_rows(layers) if comp == "t5" else N.clip_rows(layers)
+            points[comp] = N.points(rows, "comfyui")
+            N.check_coverage(points[comp], model, (N.T5_SKIP if comp == "t5" else N.CLIP_SKIP)["comfyui"],
+                             f"{comp} (ComfyUI)")
+
+        def run_encode(prompt):
+            cond, out = encode(c, clip, prompt, width)
+            self._conditioning[prompt] = cond
+            return out
+        ids_at = {comp: m.get_input_embeddings() for comp, m in mods.items()}
+        return text_side(run.text_model.label, run.spec.prompts, mods, points, run_encode, "input", run.dtype,
+                         ids_at=ids_at)
+
+    def image(self, run, model, init) -> R.Side:
+        s = run.spec
+        if init is not None or s.slg:
+            raise Unsupported("the ComfyUI side does not run img2img or skip-layer guidance yet (--image, --slg)")
+        if model.single_file is None:
+            raise Unsupported(f"{model.label}: the ComfyUI side loads an SAI single file (--checkpoint or an embedded "
+                              "family)")
+        if run.dtype != torch.float32:  # on the CPU ComfyUI computes half-precision weights in float32 (manual cast)
+            raise Unsupported("the ComfyUI side's image run is float32 only for now (--dtype float32)")
+        sampler, scheduler = self.sampler(run)
+        c = load(self.code)
+        clip, width = self._clip(c, run)
+        for p in (s.prompts[0], ""):
+            if p not in self._conditioning:
+                self._conditioning[p] = encode(c, clip, p, width)[0]
+        patcher, vae = load_image(c, model.single_file, run.dtype, run.notes)
+        if s.shift is not None:  # ComfyUI's own shift (its SD3 model config) unless the run names one
+            patcher = _node(c.advanced.ModelSamplingSD3().patch(patcher, s.shift))[0]
+        net, first_stage = patcher.model.diffusion_model, vae.first_stage_model
+        cap = ImageCapture(model.label, "comfyui", model.mmdit, model.vae, False)
+        cap.weights(net.state_dict(), _vae_state(first_stage), run.dtype)
+        out = Path(c.folder_paths.get_output_directory())
+        prefix = f"sd3parity-{os.getpid()}-{id(cap)}"
+        with contextlib.ExitStack() as es:
+            es.enter_context(running(c))
+            es.enter_context(self._steps(c, cap))
+            cap.attach(es, net, first_stage, lambda a, k: (a[0], a[1], k["context"], k["y"]),
+                       f"{model.label} mmdit (ComfyUI)", N.MMDIT_SKIP["comfyui"])
+            latent = _node(c.nodes_sd3.EmptySD3LatentImage.execute(width=s.width, height=s.height, batch_size=1))[0]
+            sampled = _node(c.nodes.KSampler().sample(patcher, s.seed, s.steps, s.guidance, sampler, scheduler,
+                                                      self._conditioning[s.prompts[0]], self._conditioning[""],
+                                                      latent))[0]
+            decoded = _node(c.nodes.VAEDecode().decode(vae, sampled))[0]
+            saved = c.nodes.SaveImage().save_images(decoded, filename_prefix=prefix)
+        files = [out / (im.get("subfolder") or "") / im["filename"] for im in saved["ui"]["images"]]
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(files[0]).convert("RGB")).copy()
+        for f in files:
+            f.unlink(missing_ok=True)
+        return cap.assemble(torch.from_numpy(pixels), ("uncond", "cond"), 0)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _steps(c: Comfy, cap: ImageCapture):
+        """Per step, from k-diffusion's own callback: the guided x0 (``denoised``) and the latent after the step
+        (the next callback's ``x``, or what the sampler returns); the sigmas the sampler is given."""
+        ks = c.k_sampling
+
+        def wrap(fn):
+            @functools.wraps(fn)
+            def sample(model, x, sigmas, *a, callback=None, **k):
+                cap.schedule(sigmas)
+
+                def seen(d):
+                    if cap.steps:
+                        cap.steps[-1]["latent"] = (cap.rec.tick(), d["x"].detach().clone())
+                    cap.steps.append({"x0": (cap.rec.tick(), d["denoised"].detach().clone())})
+                    if callback is not None:
+                        callback(d)
+                final = fn(model, x, sigmas, *a, callback=seen, **k)
+                cap.steps[-1]["latent"] = (cap.rec.tick(), final.detach().clone())
+                return final
+            return sample
+        with contextlib.ExitStack() as es:
+            for n in ("sample_euler", "sample_dpmpp_2m"):
+                es.enter_context(patched(ks, n, wrap(getattr(ks, n))))
+            yield
+
+
+def _vae_state(first_stage) -> dict:
+    """The VAE's parameters under impl's (the SAI file's) names: the encoder's and decoder's."""
+    return {k: v for k, v in first_stage.state_dict().items() if k.startswith(("encoder.", "decoder."))}

@@ -1,0 +1,174 @@
+"""The comfyui profile against ComfyUI's own loaders and nodes, from the checkout at ``$SD3PARITY_COMFYUI`` or
+``../shared/references/ComfyUI``. The tests that run ComfyUI are skipped without one; the rest (the side's checks
+of its input, impl's ComfyUI behaviours on their own) run everywhere."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from impl import sai_tokenize as T
+from parity import flags as F
+from parity.cli import main
+from parity.run import Spec, check
+
+COMFYUI = os.environ.get("SD3PARITY_COMFYUI") or str(ROOT.parent / "shared" / "references" / "ComfyUI")
+needs_comfyui = pytest.mark.skipif(not (Path(COMFYUI) / "comfy" / "sd.py").is_file(),
+                                   reason=f"no ComfyUI at {COMFYUI} (set SD3PARITY_COMFYUI)")
+WEIGHTED = "(masterpiece:1.2), a (red) cat, ((blue eyes))"
+STRADDLE = " ".join(["cat"] * 74) + " photorealistic"  # a 3-token word across the chunk boundary (QUIRKS T3)
+# 470 characters, 2 CLIP chunks, weights, T5 longer than the negative's: every ComfyUI-only text path at once
+LONG = ("a (very:1.3) detailed photograph of a small tabby cat sitting on a wooden windowsill in the warm afternoon "
+        "light, with (soft bokeh:0.8) in the background, dust motes floating in the air, a potted plant beside it, "
+        "the city skyline far away, shot on a 50mm lens at f1.8, film grain, muted colours, cinematic composition, "
+        "award winning, highly detailed fur, whiskers catching the light, embedding:foo and more words to pass the "
+        "limit of seventy five tokens easily")
+
+
+def comfy(cache=None, **options):
+    flags = options.pop("flags", {})
+    options.setdefault("prompts", (WEIGHTED,))
+    return check(Spec(profile="comfyui", comfyui=COMFYUI, overrides=tuple(sorted(flags.items())), **options), cache)
+
+
+@needs_comfyui
+@pytest.mark.parametrize("options", [
+    {"prompts": ("a photo of a cat", "wow!! amazing! so cool!!!", WEIGHTED)},  # sgm_uniform, euler: the template's
+    {"flags": {"sampler": "sai_dpmpp_2m", "schedule": "sai"}, "steps": 4, "families": ("sd3.5-medium",)},  # normal
+    {"flags": {"schedule": "simple"}, "steps": 5, "guidance": 1.0, "families": ("sd3-medium",)},  # no uncond call
+    {"prompts": (LONG,), "families": ("sd3.5-large",)},  # cond and uncond in two calls
+    {"text_only": True, "dtype": "bfloat16"},
+], ids=["default", "dpmpp_2m-normal", "simple-cfg1", "long-prompt", "text-bfloat16"])
+def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache):
+    report = comfy(ref_cache, **options)
+    assert report.first_divergence is None and not report.failures
+    components = {r["component"] for r in report.records}
+    assert {"clip-l", "clip-g", "t5", "conditioning"} <= components
+    if not options.get("text_only"):
+        assert {"mmdit", "sampler", "vae"} <= components
+    source = report.sources["comfyui"]["comfyui"]
+    assert source["sha256"] and source["path"] == COMFYUI
+
+
+@needs_comfyui
+def test_long_prompts_take_comfyuis_paths(ref_cache):
+    """Two CLIP chunks (154 rows), T5 uncut (over 226 characters), and the two CFG branches in separate calls."""
+    report = comfy(ref_cache, prompts=(LONG,), families=("sd3.5-large",))
+    context = next(r for r in report.records if r["layer"] == "context")
+    t5 = next(r for r in report.records if r["component"] == "t5" and r["layer"] == "final_layer_norm")
+    assert len(LONG) > 226 and context["shape"][1] == 2 * 77 + t5["shape"][1] and t5["shape"][1] > 77
+    inputs = [r for r in report.records if r["layer"] == "input.context" and r["step"] == 0]
+    assert sorted((r["branch"], r["shape"][1]) for r in inputs) == [("cond", context["shape"][1]), ("uncond", 154)]
+
+
+@needs_comfyui
+@pytest.mark.parametrize("flag, options, first", [
+    ("prompt_split=words", {"prompts": (STRADDLE,)}, ("clip-l", "input_ids", None)),  # the word moves to chunk 1
+    ("prompt_weights=discard", {}, ("clip-l", "input_ids", None)),  # no empty sequence in the batch
+    ("clip_chunks=first", {"prompts": (LONG,)}, ("clip-l", "input_ids", None)),
+    ("t5_length_rule=sai", {"prompts": (LONG,)}, ("t5", "input_ids", None)),  # cut at 226 characters
+    ("text_encoder_storage=as_loaded", {}, ("clip-l", "weight:text_model.embeddings.token_embedding.weight", None)),
+    ("t5_activation=gelu_new", {}, ("t5", "block.0.layer.1.DenseReluDense.wo", None)),
+    ("modulate=mul_add", {}, ("mmdit", "block.0.context.attn.q", 0)),  # the first modulated input's projection
+    ("attention_order=image_first", {}, ("mmdit", "block.0.context.attn.proj", 0)),
+    ("uint8=round", {}, ("vae", "image_uint8", None)),
+])
+def test_comfyui_flag_flips_against_comfyui(flag, options, first, ref_cache):
+    name, value = F.parse_override(flag)
+    options = {"families": ("sd3.5-medium",), **options}
+    report = comfy(ref_cache, flags={name: value}, **options)
+    fd = report.first_divergence
+    assert fd is not None and (fd["component"], fd["layer"], fd.get("step")) == first
+    assert comfy(ref_cache, **options).first_divergence is None  # the flag, not the settings
+
+
+@needs_comfyui
+def test_cfg_lengths_concat_cannot_batch_unequal_contexts(capsys):
+    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--prompt", LONG, "--family", "sd3-medium",
+                 "--flag", "cfg_lengths=concat"])
+    assert code == 2 and "cfg_lengths=split" in capsys.readouterr().err
+
+
+@needs_comfyui
+def test_explain_names_what_separates_diffusers_from_comfyui(capsys):
+    import json
+
+    code = main(["explain", "--text-only", "--prompt", "wow!! a (red:1.2) cat", "--between", "diffusers", "comfyui",
+                 "--comfyui", COMFYUI, "--json"])
+    assert code == 0
+    found = {n for n, _ in json.loads(capsys.readouterr().out)["found"]}
+    assert {"prompt_split", "prompt_weights", "text_encoder_storage", "t5_length_rule"} <= found
+
+
+def test_comfyui_profile_without_a_checkout_is_refused(monkeypatch, capsys):
+    monkeypatch.delenv("SD3PARITY_COMFYUI", raising=False)
+    assert main(["check", "--profile", "comfyui", "--prompt", "a cat", "--text-only"]) == 2
+    assert "--comfyui" in capsys.readouterr().err
+
+
+def test_comfyui_dir_must_be_a_checkout(tmp_path, capsys):
+    (tmp_path / "nodes.py").write_text("")
+    assert main(["check", "--profile", "comfyui", "--comfyui", str(tmp_path), "--text-only"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "comfy/sd.py" in err
+
+
+@needs_comfyui
+def test_what_the_side_does_not_run_yet_is_named(capsys):
+    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--family", "sd3.5-medium", "--slg", "1",
+                 "--steps", "6"])
+    assert code == 3 and "skip-layer" in capsys.readouterr().err
+    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--family", "sd3.5-medium", "--dtype",
+                 "bfloat16"])
+    assert code == 3 and "float32" in capsys.readouterr().err
+
+
+@needs_comfyui
+def test_importing_comfyui_leaves_torch_as_it_was():
+    """ComfyUI sets torch's fp16/bf16 SDPA reduction flag on import: the caller keeps its own."""
+    from parity.sides import comfyui as C
+
+    before = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    C.load(Path(COMFYUI))
+    assert torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed() == before
+
+
+# ---------------------------------------------------------------------------------------------- impl alone
+
+def test_segments_keep_weighted_segments_whole():
+    """ComfyUI's pieces (comfy/sd1_clip.py tokenize_with_weights): a segment is cut only before ' embedding:'."""
+    assert T.segments("a red cat, (blue eyes:1.3) x") == [("a red cat, ", 1.0), ("blue eyes", 1.3), (" x", 1.0)]
+    assert T.segments("a cat embedding:foo bar") == [("a cat", 1.0), ("embedding:foo bar", 1.0)]
+    assert T.words("a red cat, (blue eyes:1.3)") == [("a", 1.0), ("red", 1.0), ("cat,", 1.0), ("blue", 1.3),
+                                                     ("eyes", 1.3)]
+
+
+def test_weights_apply_to_weighted_tokens_only():
+    from impl.text import weighted
+
+    z = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)  # one section, then the empty sequence
+    rows = [[(1, 1.0), (2, 2.0), (3, 1.0)], [(1, 1.0), (2, 1.0), (3, 1.0)]]
+    out = weighted(z, rows, 1)
+    assert torch.equal(out[0, [0, 2]], z[0, [0, 2]])
+    assert torch.equal(out[0, 1], (z[0, 1] - z[1, 1]) * 2.0 + z[1, 1])
+
+
+def test_encode_prompt_with_comfyuis_text_values(stack):
+    """Weights add the empty sequence to each encoder's batch; all chunks reach the context."""
+    from impl.text import clip_chunks, encode_prompt
+
+    s = F.settings(F.profile_values("comfyui"))
+    c = encode_prompt(stack, LONG, s)
+    chunks = len(clip_chunks(stack, LONG, s.clip_l_mode, s.clip_l_pad, s.split))
+    assert chunks == 2 and len(c.ids["clip-l"]) == (chunks + 1) * 77  # the chunks, then the empty sequence
+    assert c.context.shape[1] == chunks * 77 + len(c.ids["t5"]) // 2  # T5: the prompt's row and the empty one
+
+
+def test_schedules_of_comfyui():
+    from impl.sampling import sai_schedule, simple_schedule
+
+    sgm, normal = sai_schedule(20, 3.0, sgm=True), sai_schedule(20, 3.0)
+    assert sgm.shape == normal.shape == (21,) and sgm[0] == normal[0] == 1.0 and sgm[-1] == normal[-1] == 0.0
+    assert sgm[-2] > 5 * normal[-2]  # sgm_uniform drops the last of steps + 1 points: it stops far above sigma_min
+    assert torch.equal(simple_schedule(1000, 1.0)[:-1], torch.arange(1000, 0, -1) / 1000 * 1000 / 1000)
