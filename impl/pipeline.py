@@ -57,11 +57,14 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
     if init_image is None:
         noise, _ = sampling.draws(ss, s.seed, shape)
     else:
-        start = sampling.start_index(ss, s.strength)
+        ss, start = sampling.img2img_plan(ss, s.strength)
         with scope():  # under autocast the first convolution casts the image; without it, the VAE dtype
             mean, std = vae.encode_moments(init_image if s.autocast else init_image.to(ss.dtype))
-        noise, drawn = sampling.draws(ss, s.seed, shape, tuple(mean.shape))
-        base = vae.latent_in(mean + std * (drawn if posterior_noise is None else posterior_noise).to(mean.dtype))
+        if ss.form.img2img == "mean":  # ComfyUI: the posterior's mean, and the noise alone from the seed
+            noise, base = sampling.draws(ss, s.seed, shape)[0], vae.latent_in(mean)
+        else:
+            noise, drawn = sampling.draws(ss, s.seed, shape, tuple(mean.shape))
+            base = vae.latent_in(mean + std * (drawn if posterior_noise is None else posterior_noise).to(mean.dtype))
     with scope():
         latents = sampling.denoise(model, sampling.start_latent(ss, noise, base, start), *conds, ss, start, on_step)
     z = vae.latent_out(latents)  # process_out

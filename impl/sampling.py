@@ -15,7 +15,7 @@ alone (``parity.flags`` maps each reference's choice to them):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -132,18 +132,21 @@ class Form:
     #                                          latent's dtype, then whatever the update promotes it to
     cond_dtype: torch.dtype | None = None  # sd3_infer.fix_cond: context and pooled rounded through float16
     slg_scale: float = 2.8  # G5: the skip-layer guidance scale (2.5 in the SD3.5 code); added in cfg_space
+    slg_window: str = "steps"  # G5: steps * start < k < steps * stop (k from the first step run); "sigma"
+    #                            (ComfyUI): shifted(1 - stop) <= sigma <= shifted(1 - start), in double precision
     noise: str = "model_dtype"  # N1: one generator, randn in the model dtype, the img2img posterior drawn first;
     #                             "fp32_to_fp16": a float32 randn cast to float16, the posterior from seed + 1
     cfg_lengths: str = "concat"  # G6: cond and uncond contexts of other lengths are concatenated as they are (an
     #                              error); "split" (ComfyUI): then they run as two batch-1 calls, cond first
     img2img: str = "scale_noise"  # S7: t_start = int(N - N * strength), sigma in the latent dtype, channels-last
-    #                               image; "noise_scaling": sigmas[int(N * (1 - strength)):], float32 sigma, contiguous
+    #                               image; "noise_scaling": sigmas[int(N * (1 - strength)):], float32 sigma, contiguous;
+    #                               "mean" (ComfyUI): the posterior mean (no draw), the last N of int(N / strength)
 
 
 _CHOICES = {"schedule": ("linspace_f64", "linspace_f32", "sgm_uniform", "simple"), "update": ("euler_velocity", "euler_x0", "dpmpp_2m"),
             "cfg_batch": ("uncond_first", "cond_first"), "cfg_space": ("velocity", "x0"),
-            "noise": ("model_dtype", "fp32_to_fp16"), "img2img": ("scale_noise", "noise_scaling"),
-            "cfg_lengths": ("concat", "split")}
+            "noise": ("model_dtype", "fp32_to_fp16"), "img2img": ("scale_noise", "noise_scaling", "mean"),
+            "cfg_lengths": ("concat", "split"), "slg_window": ("steps", "sigma")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +157,7 @@ class SamplerSettings:
     dtype: torch.dtype = torch.float32  # the model dtype: every model input is cast to it
     slg_layers: tuple[int, ...] = ()  # skip-layer guidance (off unless layers are given)
     slg_scale: float | None = None  # None: the form's default (G5)
-    slg_start: float = 0.01  # window: steps * start < k < steps * stop, k counting the denoiser calls
+    slg_start: float = 0.01  # the skip-layer window's ends, as the form's slg_window reads them
     slg_stop: float = 0.2
     form: Form = Form()
 
@@ -175,8 +178,19 @@ def sigmas(s: SamplerSettings) -> Tensor:
     return sai_schedule(s.steps, s.shift, sgm=s.form.schedule == "sgm_uniform")
 
 
+def img2img_plan(s: SamplerSettings, strength: float) -> tuple[SamplerSettings, int]:
+    """img2img: the settings whose schedule the loop runs and the first index of it run (S7). ``mean``
+    (ComfyUI's ``KSampler.set_steps``): a schedule of int(N / strength) steps, of which the last N run."""
+    if s.form.img2img != "mean":
+        return s, start_index(s, strength)
+    longer = replace(s, steps=int(s.steps / strength))
+    return longer, longer.steps - s.steps
+
+
 def start_index(s: SamplerSettings, strength: float) -> int:
     """img2img: the first schedule index run (S7)."""
+    if s.form.img2img == "mean":
+        raise ValueError("img2img 'mean' runs a longer schedule: img2img_plan gives its settings and start")
     f = diffusers_start_index if s.form.img2img == "scale_noise" else sai_start_index
     start = f(s.steps, strength)
     if start >= s.steps:
@@ -281,12 +295,20 @@ def step(model: Model, x: Tensor, i: int, start: int, old: Tensor | None, cond: 
         first, second = out.chunk(2)
         pos, neg = (second, first) if f.cfg_batch == "uncond_first" else (first, second)
         guided = guide(neg, pos, s.guidance)
-        if s.slg_layers and s.steps * s.slg_start < i - start < s.steps * s.slg_stop:
+        if s.slg_layers and slg_active(s, sig[i], i - start):
             guided = guided + (pos - call(x, cond.pooled, cond.context, s.slg_layers)) * scale
     new, x0 = _update(f.update, f.cfg_space, x, guided, sig, i, sigma_t, old)
     if f.latent_dtype is None:
         new = new.to(s.dtype)
     return {"sigma": sig[i], "timestep": timestep, "model_output": out, f.cfg_space: guided, "latent": new, "old": x0}
+
+
+def slg_active(s: SamplerSettings, sigma: Tensor, k: int) -> bool:
+    """Whether step ``k`` (counted from the first step run) at ``sigma`` adds the skip-layer term (G5)."""
+    if s.form.slg_window == "sigma":  # ComfyUI's percent_to_sigma bounds, compared with the float32 sigma's value
+        bound = lambda p: s.shift * (1.0 - p) / (1 + (s.shift - 1) * (1.0 - p)) if s.shift != 1.0 else 1.0 - p  # noqa: E731
+        return bound(s.slg_stop) <= float(sigma) <= bound(s.slg_start)
+    return s.steps * s.slg_start < k < s.steps * s.slg_stop
 
 
 def guide(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:

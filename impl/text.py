@@ -79,12 +79,11 @@ class TextStack:
             return master
         key = ("encoder", name, dtype, storage)
         if key not in self._cache:
+            from impl.weights import round_through
+
             model = copy.deepcopy(master)
             if storage is not None:
-                with torch.no_grad():
-                    for t in (*model.parameters(), *model.buffers()):
-                        if t.is_floating_point():
-                            t.copy_(t.to(storage))
+                round_through(model, storage)
             self._cache[key] = model.half_keep_wo_fp32() if name == "t5" and dtype == torch.float16 else model.to(dtype)
         return self._cache[key]
 

@@ -245,3 +245,13 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], source: str, tied: 
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(state[k])
+
+
+def round_through(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every floating parameter and buffer rounded to ``dtype`` and kept in its own dtype, in place: weights stored
+    in ``dtype`` that each op casts to the dtype it computes in."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))
+    return module

@@ -194,11 +194,13 @@ def _tokens(args) -> int:
 
         prompts = read_prompts(Path(args.prompt_file))
     from parity.embedded import model_dir
+    from parity.sides import comfyui
     from parity.sides.sai import code_dir
     from parity.tokens import (corpus_report, divergences, format_corpus, format_tokens, load_tokenizer_files,
                                references, tokens_report, vocabulary)
 
-    refs, missing = references(Path(args.model) if args.model else model_dir(), code_dir(args.sai_code))
+    refs, missing = references(Path(args.model) if args.model else model_dir(), code_dir(args.sai_code),
+                               comfyui.code_dir(args.comfyui))
     vocab = vocabulary(args.model, load_tokenizer_files(args.model))
     if prompts is None:
         report = {**tokens_report(args.prompt, args.model, refs), "vocabulary": vocab, "missing": missing}
@@ -410,6 +412,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="directory with tokenizer/, tokenizer_2/, tokenizer_3/ (default: the embedded "
                    "default, whose T5 vocabulary is a tiny one)")
     t.add_argument("--sai-code", metavar="DIR", help="also the SD3.5 code's SD3Tokenizer (default: $SD3PARITY_SAI_CODE)")
+    t.add_argument("--comfyui", metavar="DIR", help="also ComfyUI's SD3Tokenizer (default: $SD3PARITY_COMFYUI)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_tokens)
     f = sub.add_parser("flags", help="the compatibility flags (--markdown: the quirk catalogue, QUIRKS.md)")

@@ -154,11 +154,11 @@ FLAGS: tuple[Flag, ...] = (
          "generator; sd3.5 get_noise: float32 randn from torch.manual_seed(seed) cast to the float16 latent, "
          "posterior an unseeded randn_like (drawn from seed + 1 here)",
          "the noise rounded to float16; img2img: other posterior and noise draws", "image"),
-    Flag("slg", "G5", ("diffusers", "sai"), "diffusers", "sai",
+    Flag("slg", "G5", ("diffusers", "sai", "comfyui"), "diffusers", "sai",
          "diffusers skip_layer_guidance_scale default 2.8; sd3.5 sd3_infer CONFIGS sd3.5_medium skip_layer_config "
          "scale 2.5 (both add the term in their CFG space, cfg_space)",
          "the guided output of the steps in the skip window", "image"),
-    Flag("img2img", "S7", ("diffusers", "sai"), "diffusers", "sai",
+    Flag("img2img", "S7", ("diffusers", "sai", "comfyui"), "diffusers", "sai",
          "diffusers get_timesteps t_start = int(N - min(N * strength, N)), scale_noise with sigma in the latent "
          "dtype, VaeImageProcessor's channels-last image; sd3.5 sigmas[int(steps * (1 - denoise)):], "
          "noise_scaling with the float32 sigma, vae_encode's contiguous image",
@@ -172,12 +172,18 @@ FLAGS: tuple[Flag, ...] = (
          "SDVAE.encode / decode are decorated @torch.autocast('cuda', dtype=torch.float16) (emulated off CUDA: "
          "impl.autocast, op lists from torch's ATen/autocast_mode.h)",
          "Linear, SDPA and convolutions in float16, norms, softmax, exp and upsampling in float32", "image"),
+    Flag("half_compute", "N4", ("native", "float32"), "native", "native",
+         "diffusers and sd3.5 compute in the model dtype (bfloat16 / float16 weights, bfloat16 / float16 ops)",
+         "half-precision runs: the MMDiT's weights rounded to the run dtype but every op, the latent and the VAE in "
+         "float32", "image"),
     Flag("uint8", "V3", ("round", "truncate"), "round", "truncate",
          "diffusers VaeImageProcessor.numpy_to_pil round(); sd3.5 vae_decode astype(uint8)",
          "about half of the pixels by 1", "image"),
 )
 
 C = "ComfyUI 8d9faaa1 "
+# the skip-layer window's (start, stop) of each slg value: both references' steps window; ComfyUI's node's percents
+SLG_WINDOWS = {"diffusers": (0.01, 0.2), "sai": (0.01, 0.2), "comfyui": (0.01, 0.15)}
 # ComfyUI's value of every flag, with where it comes from (file:line in ComfyUI at 8d9faaa1); run from a checkout
 # (--comfyui), never copied. Values that only the example workflow chooses say so.
 COMFYUI: dict[str, tuple[Any, str]] = {
@@ -226,11 +232,18 @@ COMFYUI: dict[str, tuple[Any, str]] = {
     "cond_dtype": ("model", C + "comfy/model_base.py apply_model: context cast to the model dtype"),
     "noise": ("diffusers", C + "comfy/sample.py:11 randn(latent.size(), float32, generator=manual_seed(seed)) on "
               "the CPU: the same draw as diffusers' randn_tensor in float32"),
-    "slg": ("sai", "not run yet: --slg with the comfyui profile is refused (ComfyUI's SkipLayerGuidanceSD3: "
-            "scale 3.0, window 0.01-0.15, comfy_extras/nodes_sd3.py:176-179)"),
-    "img2img": ("sai", "not run yet: --image with the comfyui profile is refused"),
+    "slg": ("comfyui", C + "comfy_extras/nodes_sd3.py:176-179 SkipLayerGuidanceSD3 defaults: scale 3.0, start 0.01, "
+            "end 0.15; comfy_extras/nodes_slg.py:43-75 active while percent_to_sigma(0.15) <= sigma <= "
+            "percent_to_sigma(0.01), added to the x0 result after CFG"),
+    "img2img": ("comfyui", C + "comfy/ldm/models/autoencoder.py:15-29 DiagonalGaussianRegularizer(sample=False): "
+                "the posterior's mean; comfy/samplers.py:1147-1157 set_steps: the last N sigmas of a schedule of "
+                "int(N / denoise) steps; comfy/model_sampling.py:70-72 noise_scaling in float32; the image as "
+                "LoadImage / VAEEncode lay it out (channels-last view)"),
     "shift": ("scheduler_config", C + "comfy/supported_models.py:542 SD3 sampling_settings shift 3.0 (every family)"),
     "autocast": ("off", C + "the CPU runs every op in the module dtype"),
+    "half_compute": ("float32", C + "comfy/model_management.py:926-948 unet_manual_cast: on the CPU neither float16 "
+                     "nor bfloat16 counts as supported, so half-precision weights are cast per op to float32 "
+                     "(comfy.ops.manual_cast); the VAE's dtype is float32 there (vae_dtype)"),
     "uint8": ("truncate", C + "nodes.py:1664 SaveImage np.clip(255 * x, 0, 255).astype(np.uint8)"),
 }
 FLAGS = tuple(replace(f, comfyui=COMFYUI[f.name][0], comfyui_provenance=COMFYUI[f.name][1]) for f in FLAGS)
@@ -267,19 +280,21 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
     plain = {"schedule": {"diffusers": "linspace_f64", "sai": "linspace_f32", "sgm_uniform": "sgm_uniform",
                           "simple": "simple"},
              "sampler": {"diffusers_euler": "euler_velocity", "sai_euler": "euler_x0", "sai_dpmpp_2m": "dpmpp_2m"},
-             "slg": {"diffusers": 2.8, "sai": 2.5}, "noise": {"diffusers": "model_dtype", "sai": "fp32_to_fp16"},
-             "img2img": {"diffusers": "scale_noise", "sai": "noise_scaling"},
+             "slg": {"diffusers": 2.8, "sai": 2.5, "comfyui": 3.0}, "noise": {"diffusers": "model_dtype", "sai": "fp32_to_fp16"},
+             "img2img": {"diffusers": "scale_noise", "sai": "noise_scaling", "comfyui": "mean"},
              "casts": {"diffusers": "cast_back", "sai": "promote"}}
     v = {k: table[values[k]] for k, table in plain.items()}
     form = Form(schedule=v["schedule"], update=v["sampler"], cfg_batch=values["cfg_batch"],
                 cfg_space=values["cfg_space"], cfg_always=values["cfg_always"],
                 timestep_dtype=half.get(values["timestep_dtype"], torch.float32),
                 latent_dtype=half.get(values["latent_dtype"]), cond_dtype=half.get(values["cond_dtype"]),
-                slg_scale=v["slg"], noise=v["noise"], img2img=v["img2img"], cfg_lengths=values["cfg_lengths"])
+                slg_scale=v["slg"], slg_window="sigma" if values["slg"] == "comfyui" else "steps", noise=v["noise"],
+                img2img=v["img2img"], cfg_lengths=values["cfg_lengths"])
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
                                   qk_norm=values["qk_norm_form"], casts=v["casts"], modulate=values["modulate"]),
             "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"],
-            "autocast": values["autocast"] == "cuda_fp16"}
+            "autocast": values["autocast"] == "cuda_fp16", "half_compute": values["half_compute"],
+            "slg_window": SLG_WINDOWS[values["slg"]]}
 
 
 def sai_config_shift(label: str) -> float:

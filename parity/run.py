@@ -100,7 +100,8 @@ def validate(s: Spec) -> None:
     for name, value in s.overrides:
         need(name in F.BY_NAME and value in F.BY_NAME[name].choices, f"--flag {name}={value!r}: not a flag value")
     need(all(layer >= 0 for layer in s.slg), f"--slg {list(s.slg)}: layers are block indices >= 0")
-    if s.slg:
+    slg_rule = dict(s.overrides).get("slg", F.profile_values(s.profile)["slg"] if s.profile in F.PROFILES else None)
+    if s.slg and slg_rule != "comfyui":  # ComfyUI's window is one of sigmas, which the schedule decides
         lo, hi = SLG_WINDOW
         active = [k for k in range(s.steps) if s.steps * lo < k < s.steps * hi]
         need(bool(active), f"--slg with {s.steps} steps: the skip-layer window ({lo} to {hi} of the steps, exclusive) "

@@ -167,11 +167,11 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
 
     from impl import sampling
     from impl.autocast import CudaAutocastFp16
-    from parity.sides.impl import load_image_parts, sampler_settings
+    from parity.sides.impl import compute_dtype, half_weights, load_image_parts, sampler_settings
 
-    opts, label, c = run.opts, model.label, model.mmdit
+    opts, label, c, dtype = run.opts, model.label, model.mmdit, compute_dtype(run)
     mmdit, vae = load_image_parts(model, opts)
-    mmdit, vae = mmdit.to(run.dtype), vae.to(run.dtype)
+    mmdit, vae = half_weights(mmdit, run).to(dtype), vae.to(dtype)
     scope = CudaAutocastFp16 if opts["autocast"] else contextlib.nullcontext
     points = N.points(N.mmdit_rows(c.depth, c.qk_norm, c.dual_attention_layers), "impl")
     vrows = N.vae_rows(model.vae.ch_mult, model.vae.num_res_blocks)
@@ -184,9 +184,9 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
 
             init = read_image(run.spec.image, run.spec.height, run.spec.width)
             form = opts["form"]
-            to_tensor = sampling.image_to_tensor if form.img2img == "scale_noise" else sampling.sai_image_to_tensor
+            to_tensor = sampling.sai_image_to_tensor if form.img2img == "noise_scaling" else sampling.image_to_tensor
             image = to_tensor(init)
-            _chain(vae_units, lambda r: vget(f"encoder.{r}"), image if opts["autocast"] else image.to(run.dtype),
+            _chain(vae_units, lambda r: vget(f"encoder.{r}"), image if opts["autocast"] else image.to(dtype),
                    vae.encoder.stages())
         for step, branches in _calls(ref, label, opts["form"]):
             units = _Units(rec, mmdit, points, [{"branch": b} for b in branches], model=label, component="mmdit",
@@ -214,10 +214,13 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
             if final is not None:
                 units.put("output", mmdit.unpatchify(final, inputs[0].shape[2], inputs[0].shape[3]))
         calls = [(step, b) for step, bs in _calls(ref, label, opts["form"]) for b in bs]
-        last = _steps(run, model, ref, rec, sampler_settings(run, model), calls)
+        ss = sampler_settings(run, model)
+        if run.spec.image is not None:
+            ss = sampling.img2img_plan(ss, run.spec.strength)[0]  # the schedule the steps index
+        last = _steps(run, model, ref, rec, ss, calls)
         if last is not None:
             z = vae.latent_out(last)
-            _chain(vae_units, lambda r: vget(f"decoder.{r}"), z if opts["autocast"] else z.to(run.dtype),
+            _chain(vae_units, lambda r: vget(f"decoder.{r}"), z if opts["autocast"] else z.to(dtype),
                    vae.decoder.stages())
     pixels = vget("decoder.conv_out")
     if pixels is not None:

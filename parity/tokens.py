@@ -29,14 +29,16 @@ from impl.clip_tokenizer import MODES as CLIP_MODES
 from impl.clip_tokenizer import BPEVocab
 from impl.t5_tokenizer import MODES as T5_MODES
 from impl.t5_tokenizer import SentencePieceModel
-from impl.text import TextStack, clip_ids, t5_ids
+from impl.text import TextStack, clip_chunks, t5_chunk
 from parity import flags as F
 
 CLIP_CHECKED = {"hf": "transformers tokenizer/", "hf-bang-pad": "transformers tokenizer_2/",
-                "openai": "openai SimpleTokenizer", "diffusers": "diffusers pipeline", "sai": "sd3.5 code"}
+                "openai": "openai SimpleTokenizer", "diffusers": "diffusers pipeline", "sai": "sd3.5 code",
+                "comfyui": "comfyui"}
 T5_CHECKED = {"sentencepiece": "sentencepiece library", "hf": "transformers tokenizer_3/",
-              "diffusers": "diffusers pipeline", "sai": "sd3.5 code"}
-FULL = ("diffusers pipeline", "sd3.5 code")  # references that give all ids (specials, padding); the rest content ids
+              "diffusers": "diffusers pipeline", "sai": "sd3.5 code", "comfyui": "comfyui"}
+# references that give all ids (specials, padding; chunk 0 for the SD3.5 code and ComfyUI); the rest content ids
+FULL = ("diffusers pipeline", "sd3.5 code", "comfyui")
 
 
 def load_tokenizer_files(model_dir: str | None) -> TextStack:
@@ -64,7 +66,8 @@ def vocabulary(model_dir: str | None, stack: TextStack) -> str:
 
 # ---------------------------------------------------------------------------------------------- the references
 
-def references(directory: Path, sai_code: Path | None) -> tuple[dict[str, dict[str, Callable]], list[str]]:
+def references(directory: Path, sai_code: Path | None, comfyui: Path | None = None
+               ) -> tuple[dict[str, dict[str, Callable]], list[str]]:
     """encoder -> {reference: prompt -> ids} for the real tokenizers that are installed, and what is missing."""
     refs: dict[str, dict[str, Callable]] = {"clip-l": {}, "clip-g": {}, "t5": {}}
     missing = []
@@ -110,6 +113,14 @@ def references(directory: Path, sai_code: Path | None) -> tuple[dict[str, dict[s
         tokenize = _sai_tokenizer(sai_code, directory)
         for enc, key in (("clip-l", "l"), ("clip-g", "g"), ("t5", "t5xxl")):
             refs[enc]["sd3.5 code"] = lambda p, key=key: [t for t, _ in tokenize(p)[key][0]]
+    if comfyui is None:
+        missing.append("ComfyUI (--comfyui DIR or $SD3PARITY_COMFYUI)")
+    else:
+        from parity.sides.comfyui import tokenizer
+
+        comfy = tokenizer(comfyui, directory)
+        for enc, key in (("clip-l", "l"), ("clip-g", "g"), ("t5", "t5xxl")):
+            refs[enc]["comfyui"] = lambda p, key=key: [t for t, _ in comfy(p)[key][0]]
     return refs, missing
 
 
@@ -148,7 +159,7 @@ TEXT_CLASSES = ("ftfy repairs", "HTML entities", "final sigma", "Unicode version
 def relevant(enc: str, a: str, b: str) -> tuple[str, ...] | None:
     """The classes that can separate references ``a`` and ``b`` (None: any)."""
     pair = {a, b}
-    if pair == set(FULL):
+    if pair <= set(FULL):
         return {"t5": ("SAI word-wise + weight parser", "T5 length rule (226 characters)",
                        "T5 padding (256 against at least 77)"),
                 "clip-g": ("SAI word-wise + weight parser", "'!' as special pad")}.get(enc, ("SAI word-wise + weight parser",))
@@ -229,8 +240,10 @@ def tokens_report(prompt: str, model_dir: str | None = None, refs: dict | None =
         for name, s in profiles.items():
             def run(s=s, pad_attr=pad_attr, mode_attr=mode_attr):
                 p = getattr(s, pad_attr)
-                ids = clip_ids(stack, prompt, getattr(s, mode_attr), p, s.split)
-                return ids, {"pooled_index": ids.index(v.eos_id), "n_content": ids.index(v.eos_id) - 1, "pad_id": p}
+                chunks = clip_chunks(stack, prompt, getattr(s, mode_attr), p, s.split)
+                ids = [i for i, _ in chunks[0]]
+                return ids, {"pooled_index": ids.index(v.eos_id), "n_content": ids.index(v.eos_id) - 1, "pad_id": p,
+                             **_weights(s, chunks)}
             entries[name] = _entry(run, strings)
         out["encoders"][enc] = entries
     t5 = stack.t5_tokenizer("hf")
@@ -244,8 +257,10 @@ def tokens_report(prompt: str, model_dir: str | None = None, refs: dict | None =
         entries[mode] = _entry(run, t5.token_strings)
     for name, s in profiles.items():
         def run(s=s):
-            ids = t5_ids(stack, prompt, s)
-            return ids, {"n_content": ids.index(t5.eos_id), "length_rule": s.t5_length_rule, "pad_id": t5.pad_id}
+            chunk = t5_chunk(stack, prompt, s)
+            ids = [i for i, _ in chunk]
+            return ids, {"n_content": ids.index(t5.eos_id), "length_rule": s.t5_length_rule, "pad_id": t5.pad_id,
+                         **_weights(s, [chunk])}
         entries[name] = _entry(run, t5.token_strings)
     out["encoders"]["t5"] = entries
     if refs is not None:
@@ -255,6 +270,19 @@ def tokens_report(prompt: str, model_dir: str | None = None, refs: dict | None =
 
 def _layout(t) -> dict:
     return {"pooled_index": t.pooled_index, "n_content": t.n_content, "truncated": t.truncated}
+
+
+def _weights(s, chunks) -> dict:
+    """What a profile that applies prompt weights or encodes every chunk does with them: the chunk count and the
+    weights of chunk 0 that are not 1 (position: weight)."""
+    out = {}
+    if s.chunks == "all" and len(chunks) > 1:
+        out["chunks"] = len(chunks)
+    if s.weights == "apply":
+        weighted = {k: w for k, (_, w) in enumerate(chunks[0]) if w != 1.0}
+        if weighted:
+            out["weights"] = weighted
+    return out
 
 
 def _against(report: dict, refs: dict) -> None:
@@ -306,6 +334,10 @@ def format_tokens(report: dict) -> str:
             if "pooled_index" in e:
                 info += f" pooled@{e['pooled_index']}"
             info += f" pad {e['pad_id']}"
+            if "chunks" in e:
+                info += f" chunks {e['chunks']}"
+            if "weights" in e:
+                info += " weights " + ", ".join(f"@{k}: {w:g}" for k, w in e["weights"].items())
             lines.append(f"  impl {name:<15} {info}" + (f"  <-- {'; '.join(marks)}" if marks else ""))
             lines.append(f"  {'':<20} ids {_ids(e['ids'])}")
             lines.append(f"  {'':<20} {' | '.join(content)}")

@@ -26,6 +26,20 @@ LONG = ("a (very:1.3) detailed photograph of a small tabby cat sitting on a wood
         "limit of seventy five tokens easily")
 
 
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("comfyui") / "in.png"
+    Image.fromarray((np.arange(64 * 64 * 3).reshape(64, 64, 3) * 37 % 256).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def with_image(options: dict, image: str) -> dict:
+    return {**options, "image": image} if options.get("image") else options
+
+
 def comfy(cache=None, **options):
     flags = options.pop("flags", {})
     options.setdefault("prompts", (WEIGHTED,))
@@ -38,10 +52,13 @@ def comfy(cache=None, **options):
     {"flags": {"sampler": "sai_dpmpp_2m", "schedule": "sai"}, "steps": 4, "families": ("sd3.5-medium",)},  # normal
     {"flags": {"schedule": "simple"}, "steps": 5, "guidance": 1.0, "families": ("sd3-medium",)},  # no uncond call
     {"prompts": (LONG,), "families": ("sd3.5-large",)},  # cond and uncond in two calls
-    {"text_only": True, "dtype": "bfloat16"},
-], ids=["default", "dpmpp_2m-normal", "simple-cfg1", "long-prompt", "text-bfloat16"])
-def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache):
-    report = comfy(ref_cache, **options)
+    {"dtype": "bfloat16", "families": ("sd3.5-medium",)},  # half-precision weights computed in float32 on the CPU
+    {"families": ("sd3.5-medium",), "slg": (1,), "steps": 8},  # SkipLayerGuidanceSD3: a skip call at step 1
+    {"families": ("sd3.5-large",), "image": True, "steps": 4},  # LoadImage, VAEEncode, denoise 0.6: steps 2-5 of 6
+    {"dtype": "float16", "families": ("sd3.5-large",), "prompts": ("a photo of a cat",)},
+], ids=["default", "dpmpp_2m-normal", "simple-cfg1", "long-prompt", "bfloat16", "slg", "img2img", "float16"])
+def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache, image):
+    report = comfy(ref_cache, **with_image(options, image))
     assert report.first_divergence is None and not report.failures
     components = {r["component"] for r in report.records}
     assert {"clip-l", "clip-g", "t5", "conditioning"} <= components
@@ -73,10 +90,13 @@ def test_long_prompts_take_comfyuis_paths(ref_cache):
     ("modulate=mul_add", {}, ("mmdit", "block.0.context.attn.q", 0)),  # the first modulated input's projection
     ("attention_order=image_first", {}, ("mmdit", "block.0.context.attn.proj", 0)),
     ("uint8=round", {}, ("vae", "image_uint8", None)),
+    ("half_compute=native", {"dtype": "bfloat16"}, ("sampler", "input.latent_in", 0)),  # impl's bfloat16 latent
+    ("slg=sai", {"slg": (1,), "steps": 8}, ("sampler", "x0", 1)),  # scale 2.5 instead of the node's 3.0
+    ("img2img=sai", {"image": True, "steps": 4}, ("vae", "encoder.conv_in", None)),  # a contiguous image
 ])
-def test_comfyui_flag_flips_against_comfyui(flag, options, first, ref_cache):
+def test_comfyui_flag_flips_against_comfyui(flag, options, first, ref_cache, image):
     name, value = F.parse_override(flag)
-    options = {"families": ("sd3.5-medium",), **options}
+    options = with_image({"families": ("sd3.5-medium",), **options}, image)
     report = comfy(ref_cache, flags={name: value}, **options)
     fd = report.first_divergence
     assert fd is not None and (fd["component"], fd["layer"], fd.get("step")) == first
@@ -115,13 +135,15 @@ def test_comfyui_dir_must_be_a_checkout(tmp_path, capsys):
 
 
 @needs_comfyui
-def test_what_the_side_does_not_run_yet_is_named(capsys):
-    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--family", "sd3.5-medium", "--slg", "1",
-                 "--steps", "6"])
-    assert code == 3 and "skip-layer" in capsys.readouterr().err
-    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--family", "sd3.5-medium", "--dtype",
-                 "bfloat16"])
-    assert code == 3 and "float32" in capsys.readouterr().err
+def test_what_the_side_does_not_run_yet_is_named(capsys, tmp_path):
+    """A single file's own text encoders (ComfyUI would read them from the checkpoint): refused, named."""
+    from parity.convert import diffusers_to_sai_file
+    from parity.embedded import model_dir
+
+    diffusers_to_sai_file(model_dir("sd3.5-medium"), tmp_path / "m.safetensors")
+    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--checkpoint", str(tmp_path / "m.safetensors"),
+                 "--config", str(model_dir("sd3.5-medium")), "--text-only"])
+    assert code == 3 and "single file's text encoders" in capsys.readouterr().err
 
 
 @needs_comfyui
@@ -132,6 +154,32 @@ def test_importing_comfyui_leaves_torch_as_it_was():
     before = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
     C.load(Path(COMFYUI))
     assert torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed() == before
+
+
+TOKEN_PROMPTS = (WEIGHTED, LONG, STRADDLE, "a \\(literal\\) (b:0.5)(c)", "line\nbreak embedding:x y", "((a)) (b:1.5:2)",
+                 "unclosed (paren", "wow!! amazing! so cool!!!", "")
+
+
+@needs_comfyui
+def test_chunks_and_weights_match_comfyuis_tokenizer(stack, model_dir):
+    """impl's ids and weights of every chunk, against ComfyUI's own ``SD3Tokenizer.tokenize_with_weights``."""
+    from impl.text import clip_chunks, t5_chunk
+    from parity.sides import comfyui as C
+
+    tokenize = C.tokenizer(Path(COMFYUI), model_dir)
+    s = F.settings(F.profile_values("comfyui"))
+    for prompt in TOKEN_PROMPTS:
+        theirs = tokenize(prompt)
+        assert clip_chunks(stack, prompt, s.clip_l_mode, s.clip_l_pad, s.split) == theirs["l"], prompt
+        assert clip_chunks(stack, prompt, s.clip_g_mode, s.clip_g_pad, s.split) == theirs["g"], prompt
+        assert [t5_chunk(stack, prompt, s)] == theirs["t5xxl"], prompt
+
+
+@needs_comfyui
+def test_tokens_command_compares_with_comfyui(capsys):
+    assert main(["tokens", WEIGHTED, "--comfyui", COMFYUI]) == 0
+    out = capsys.readouterr().out
+    assert "ref  comfyui" in out and "= comfyui" in out and "weights @1: 1.2" in out
 
 
 # ---------------------------------------------------------------------------------------------- impl alone

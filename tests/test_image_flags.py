@@ -39,6 +39,9 @@ FLIPS = [  # (flag, run options, first divergence (component, layer, step) or No
     ("qkv_fusion=fused", {}, None),
     # V1b: with batch 1 the 1x1 convs and the Linear layers agree here; batch 2 differs (test_vae_bitwise)
     ("vae_attention=conv", {}, None),
+    ("modulate=addcmul", {}, ("mmdit", "block.0.x.attn.q", 0)),  # M7: ComfyUI's fused adaLN (image first here)
+    ("half_compute=float32", {"dtype": "bfloat16"}, ("sampler", "input.latent_in", 0)),  # N4: float32 noise
+    ("cfg_lengths=split", {}, None),  # G6: diffusers' contexts always have one length
 ]
 
 
@@ -84,8 +87,9 @@ def test_every_image_flag_is_flipped():
     image = {f.name for f in F.FLAGS if f.side == "image"}
     assert image == {flag.split("=")[0] for flag, _, _ in FLIPS}
     for f in F.FLAGS:
-        if f.side == "image":
-            assert f.diffusers != f.sai and {f.diffusers, f.sai} <= set(f.choices)
+        if f.side == "image":  # a flag: two references differ on it
+            values = (f.diffusers, f.sai, f.comfyui)
+            assert len(set(values)) > 1 and set(values) <= set(f.choices), f.name
 
 
 def test_fused_and_split_projections_agree_on_cpu():

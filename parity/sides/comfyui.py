@@ -14,7 +14,7 @@ What the harness adapts, at the boundary, none of it computing:
 * ComfyUI parses its command line on import: it is imported with ``--cpu --use-pytorch-cross-attention`` and its
   folders (output, temp, user, input) under a temporary base directory of this process; ``sys.argv`` is restored.
 * ``torchvision`` / ``torchaudio``: modules outside SD3 import them at module level; where they are not installed,
-  empty stand-ins take their names (an attribute read from them raises).
+  empty stand-ins take their names while ComfyUI imports (an attribute read from them raises), and are gone after.
 * torch state ComfyUI sets on import (``allow_fp16_bf16_reduction_math_sdp``) is its own while ComfyUI runs and
   the caller's otherwise.
 * Sizes other than the released ones (the embedded models): its CLIP-L / CLIP-G / T5 JSON configs get the model's
@@ -143,6 +143,9 @@ def load(d: Path) -> Comfy:
     atexit.register(shutil.rmtree, base, True)
     stand_in = None
     if any(importlib.util.find_spec(n) is None for n in STUBBED):
+        for name in ("transformers.utils.import_utils", "diffusers.utils.import_utils"):  # their availability
+            with contextlib.suppress(ImportError):  # checks run on import: before the stand-ins exist
+                importlib.import_module(name)
         stand_in = _Stand_in()
         sys.meta_path.insert(0, stand_in)
     saved_argv, saved_state = sys.argv, _torch_state()
@@ -170,6 +173,10 @@ def load(d: Path) -> Comfy:
     finally:
         sys.argv = saved_argv
         sys.path.remove(key)
+        if stand_in is not None:  # ComfyUI's modules keep the ones they imported; nothing else sees them
+            sys.meta_path.remove(stand_in)
+            for name in [n for n in sys.modules if n.split(".")[0] in STUBBED]:
+                del sys.modules[name]
     for mod in (comfy.sd, nodes):
         if not Path(mod.__file__).resolve().is_relative_to(d.resolve()):
             raise Unsupported(f"--comfyui {d}: {mod.__name__} was imported from {mod.__file__}")
@@ -203,6 +210,12 @@ def patched(owner, name: str, value):
         setattr(owner, name, saved)
 
 
+def node_defaults(node, names: tuple[str, ...]) -> dict:
+    """The default values a schema node declares for its inputs ``names``."""
+    inputs = {i.id: i for i in node.define_schema().inputs}
+    return {n: inputs[n].default for n in names}
+
+
 def _node(result):
     """A node's outputs, for the classic (tuple) and the schema (``NodeOutput``) node APIs."""
     return result if isinstance(result, tuple) else tuple(result.result)
@@ -232,6 +245,42 @@ def text_sizes(c: Comfy, directory: Path) -> tuple[dict, list[str]]:
     return options, notes
 
 
+T5_XXL_VOCAB = 32128  # T5-XXL's embedding rows (32000 sentencepiece pieces and 100 sentinels, padded)
+
+
+@contextlib.contextmanager
+def model_t5_tokenizer(c: Comfy, directory: Path):
+    """While ComfyUI builds its tokenizers: a model whose T5 vocabulary is not T5-XXL's (the embedded tiny one)
+    gets its own ``tokenizer_3`` instead of ComfyUI's bundled T5 tokenizer, which would index past its table.
+    Yields whether it did."""
+    from impl.t5_tokenizer import SentencePieceModel
+
+    cfg = directory / "text_encoder_3" / "config.json"
+    if cfg.is_file():
+        local = _json(cfg).get("vocab_size") != T5_XXL_VOCAB
+    else:
+        local = len(SentencePieceModel.load(directory / "tokenizer_3" / "spiece.model").pieces) != 32000
+    if not local:
+        yield False
+        return
+    bundled = c.sd3_clip.T5TokenizerFast
+
+    class ModelT5Tokenizer:
+        @staticmethod
+        def from_pretrained(_path, *a, **k):
+            return bundled.from_pretrained(str(directory / "tokenizer_3"), *a, **k)
+    with patched(c.sd3_clip, "T5TokenizerFast", ModelT5Tokenizer):
+        yield True
+
+
+def tokenizer(code: Path, directory: Path):
+    """ComfyUI's ``SD3Tokenizer().tokenize_with_weights`` (its CLIP tokenizer files; T5 by ``model_t5_tokenizer``):
+    text -> {"l", "g", "t5xxl": chunks of (id, weight)}."""
+    c = load(code)
+    with model_t5_tokenizer(c, directory), running(c):
+        return c.sd3_clip.SD3Tokenizer().tokenize_with_weights
+
+
 def load_text(c: Comfy, text_model, notes: list[str]):
     """ComfyUI's CLIP object for the model's three encoder files (``comfy.sd.load_clip``, ``CLIPType.SD3``)."""
     from impl.weights import TEXT_WEIGHTS, weight_files
@@ -249,15 +298,6 @@ def load_text(c: Comfy, text_model, notes: list[str]):
     sizes, size_notes = text_sizes(c, text_model.directory)
     options: dict = {}  # ComfyUI picks the text encoders' dtype itself (float16 unless --fp32-text-enc)
     order = iter(("clip_l", "clip_g", "t5xxl"))
-    t5_vocab = _json(text_model.directory / "text_encoder_3" / "config.json").get("vocab_size")
-    t5_class = c.sd3_clip.T5TokenizerFast
-    local_t5 = t5_vocab != 32128  # not T5-XXL's vocabulary: ComfyUI's bundled tokenizer would index past it
-
-    class ModelT5Tokenizer:
-        @staticmethod
-        def from_pretrained(_path, *a, **k):
-            return t5_class.from_pretrained(str(text_model.directory / "tokenizer_3"), *a, **k)
-
     def sized(sd, tokenizer_data, model_options, original=c.long_clip.model_options_long_clip):
         tokenizer_data, model_options = original(sd, tokenizer_data, model_options)
         return tokenizer_data, {**model_options, **{k: {**model_options.get(k, {}), **v} for k, v in sizes.items()}}
@@ -267,8 +307,7 @@ def load_text(c: Comfy, text_model, notes: list[str]):
             es.enter_context(patched(c.long_clip, "model_options_long_clip", sized))
             es.enter_context(patched(c.sd3_clip.SD3ClipModel, "load_sd",
                                      lambda self, sd: getattr(self, next(order)).load_sd(sd)))
-        if local_t5:
-            es.enter_context(patched(c.sd3_clip, "T5TokenizerFast", ModelT5Tokenizer))
+        local_t5 = es.enter_context(model_t5_tokenizer(c, text_model.directory))
         with running(c), contextlib.redirect_stdout(io.StringIO()):
             clip = c.sd.load_clip(ckpt_paths=paths, clip_type=c.sd.CLIPType.SD3, model_options=options)
     notes += size_notes
@@ -276,8 +315,8 @@ def load_text(c: Comfy, text_model, notes: list[str]):
         notes.append("ComfyUI SD3ClipModel.load_sd: the files given in the order CLIP-L, CLIP-G, T5 (it tells CLIP-G "
                      "by a 31st layer)")
     if local_t5:
-        notes.append(f"ComfyUI T5 tokenizer: {text_model.directory / 'tokenizer_3'} (a vocabulary of {t5_vocab}, not "
-                     "T5-XXL's: ComfyUI's bundled one does not fit it)")
+        notes.append(f"ComfyUI T5 tokenizer: {text_model.directory / 'tokenizer_3'} (not T5-XXL's vocabulary: "
+                     "ComfyUI's bundled one does not fit it)")
     _check_text_loaded(clip, paths)
     return clip
 
@@ -407,13 +446,9 @@ class ComfySide:
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
-        if init is not None or s.slg:
-            raise Unsupported("the ComfyUI side does not run img2img or skip-layer guidance yet (--image, --slg)")
         if model.single_file is None:
             raise Unsupported(f"{model.label}: the ComfyUI side loads an SAI single file (--checkpoint or an embedded "
                               "family)")
-        if run.dtype != torch.float32:  # on the CPU ComfyUI computes half-precision weights in float32 (manual cast)
-            raise Unsupported("the ComfyUI side's image run is float32 only for now (--dtype float32)")
         sampler, scheduler = self.sampler(run)
         c = load(self.code)
         clip, width = self._clip(c, run)
@@ -423,36 +458,61 @@ class ComfySide:
         patcher, vae = load_image(c, model.single_file, run.dtype, run.notes)
         if s.shift is not None:  # ComfyUI's own shift (its SD3 model config) unless the run names one
             patcher = _node(c.advanced.ModelSamplingSD3().patch(patcher, s.shift))[0]
+        if s.slg:  # the SkipLayerGuidanceSD3 node with its own defaults, on the run's layers
+            defaults = node_defaults(c.nodes_sd3.SkipLayerGuidanceSD3, ("scale", "start_percent", "end_percent"))
+            patcher = _node(c.nodes_sd3.SkipLayerGuidanceSD3.execute(patcher, ", ".join(map(str, s.slg)), **defaults))[0]
+            run.notes.append(f"ComfyUI SkipLayerGuidanceSD3: layers {list(s.slg)}, its defaults {defaults}")
         net, first_stage = patcher.model.diffusion_model, vae.first_stage_model
-        cap = ImageCapture(model.label, "comfyui", model.mmdit, model.vae, False)
+        cap = ImageCapture(model.label, "comfyui", model.mmdit, model.vae, init is not None)
         cap.weights(net.state_dict(), _vae_state(first_stage), run.dtype)
         out = Path(c.folder_paths.get_output_directory())
         prefix = f"sd3parity-{os.getpid()}-{id(cap)}"
+        schedules: list[int] = []  # the step counts ComfyUI computes schedules for (img2img: int(N / denoise))
         with contextlib.ExitStack() as es:
             es.enter_context(running(c))
-            es.enter_context(self._steps(c, cap))
+            es.enter_context(self._steps(c, cap, schedules))
             cap.attach(es, net, first_stage, lambda a, k: (a[0], a[1], k["context"], k["y"]),
                        f"{model.label} mmdit (ComfyUI)", N.MMDIT_SKIP["comfyui"])
-            latent = _node(c.nodes_sd3.EmptySD3LatentImage.execute(width=s.width, height=s.height, batch_size=1))[0]
+            if init is None:
+                latent = _node(c.nodes_sd3.EmptySD3LatentImage.execute(width=s.width, height=s.height,
+                                                                       batch_size=1))[0]
+            else:  # LoadImage from ComfyUI's input folder, then VAEEncode
+                folder = Path(c.folder_paths.get_input_directory())
+                folder.mkdir(parents=True, exist_ok=True)
+                name = f"{prefix}{Path(s.image).suffix}"
+                shutil.copyfile(s.image, folder / name)
+                try:
+                    pixels = _node(c.nodes.LoadImage().load_image(name))[0]
+                finally:
+                    (folder / name).unlink(missing_ok=True)
+                latent = _node(c.nodes.VAEEncode().encode(vae, pixels))[0]
             sampled = _node(c.nodes.KSampler().sample(patcher, s.seed, s.steps, s.guidance, sampler, scheduler,
                                                       self._conditioning[s.prompts[0]], self._conditioning[""],
-                                                      latent))[0]
+                                                      latent, denoise=1.0 if init is None else s.strength))[0]
             decoded = _node(c.nodes.VAEDecode().decode(vae, sampled))[0]
             saved = c.nodes.SaveImage().save_images(decoded, filename_prefix=prefix)
         files = [out / (im.get("subfolder") or "") / im["filename"] for im in saved["ui"]["images"]]
         from PIL import Image
 
-        pixels = np.asarray(Image.open(files[0]).convert("RGB")).copy()
+        image = np.asarray(Image.open(files[0]).convert("RGB")).copy()
         for f in files:
             f.unlink(missing_ok=True)
-        return cap.assemble(torch.from_numpy(pixels), ("uncond", "cond"), 0)
+        # records numbered by schedule index: the steps run are the last of the schedule ComfyUI computed
+        start = schedules[-1] - (len(cap.sigmas[1]) - 1) if init is not None else 0
+        return cap.assemble(torch.from_numpy(image), ("uncond", "cond"), start)
 
     @staticmethod
     @contextlib.contextmanager
-    def _steps(c: Comfy, cap: ImageCapture):
+    def _steps(c: Comfy, cap: ImageCapture, schedules: list[int]):
         """Per step, from k-diffusion's own callback: the guided x0 (``denoised``) and the latent after the step
-        (the next callback's ``x``, or what the sampler returns); the sigmas the sampler is given."""
+        (the next callback's ``x``, or what the sampler returns); the sigmas the sampler is given; the step count
+        of each schedule ``KSampler.calculate_sigmas`` computes (into ``schedules``)."""
         ks = c.k_sampling
+        calculate = c.samplers.KSampler.calculate_sigmas
+
+        def observed(self, steps, *a, **k):
+            schedules.append(steps)
+            return calculate(self, steps, *a, **k)
 
         def wrap(fn):
             @functools.wraps(fn)
@@ -472,6 +532,7 @@ class ComfySide:
         with contextlib.ExitStack() as es:
             for n in ("sample_euler", "sample_dpmpp_2m"):
                 es.enter_context(patched(ks, n, wrap(getattr(ks, n))))
+            es.enter_context(patched(c.samplers.KSampler, "calculate_sigmas", observed))
             yield
 
 

@@ -46,6 +46,23 @@ def load_stack(text_model, clip_l_projection: str = "file"):
     return stack, notes
 
 
+def compute_dtype(run):
+    """The dtype the image side computes in: the run's, or float32 with ``half_compute=float32`` (N4)."""
+    import torch
+
+    return torch.float32 if run.values["half_compute"] == "float32" else run.dtype
+
+
+def half_weights(mmdit, run):
+    """With ``half_compute=float32`` in a half-precision run, the MMDiT's weights rounded to the run dtype (stored
+    in it, computed in float32: ``compute_dtype``)."""
+    if run.values["half_compute"] == "float32" and run.dtype.itemsize < 4:
+        from impl.weights import round_through
+
+        round_through(mmdit, run.dtype)
+    return mmdit
+
+
 def load_image_parts(model, opts: dict):
     """impl's MMDiT and VAE: an SAI single file by identity (impl uses its key names), else a diffusers directory
     through the naming table's weight rules."""
@@ -93,8 +110,10 @@ def sampler_settings(run, model):
     from impl import sampling
 
     s = run.spec
-    return sampling.SamplerSettings(steps=s.steps, shift=model.shift["impl"], guidance=s.guidance, dtype=run.dtype,
-                                    slg_layers=s.slg, form=run.opts["form"])
+    start, stop = run.opts["slg_window"]
+    return sampling.SamplerSettings(steps=s.steps, shift=model.shift["impl"], guidance=s.guidance,
+                                    dtype=compute_dtype(run), slg_layers=s.slg, slg_start=start, slg_stop=stop,
+                                    form=run.opts["form"])
 
 
 class ImplSide:
@@ -144,20 +163,22 @@ class ImplSide:
         form = opts["form"]
         stack = self.stack(run)
         mmdit, vae = load_image_parts(model, opts)
+        mmdit = half_weights(mmdit, run)
         run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
         ss = sampler_settings(run, model)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
                               uint8=opts["uint8"], autocast=opts["autocast"])
-        image, start = None, 0
+        image, start, plan = None, 0, ss
         if init is not None:  # the layout of each reference's preprocessing (S7)
-            to_tensor = sampling.image_to_tensor if form.img2img == "scale_noise" else sampling.sai_image_to_tensor
-            image, start = to_tensor(init), sampling.start_index(ss, s.strength)
+            to_tensor = sampling.sai_image_to_tensor if form.img2img == "noise_scaling" else sampling.image_to_tensor
+            image = to_tensor(init)
+            plan, start = sampling.img2img_plan(ss, s.strength)
         cap = ImageCapture(model.label, "impl", model.mmdit, model.vae, init is not None)
         cap.weights(mmdit.state_dict(), vae.state_dict(), run.dtype)
         with contextlib.ExitStack() as es:
             cap.attach(es, mmdit, vae, lambda a, k: (a[0], a[1], a[3], a[2]), f"{model.label} mmdit (impl)",
                        N.MMDIT_SKIP["impl"])
-            cap.schedule(sampling.sigmas(ss)[start:])
+            cap.schedule(sampling.sigmas(plan)[start:])
             result = generate(stack, mmdit, vae, s.prompts[0], ps, run.text, "", image,
                               on_step=lambda i, d: cap.step(**{form.cfg_space: d[form.cfg_space], "latent": d["latent"]}))
         order = ("uncond", "cond") if form.cfg_batch == "uncond_first" else ("cond", "uncond")
