@@ -38,8 +38,29 @@ def spec_from(args):
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
              tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
              reference_dump=getattr(args, "reference_dump", None))
+    if getattr(args, "workflow", None):
+        s = from_workflow(s, args.workflow)
     validate(s)
     return s
+
+
+def from_workflow(s, path: str):
+    """``s`` with the settings the ComfyUI workflow at ``path`` names (they replace the options': parity.workflow)."""
+    from dataclasses import replace
+
+    from parity.workflow import settings
+
+    w = settings(path)
+    fields = {"prompts": (w.prompt,), "seed": w.seed, "steps": w.steps, "guidance": w.guidance, "workflow": path,
+              "overrides": tuple(sorted({**dict(s.overrides), **w.flags}.items()))}
+    fields.update({k: v for k, v in (("height", w.height), ("width", w.width), ("shift", w.shift)) if v is not None})
+    if w.strength is not None:
+        if s.image is None:
+            raise ValueError(f"--workflow {path}: it encodes a picture (img2img): give it as --image PNG")
+        fields["strength"] = w.strength
+    if w.slg:
+        fields["slg"] = w.slg
+    return replace(s, **fields)
 
 
 def _check(args) -> int:
@@ -336,6 +357,8 @@ def _run_options(p, check: bool = True) -> None:
                        "(default: the file's own folder when it holds model_index.json, else --model)")
         p.add_argument("--image", help="img2img from this image (its size must equal --size)")
         p.add_argument("--strength", type=float, default=0.6, help="img2img strength (default 0.6)")
+        p.add_argument("--workflow", metavar="FILE", help="a ComfyUI workflow (API or UI JSON): its prompt, seed, "
+                       "steps, cfg, sampler, scheduler, size, denoise, shift and skip layers replace those options")
     if check is True:
         p.add_argument("--reference-dump", metavar="DIR", help="the reference is this activation dump (sd3parity "
                        "dump, or another implementation's): impl is compared on the records it holds")

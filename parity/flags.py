@@ -184,6 +184,7 @@ FLAGS: tuple[Flag, ...] = (
 C = "ComfyUI 8d9faaa1 "
 # the skip-layer window's (start, stop) of each slg value: both references' steps window; ComfyUI's node's percents
 SLG_WINDOWS = {"diffusers": (0.01, 0.2), "sai": (0.01, 0.2), "comfyui": (0.01, 0.15)}
+SLG_SCALES = {"diffusers": 2.8, "sai": 2.5, "comfyui": 3.0}
 # ComfyUI's value of every flag, with where it comes from (file:line in ComfyUI at 8d9faaa1); run from a checkout
 # (--comfyui), never copied. Values that only the example workflow chooses say so.
 COMFYUI: dict[str, tuple[Any, str]] = {
@@ -280,7 +281,7 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
     plain = {"schedule": {"diffusers": "linspace_f64", "sai": "linspace_f32", "sgm_uniform": "sgm_uniform",
                           "simple": "simple"},
              "sampler": {"diffusers_euler": "euler_velocity", "sai_euler": "euler_x0", "sai_dpmpp_2m": "dpmpp_2m"},
-             "slg": {"diffusers": 2.8, "sai": 2.5, "comfyui": 3.0}, "noise": {"diffusers": "model_dtype", "sai": "fp32_to_fp16"},
+             "slg": SLG_SCALES, "noise": {"diffusers": "model_dtype", "sai": "fp32_to_fp16"},
              "img2img": {"diffusers": "scale_noise", "sai": "noise_scaling", "comfyui": "mean"},
              "casts": {"diffusers": "cast_back", "sai": "promote"}}
     v = {k: table[values[k]] for k, table in plain.items()}

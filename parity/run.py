@@ -60,6 +60,7 @@ class Spec:
     slg: tuple[int, ...] = ()
     sai_code: str | None = None
     comfyui: str | None = None  # a ComfyUI checkout (the comfyui profile's reference)
+    workflow: str | None = None  # a ComfyUI workflow whose settings the other fields took (parity.workflow)
     max_ulp: int = 0
     noise_floor: bool = False  # also run the reference with threads + 1: its own jitter per record
     tolerance: str = "ulp"  # "ulp": max_ulp per element; "noise": max abs within the reference's own jitter
@@ -111,7 +112,7 @@ def validate(s: Spec) -> None:
                        ("--comfyui", s.comfyui),
                        ("--reference-dump", s.reference_dump)):
         need(path is None or Path(path).is_dir(), f"{flag} {path}: not a directory")
-    for flag, path in (("--checkpoint", s.checkpoint), ("--image", s.image)):
+    for flag, path in (("--checkpoint", s.checkpoint), ("--image", s.image), ("--workflow", s.workflow)):
         need(path is None or Path(path).is_file(), f"{flag} {path}: no such file")
 
 
@@ -474,6 +475,10 @@ def resolve(s: Spec) -> Run:
     validate(s)
     reference = REFERENCES[s.profile]
     notes: list[str] = []
+    if s.workflow:
+        from parity.workflow import settings
+
+        notes += settings(s.workflow).notes
     values = {**F.profile_values(s.profile), **dict(s.overrides)}
     text_model = _text_model(s, notes)
     if not text_model.has_t5:

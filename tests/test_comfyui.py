@@ -220,3 +220,69 @@ def test_schedules_of_comfyui():
     assert sgm.shape == normal.shape == (21,) and sgm[0] == normal[0] == 1.0 and sgm[-1] == normal[-1] == 0.0
     assert sgm[-2] > 5 * normal[-2]  # sgm_uniform drops the last of steps + 1 points: it stops far above sigma_min
     assert torch.equal(simple_schedule(1000, 1.0)[:-1], torch.arange(1000, 0, -1) / 1000 * 1000 / 1000)
+
+
+# ---------------------------------------------------------------------------------------------- workflows
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_workflow_formats_give_the_same_settings():
+    """One workflow saved in ComfyUI's API format and in its UI format (tests/data, written for these tests)."""
+    from parity.workflow import settings
+
+    api, ui = settings(DATA / "workflow-api.json"), settings(DATA / "workflow-ui.json")
+    assert {**api.__dict__, "notes": None} == {**ui.__dict__, "notes": None}
+    assert (api.prompt, api.seed, api.steps, api.guidance, api.height, api.width, api.shift) == \
+        ("a (red:1.2) fox in the snow", 7, 3, 4.01, 48, 64, 2.5)
+    assert api.flags == {"sampler": "sai_dpmpp_2m", "schedule": "simple"}
+
+
+def test_the_sd35_template_is_read():
+    """ComfyUI's own SD3.5 template (package comfyui-workflow-templates-json): the profile's defaults follow it."""
+    from importlib.resources import files
+
+    from parity.workflow import settings
+
+    pytest.importorskip("comfyui_workflow_templates_json")
+    w = settings(files("comfyui_workflow_templates_json") / "templates" / "sd3.5_simple_example.json")
+    assert (w.steps, w.guidance, w.height, w.width, w.shift, w.strength) == (20, 4.01, 1024, 1024, None, None)
+    comfyui = F.profile_values("comfyui")
+    assert w.flags == {"sampler": comfyui["sampler"], "schedule": comfyui["schedule"]}
+
+
+@needs_comfyui
+def test_check_takes_a_workflows_settings(capsys):
+    import json
+
+    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--family", "sd3.5-medium", "--workflow",
+                 str(DATA / "workflow-ui.json"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["first_divergence"] is None
+    steps = {r["step"] for r in out["records"] if r["component"] == "sampler" and r["layer"] == "x0"}
+    image = next(r for r in out["records"] if r["layer"] == "image_uint8")
+    assert steps == {0, 1, 2} and image["shape"] == [48, 64, 3]
+    assert any("workflow-ui.json" in n for n in out["notes"])
+
+
+@pytest.mark.parametrize("edit, code, message", [
+    (lambda w: w["40"]["inputs"].update(text="blurry"), 3, "negative prompt 'blurry'"),
+    (lambda w: w.update({"41": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["40", 0]}}}) or
+     w["3"]["inputs"].update(negative=["41", 0]), 3, "ConditioningZeroOut"),
+    (lambda w: w["3"]["inputs"].update(sampler_name="dpmpp_sde"), 3, "'dpmpp_sde'"),
+    (lambda w: w.pop("3"), 3, "0 KSampler nodes"),
+])
+def test_workflows_the_harness_cannot_run_are_refused(tmp_path, capsys, edit, code, message):
+    import json
+
+    w = json.loads((DATA / "workflow-api.json").read_text())
+    edit(w)
+    (tmp_path / "w.json").write_text(json.dumps(w))
+    assert main(["check", "--profile", "comfyui", "--workflow", str(tmp_path / "w.json")]) == code
+    assert message in capsys.readouterr().err
+
+
+def test_a_broken_workflow_file_is_named(tmp_path, capsys):
+    (tmp_path / "w.json").write_text("{not json")
+    assert main(["check", "--workflow", str(tmp_path / "w.json")]) == 2
+    assert str(tmp_path / "w.json") in capsys.readouterr().err

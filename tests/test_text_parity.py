@@ -231,14 +231,20 @@ def test_tokens_marks_a_broken_bpe_in_every_mode(monkeypatch, capsys):
 
 
 def test_tokens_over_a_held_out_corpus(capsys):
-    """Every impl row against the tokenizer it reproduces, prompt by prompt (the SD3.5 code's too when present)."""
+    """Every impl row against the tokenizer it reproduces, prompt by prompt (the SD3.5 code's and ComfyUI's too when
+    present)."""
     from conftest import SAI_CODE, ROOT
+    from test_comfyui import COMFYUI
 
     sai = ["--sai-code", SAI_CODE] if (Path(SAI_CODE) / "sd3_infer.py").is_file() else []
-    assert main(["tokens", "--prompt-file", str(ROOT / "tests" / "data" / "prompts.jsonl"), "--json", *sai]) == 0
+    comfy = ["--comfyui", COMFYUI] if (Path(COMFYUI) / "comfy" / "sd.py").is_file() else []
+    assert main(["tokens", "--prompt-file", str(ROOT / "tests" / "data" / "prompts.jsonl"), "--json", *sai,
+                 *comfy]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompts"] == 25 and all(s["differ"] == 0 and s["compared"] == 25 for s in out["rows"].values())
-    assert len(out["rows"]) == (12 if sai else 9)
+    assert len(out["rows"]) == 9 + (3 if sai else 0) + (3 if comfy else 0)
+    assert not comfy or {"clip-l comfyui vs comfyui", "clip-g comfyui vs comfyui", "t5 comfyui vs comfyui"} <= \
+        set(out["rows"])
     ftfy = out["reference_pairs"]["clip-l openai SimpleTokenizer vs transformers tokenizer/"]
     assert ftfy["differ"] > 0 and ftfy["classes"]["ftfy repairs"] > 0
 

@@ -6,13 +6,17 @@ ComfyUI (GPL-3.0) is not a dependency and nothing of it is copied here: the user
 * text: ``comfy.sd.load_clip`` (the three encoder files, ``CLIPType.SD3``: its ``SD3ClipModel``, its CLIP and T5
   modules, its ``SD3Tokenizer``), then the ``CLIPTextEncode`` node;
 * image: ``comfy.sd.load_checkpoint_guess_config`` on the SAI single file (its model detection, ``SD3`` model,
-  VAE), then the nodes ``EmptySD3LatentImage``, ``ModelSamplingSD3`` (only with ``--shift``), ``KSampler``,
-  ``VAEDecode`` and ``SaveImage`` (its PNG read back: the uint8 conversion is ComfyUI's own).
+  VAE), then the nodes ``EmptySD3LatentImage`` (img2img: ``LoadImage`` on a copy of the picture in its input
+  folder, ``VAEEncode``), ``ModelSamplingSD3`` (only with ``--shift``), ``SkipLayerGuidanceSD3`` (with ``--slg``,
+  at its own defaults), ``KSampler``, ``VAEDecode`` and ``SaveImage`` (its PNG read back: the uint8 conversion is
+  ComfyUI's own). Per step, k-diffusion's own callback gives the guided x0 and the latents.
 
 What the harness adapts, at the boundary, none of it computing:
 
-* ComfyUI parses its command line on import: it is imported with ``--cpu --use-pytorch-cross-attention`` and its
-  folders (output, temp, user, input) under a temporary base directory of this process; ``sys.argv`` is restored.
+* ComfyUI parses its command line on import: it is imported once per process with ``--cpu
+  --use-pytorch-cross-attention --disable-all-custom-nodes`` (SDPA: its sub-quadratic CPU attention is not
+  reproduced by impl yet) and its folders (output, temp, user, input) under a temporary base directory of this
+  process; ``sys.argv`` is restored.
 * ``torchvision`` / ``torchaudio``: modules outside SD3 import them at module level; where they are not installed,
   empty stand-ins take their names while ComfyUI imports (an attribute read from them raises), and are gone after.
 * torch state ComfyUI sets on import (``allow_fp16_bf16_reduction_math_sdp``) is its own while ComfyUI runs and
