@@ -15,6 +15,7 @@ alone (``parity.flags`` maps each reference's choice to them):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -127,6 +128,8 @@ class Form:
     cfg_batch: str = "uncond_first"  # G2: the order of the CFG batch, "uncond_first" or "cond_first"
     cfg_space: str = "velocity"  # G2: guide the model output in its dtype, or "x0" = x - v * sigma in float32
     cfg_always: bool = False  # G3: run the two-branch batch even at guidance <= 1
+    cfg_skip: str = "at_most_one"  # G3: without cfg_always, no uncond branch at guidance <= 1; "one" (ComfyUI):
+    #                                only at guidance 1 (math.isclose)
     timestep_dtype: torch.dtype = torch.float32  # S4: sigma in this dtype gives the timestep and the x0 sigma
     latent_dtype: torch.dtype | None = None  # S5: None: the model dtype after every step; else the start
     #                                          latent's dtype, then whatever the update promotes it to
@@ -146,7 +149,7 @@ class Form:
 _CHOICES = {"schedule": ("linspace_f64", "linspace_f32", "sgm_uniform", "simple"), "update": ("euler_velocity", "euler_x0", "dpmpp_2m"),
             "cfg_batch": ("uncond_first", "cond_first"), "cfg_space": ("velocity", "x0"),
             "noise": ("model_dtype", "fp32_to_fp16"), "img2img": ("scale_noise", "noise_scaling", "mean"),
-            "cfg_lengths": ("concat", "split"), "slg_window": ("steps", "sigma")}
+            "cfg_lengths": ("concat", "split"), "slg_window": ("steps", "sigma"), "cfg_skip": ("at_most_one", "one")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,7 +268,7 @@ def step(model: Model, x: Tensor, i: int, start: int, old: Tensor | None, cond: 
     sig = sigmas(s)
     if f.cond_dtype is not None:
         cond, uncond = (Conditioning(c.context.to(f.cond_dtype), c.pooled.to(f.cond_dtype)) for c in (cond, uncond))
-    cfg = f.cfg_always or s.guidance > 1
+    cfg = f.cfg_always or (s.guidance > 1 if f.cfg_skip == "at_most_one" else not math.isclose(s.guidance, 1.0))
     unequal = cond.context.shape[1] != uncond.context.shape[1]
     if cfg and unequal and f.cfg_lengths == "concat":
         raise ValueError(f"the prompt's context has {cond.context.shape[1]} rows and the negative's "

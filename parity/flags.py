@@ -137,6 +137,9 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers do_classifier_free_guidance = guidance_scale > 1; sd3.5 CFGDenoiser batches [cond, uncond] at "
          "any cfg (Large-Turbo runs cfg 1.0)",
          "at guidance <= 1: an uncond branch and uncond + (cond - uncond) * 1 instead of cond", "image"),
+    Flag("cfg_skip", "G3", ("at_most_one", "one"), "at_most_one", "at_most_one",
+         "diffusers do_classifier_free_guidance = guidance_scale > 1 (sd3.5: cfg_always, the rule is not reached)",
+         "guidance below 1: an uncond branch and uncond + (cond - uncond) * scale instead of cond alone", "image"),
     Flag("timestep_dtype", "S4", ("float32", "float16"), "float32", "float16",
          "diffusers timesteps = sigmas * 1000 in float32; sd3.5 sample_*: sigma * s_in with s_in = x.new_ones() "
          "of the float16 latent, then BaseModel.apply_model (sigma * 1000).float()",
@@ -227,7 +230,8 @@ COMFYUI: dict[str, tuple[Any, str]] = {
     "cfg_space": ("x0", C + "comfy/samplers.py:358 uncond_pred + (cond_pred - uncond_pred) * cond_scale on x0"),
     "cfg_lengths": ("split", C + "comfy/model_base.py:739 SD3's context is a CONDRegular, concatenated only at equal "
                     "shapes (comfy/conds.py:36-42); comfy/samplers.py:250-260 runs the cond call first"),
-    "cfg_always": (False, C + "comfy/samplers.py:370 no uncond branch when math.isclose(cfg, 1.0) (impl: at cfg <= 1)"),
+    "cfg_always": (False, C + "comfy/samplers.py:370 no uncond branch at cfg 1 (cfg_skip)"),
+    "cfg_skip": ("one", C + "comfy/samplers.py:370 the uncond branch is left out only when math.isclose(cfg, 1.0)"),
     "timestep_dtype": ("float32", C + "comfy/model_base.py apply_model: the float32 sigma's timestep"),
     "latent_dtype": ("model", C + "comfy/samplers.py: the float32 latent throughout (float32 runs)"),
     "cond_dtype": ("model", C + "comfy/model_base.py apply_model: context cast to the model dtype"),
@@ -290,7 +294,7 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
                 timestep_dtype=half.get(values["timestep_dtype"], torch.float32),
                 latent_dtype=half.get(values["latent_dtype"]), cond_dtype=half.get(values["cond_dtype"]),
                 slg_scale=v["slg"], slg_window="sigma" if values["slg"] == "comfyui" else "steps", noise=v["noise"],
-                img2img=v["img2img"], cfg_lengths=values["cfg_lengths"])
+                img2img=v["img2img"], cfg_lengths=values["cfg_lengths"], cfg_skip=values["cfg_skip"])
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
                                   qk_norm=values["qk_norm_form"], casts=v["casts"], modulate=values["modulate"]),
             "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"],

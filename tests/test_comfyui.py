@@ -51,12 +51,14 @@ def comfy(cache=None, **options):
     {"prompts": ("a photo of a cat", "wow!! amazing! so cool!!!", WEIGHTED)},  # sgm_uniform, euler: the template's
     {"flags": {"sampler": "sai_dpmpp_2m", "schedule": "sai"}, "steps": 4, "families": ("sd3.5-medium",)},  # normal
     {"flags": {"schedule": "simple"}, "steps": 5, "guidance": 1.0, "families": ("sd3-medium",)},  # no uncond call
+    {"guidance": 0.5, "steps": 3, "families": ("sd3-medium",)},  # CFG below 1 (only cfg 1 leaves uncond out)
     {"prompts": (LONG,), "families": ("sd3.5-large",)},  # cond and uncond in two calls
     {"dtype": "bfloat16", "families": ("sd3.5-medium",)},  # half-precision weights computed in float32 on the CPU
     {"families": ("sd3.5-medium",), "slg": (1,), "steps": 8},  # SkipLayerGuidanceSD3: a skip call at step 1
     {"families": ("sd3.5-large",), "image": True, "steps": 4},  # LoadImage, VAEEncode, denoise 0.6: steps 2-5 of 6
     {"dtype": "float16", "families": ("sd3.5-large",), "prompts": ("a photo of a cat",)},
-], ids=["default", "dpmpp_2m-normal", "simple-cfg1", "long-prompt", "bfloat16", "slg", "img2img", "float16"])
+], ids=["default", "dpmpp_2m-normal", "simple-cfg1", "cfg-below-1", "long-prompt", "bfloat16", "slg", "img2img",
+        "float16"])
 def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache, image):
     report = comfy(ref_cache, **with_image(options, image))
     assert report.first_divergence is None and not report.failures
@@ -93,6 +95,7 @@ def test_long_prompts_take_comfyuis_paths(ref_cache):
     ("half_compute=native", {"dtype": "bfloat16"}, ("sampler", "input.latent_in", 0)),  # impl's bfloat16 latent
     ("slg=sai", {"slg": (1,), "steps": 8}, ("sampler", "x0", 1)),  # scale 2.5 instead of the node's 3.0
     ("img2img=sai", {"image": True, "steps": 4}, ("vae", "encoder.conv_in", None)),  # a contiguous image
+    ("cfg_skip=at_most_one", {"guidance": 0.5}, ("sampler", "input.latent_in", 0)),  # ComfyUI's uncond at cfg 0.5
 ])
 def test_comfyui_flag_flips_against_comfyui(flag, options, first, ref_cache, image):
     name, value = F.parse_override(flag)

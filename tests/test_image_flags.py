@@ -42,6 +42,7 @@ FLIPS = [  # (flag, run options, first divergence (component, layer, step) or No
     ("modulate=addcmul", {}, ("mmdit", "block.0.x.attn.q", 0)),  # M7: ComfyUI's fused adaLN (image first here)
     ("half_compute=float32", {"dtype": "bfloat16"}, ("sampler", "input.latent_in", 0)),  # N4: float32 noise
     ("cfg_lengths=split", {}, None),  # G6: diffusers' contexts always have one length
+    ("cfg_skip=one", {"guidance": 0.5}, ("sampler", "input.latent_in", 0)),  # G3: ComfyUI guides below 1 too
 ]
 
 
