@@ -114,7 +114,7 @@ class _Stand_in(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 class Comfy(types.SimpleNamespace):
     """The imported checkout: ``sd``, ``nodes``, ``samplers``, ``k_sampling``, ``nodes_sd3``, ``advanced``,
-    ``sd3_clip``, ``long_clip``, ``folder_paths``, and the torch settings it chose."""
+    ``sd3_clip``, ``long_clip``, ``folder_paths``, its ``path`` and the torch ``state`` it chose."""
 
 
 _LOADED: dict = {}  # path -> Comfy (one checkout per process; another one replaces it)
@@ -186,7 +186,7 @@ def load(d: Path) -> Comfy:
             raise Unsupported(f"--comfyui {d}: {mod.__name__} was imported from {mod.__file__}")
     c = Comfy(sd=comfy.sd, nodes=nodes, samplers=comfy.samplers, k_sampling=k_sampling, nodes_sd3=nodes_sd3,
               advanced=nodes_model_advanced, sd3_clip=sd3_clip, long_clip=long_clip, folder_paths=folder_paths,
-              path=d, base=base, stand_in=stand_in is not None, state=_torch_state())
+              path=d, state=_torch_state())
     _set_torch_state(saved_state)
     _LOADED[key] = c
     return c
