@@ -247,11 +247,15 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], source: str, tied: 
             v.copy_(state[k])
 
 
-def round_through(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def round_through(module: nn.Module, dtype: torch.dtype, keep: tuple[type, ...] = ()) -> nn.Module:
     """Every floating parameter and buffer rounded to ``dtype`` and kept in its own dtype, in place: weights stored
-    in ``dtype`` that each op casts to the dtype it computes in."""
+    in ``dtype`` that each op casts to the dtype it computes in. Those of submodules of the types ``keep`` are left
+    as they are (stored in the dtype they compute in)."""
     with torch.no_grad():
-        for t in (*module.parameters(), *module.buffers()):
-            if t.is_floating_point():
-                t.copy_(t.to(dtype))
+        for m in module.modules():
+            if isinstance(m, keep):
+                continue
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+                if t.is_floating_point():
+                    t.copy_(t.to(dtype))
     return module

@@ -246,10 +246,14 @@ def _flags(args) -> int:
 def _convert(args) -> int:
     from pathlib import Path
 
-    from parity.convert import diffusers_to_sai_file, sai_file_to_diffusers
+    from parity.convert import diffusers_to_sai_file, sai_file_to_diffusers, scaled_fp8_file
 
     src, dst = Path(args.src), Path(args.dst)
-    if src.is_file():
+    if args.fp8_scaled and not src.is_file():
+        raise FileNotFoundError(f"{src}: --fp8-scaled converts an SAI single file; no such file")
+    if args.fp8_scaled:
+        lines = scaled_fp8_file(src, dst)
+    elif src.is_file():
         lines = sai_file_to_diffusers(src, dst, Path(args.config) if args.config else None)
     elif src.is_dir():
         lines = diffusers_to_sai_file(src, dst)
@@ -441,11 +445,13 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flags", help="the compatibility flags (--markdown: the quirk catalogue, QUIRKS.md)")
     f.add_argument("--markdown", action="store_true")
     f.set_defaults(fn=_flags)
-    v = sub.add_parser("convert", help="SAI single file <-> diffusers layout")
+    v = sub.add_parser("convert", help="SAI single file <-> diffusers layout, or to ComfyUI's scaled fp8")
     v.add_argument("src", help="an SAI .safetensors file (-> diffusers directory) or a diffusers directory (-> file)")
     v.add_argument("dst", help="the directory or file to create (must not exist)")
     v.add_argument("--config", metavar="DIR", help="file -> directory: a diffusers directory whose configs give the "
                    "values no tensor shape carries (heads, norm settings); without it they are inferred and printed")
+    v.add_argument("--fp8-scaled", action="store_true", help="file -> file: the MMDiT's linear weights in ComfyUI's "
+                   "scaled-fp8 layout (float8_e4m3fn, a float32 scale per tensor), as ComfyUI's *_fp8_scaled files")
     v.set_defaults(fn=_convert)
     r = sub.add_parser("record", help="write a golden set (impl and reference records)")
     _run_options(r, check=False)

@@ -232,11 +232,6 @@ def sai_file_to_diffusers(src: Path, dst: Path, config_dir: Path | None = None) 
 
 def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
     """diffusers directory (``transformer/``, optional ``vae/``) -> one SAI single file."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
     from impl.checkpoint import PREFIXES
     from impl.weights import MODEL_WEIGHTS, TEXT_WEIGHTS, read_config, read_weights_dir
 
@@ -262,6 +257,17 @@ def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
                 te["encoder.embed_tokens.weight"] = te["shared.weight"].clone()  # the name SAI-layout readers read
             state.update({f"{PREFIXES['text_encoders']}{name}.transformer.{k}": v for k, v in te.items()})
             lines.append(f"{sub} -> text_encoders.{name}: {len(te)} tensors")
+    _atomic_file(dst, state)
+    return lines
+
+
+def _atomic_file(dst: Path, state: dict[str, Tensor]) -> None:
+    """``state`` saved as ``dst`` through a sibling temporary file renamed into place; nothing is left on failure."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.partial-", dir=dst.parent)
     os.close(fd)
     try:
@@ -271,4 +277,37 @@ def diffusers_to_sai_file(src: Path, dst: Path) -> list[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return lines
+
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def scaled_fp8_file(src: Path, dst: Path) -> list[str]:
+    """An SAI single file -> the same file with its MMDiT's linear weights (every 2-D ``*.weight`` of
+    ``model.diffusion_model.*``) in ComfyUI's scaled-fp8 layout: ``float8_e4m3fn`` values ``w / s`` with
+    ``s = max|w| / 448`` stored as ``L.scale_weight`` (float32), and the ``model.diffusion_model.scaled_fp8``
+    marker. Every other tensor is copied as it is."""
+    from impl.checkpoint import PREFIXES, read_sai_checkpoint
+    from impl.quant import MARKER, is_quantized
+
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists; refusing to overwrite")
+    parts = read_sai_checkpoint(src)
+    if is_quantized(parts["mmdit"]):
+        raise WeightError(f"{src}: its MMDiT is already quantized")
+    state, n = {}, 0
+    for part, prefix in PREFIXES.items():
+        for k, v in parts[part].items():
+            if part == "mmdit" and k.endswith(".weight") and v.ndim == 2:
+                w = v.float()
+                amax = w.abs().max()
+                scale = amax / FP8_MAX if amax > 0 else torch.ones(())
+                state[prefix + k] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+                state[f"{prefix}{k[:-len('weight')]}scale_weight"] = scale.reshape(()).float()
+                n += 1
+            else:
+                state[prefix + k] = v
+    state[PREFIXES["mmdit"] + MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    _atomic_file(dst, state)
+    return [f"model.diffusion_model: {n} linear weights in float8_e4m3fn with per-tensor scales (ComfyUI's "
+            "scaled_fp8 layout); every other tensor as it was"]

@@ -179,6 +179,10 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers and sd3.5 compute in the model dtype (bfloat16 / float16 weights, bfloat16 / float16 ops)",
          "half-precision runs: the MMDiT's weights rounded to the run dtype but every op, the latent and the VAE in "
          "float32", "image"),
+    Flag("fp8_weight_layout", "N5", ("row_major", "column_major"), "row_major", "row_major",
+         "neither diffusers nor sd3.5 reads scaled-fp8 single files (the harness refuses them by name there); a "
+         "dequantized weight in the layout it is stored in is what torch.nn.Linear computes with",
+         "scaled-fp8 files only: every scaled linear layer's output by ulps (another product kernel)", "image"),
     Flag("uint8", "V3", ("round", "truncate"), "round", "truncate",
          "diffusers VaeImageProcessor.numpy_to_pil round(); sd3.5 vae_decode astype(uint8)",
          "about half of the pixels by 1", "image"),
@@ -249,6 +253,10 @@ COMFYUI: dict[str, tuple[Any, str]] = {
     "half_compute": ("float32", C + "comfy/model_management.py:926-948 unet_manual_cast: on the CPU neither float16 "
                      "nor bfloat16 counts as supported, so half-precision weights are cast per op to float32 "
                      "(comfy.ops.manual_cast); the VAE's dtype is float32 there (vae_dtype)"),
+    "fp8_weight_layout": ("column_major", C + "comfy/ops.py:268 cast_bias_weight keeps a quantized weight "
+                          "whose dtype is already the input's; F.linear's transpose stays quantized (comfy-kitchen "
+                          "0.2.40 tensor/fp8.py shape handlers) and addmm dequantizes it into a contiguous W^T "
+                          "(tensor/base.py dequantize_args)"),
     "uint8": ("truncate", C + "nodes.py:1664 SaveImage np.clip(255 * x, 0, 255).astype(np.uint8)"),
 }
 FLAGS = tuple(replace(f, comfyui=COMFYUI[f.name][0], comfyui_provenance=COMFYUI[f.name][1]) for f in FLAGS)
@@ -299,7 +307,7 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
                                   qk_norm=values["qk_norm_form"], casts=v["casts"], modulate=values["modulate"]),
             "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"],
             "autocast": values["autocast"] == "cuda_fp16", "half_compute": values["half_compute"],
-            "slg_window": SLG_WINDOWS[values["slg"]]}
+            "slg_window": SLG_WINDOWS[values["slg"]], "fp8_weight_layout": values["fp8_weight_layout"]}
 
 
 def sai_config_shift(label: str) -> float:

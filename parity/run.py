@@ -142,6 +142,7 @@ class ImageModel:
     shift: dict[str, float]  # side -> sigma shift
     weights_in_directory: bool = True  # False: only the single file has the weights (``--checkpoint``)
     family: str | None = None  # an embedded family: impl checks the files' tensors against the committed sha256
+    quantized: bool = False  # the single file's MMDiT is scaled fp8 (``impl.quant``)
 
 
 @dataclass
@@ -423,7 +424,12 @@ def _image_models(s: Spec, values: dict, reference: str, notes: list[str]) -> li
     if s.text_only:
         return []
     if s.checkpoint:
-        return [_checkpoint_model(Path(s.checkpoint), _config_dir(s), notes, shifts)]
+        model = _checkpoint_model(Path(s.checkpoint), _config_dir(s), notes, shifts)
+        if model.quantized and reference != "comfyui" and not s.reference_dump:
+            raise Unsupported(f"--checkpoint {s.checkpoint}: its MMDiT is in ComfyUI's scaled-fp8 layout, which "
+                              f"the {reference} reference does not read (it would load the float8 values unscaled); "
+                              "check it with --profile comfyui")
+        return [model]
     if s.model:
         d = Path(s.model)
         if not ((d / "transformer").is_dir() and (d / "vae").is_dir()):
@@ -450,6 +456,7 @@ def _checkpoint_model(path: Path, config_dir: Path | None, notes: list[str], shi
     """impl's configs of an SAI single file: from its shapes, with the values no shape carries read from the
     configs in ``config_dir`` (else inferred, and noted)."""
     from impl.checkpoint import PREFIXES, infer_mmdit, infer_vae, match_presets
+    from impl.quant import is_quantized
     from impl.weights import read_safetensors_meta
     from parity.convert import given_configs
 
@@ -464,7 +471,11 @@ def _checkpoint_model(path: Path, config_dir: Path | None, notes: list[str], shi
     vc, inferred_v = infer_vae(parts["vae"], f"{path} (first_stage_model.*)", given.get("vae"))
     notes.extend(inferred + inferred_v)
     label = "/".join(match_presets(mc)) or path.name
-    return ImageModel(label, config_dir, path, mc, vc, shifts(label, config_dir), weights_in_directory=False)
+    quantized = is_quantized(parts["mmdit"])
+    if quantized:
+        notes.append(f"{path.name}: scaled-fp8 MMDiT; impl dequantizes each scaled weight in the dtype it computes in")
+    return ImageModel(label, config_dir, path, mc, vc, shifts(label, config_dir), weights_in_directory=False,
+                      quantized=quantized)
 
 
 def resolve(s: Spec) -> Run:

@@ -170,8 +170,8 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
     from parity.sides.impl import compute_dtype, half_weights, load_image_parts, sampler_settings
 
     opts, label, c, dtype = run.opts, model.label, model.mmdit, compute_dtype(run)
-    mmdit, vae = load_image_parts(model, opts)
-    mmdit, vae = half_weights(mmdit, run).to(dtype), vae.to(dtype)
+    mmdit, vae, quantized = load_image_parts(model, opts, dtype)
+    mmdit, vae = half_weights(mmdit, run, quantized).to(dtype), vae.to(dtype)
     scope = CudaAutocastFp16 if opts["autocast"] else contextlib.nullcontext
     points = N.points(N.mmdit_rows(c.depth, c.qk_norm, c.dual_attention_layers), "impl")
     vrows = N.vae_rows(model.vae.ch_mult, model.vae.num_res_blocks)

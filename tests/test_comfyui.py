@@ -106,6 +106,56 @@ def test_comfyui_flag_flips_against_comfyui(flag, options, first, ref_cache, ima
     assert comfy(ref_cache, **options).first_divergence is None  # the flag, not the settings
 
 
+@pytest.fixture(scope="module")
+def fp8_file(tmp_path_factory):
+    """The embedded SD3.5-Medium single file with its MMDiT in ComfyUI's scaled-fp8 layout (sd3parity convert)."""
+    from parity.embedded import single_file
+
+    dst = tmp_path_factory.mktemp("fp8") / "sd3.5-medium-fp8.safetensors"
+    assert main(["convert", "--fp8-scaled", str(single_file("sd3.5-medium")), str(dst)]) == 0
+    return str(dst)
+
+
+@needs_comfyui
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scaled_fp8_file_is_bitwise_equal_to_comfyui(dtype, fp8_file, ref_cache):
+    """ComfyUI's load_checkpoint_guess_config reads the scaled layout; impl dequantizes in float32 (the CPU's
+    compute dtype) and multiplies by W^T laid out as ComfyUI's dequantized transpose is (fp8_weight_layout)."""
+    from parity.embedded import model_dir
+
+    options = {"checkpoint": fp8_file, "model": str(model_dir("sd3.5-medium")), "dtype": dtype,
+               "prompts": ("a photo of a cat",)}
+    report = comfy(ref_cache, **options)
+    assert report.first_divergence is None and not report.failures
+    assert {"mmdit", "sampler", "vae"} <= {r["component"] for r in report.records}
+    assert any("scaled-fp8 MMDiT" in n for n in report.notes)
+    # the flag reaches impl: a row-major weight changes the first scaled layer's product
+    fd = comfy(ref_cache, flags={"fp8_weight_layout": "row_major"}, **options).first_divergence
+    assert fd is not None and (fd["component"], fd["layer"], fd.get("step")) == ("mmdit", "t_embedder", 0)
+
+
+@needs_comfyui
+def test_float8_t5_file_is_bitwise_equal_to_comfyui(model_dir, tmp_path):
+    """A T5 stored as t5xxl_fp8_e4m3fn is (linear weights in float8_e4m3fn, unscaled, the rest float16): both
+    read the float8 values exactly and compute in float32."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from impl.weights import read_safetensors
+
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    path = d / "text_encoder_3" / "model.safetensors"
+    state = read_safetensors(path)
+    linear = {k for k, v in state.items()
+              if v.ndim == 2 and (".DenseReluDense." in k or ".SelfAttention." in k) and "relative_attention" not in k}
+    save_file({k: v.to(torch.float8_e4m3fn if k in linear else torch.float16) for k, v in state.items()}, path)
+    report = check(Spec(profile="comfyui", comfyui=COMFYUI, model=str(d), text_only=True, prompts=(WEIGHTED,)))
+    assert report.first_divergence is None and not report.failures
+    assert any(r["component"] == "t5" for r in report.records) and len(linear) >= 6
+
+
 @needs_comfyui
 def test_cfg_lengths_concat_cannot_batch_unequal_contexts(capsys):
     code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--prompt", LONG, "--family", "sd3-medium",

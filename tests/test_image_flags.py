@@ -43,6 +43,7 @@ FLIPS = [  # (flag, run options, first divergence (component, layer, step) or No
     ("half_compute=float32", {"dtype": "bfloat16"}, ("sampler", "input.latent_in", 0)),  # N4: float32 noise
     ("cfg_lengths=split", {}, None),  # G6: diffusers' contexts always have one length
     ("cfg_skip=one", {"guidance": 0.5}, ("sampler", "input.latent_in", 0)),  # G3: ComfyUI guides below 1 too
+    ("fp8_weight_layout=column_major", {}, None),  # N5: scaled-fp8 files only (tests/test_comfyui.py flips it)
 ]
 
 
@@ -69,7 +70,7 @@ def impl_arguments(s: Spec) -> dict:
 
     opts = resolve(s).opts
     return {**asdict(opts["mmdit"]), **asdict(opts["form"]), "vae_attention": opts["vae_attention"],
-            "uint8": opts["uint8"], "autocast": opts["autocast"]}
+            "uint8": opts["uint8"], "autocast": opts["autocast"], "fp8_weight_layout": opts["fp8_weight_layout"]}
 
 
 @pytest.mark.parametrize("flag, options, first", FLIPS)

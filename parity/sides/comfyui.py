@@ -113,7 +113,7 @@ class _Stand_in(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 class Comfy(types.SimpleNamespace):
-    """The imported checkout: ``sd``, ``nodes``, ``samplers``, ``k_sampling``, ``nodes_sd3``, ``advanced``,
+    """The imported checkout: ``sd``, ``quant`` (``comfy.quant_ops``, None before it existed), ``nodes``, ``samplers``, ``k_sampling``, ``nodes_sd3``, ``advanced``,
     ``sd3_clip``, ``long_clip``, ``folder_paths``, its ``path`` and the torch ``state`` it chose."""
 
 
@@ -184,7 +184,8 @@ def load(d: Path) -> Comfy:
     for mod in (comfy.sd, nodes):
         if not Path(mod.__file__).resolve().is_relative_to(d.resolve()):
             raise Unsupported(f"--comfyui {d}: {mod.__name__} was imported from {mod.__file__}")
-    c = Comfy(sd=comfy.sd, nodes=nodes, samplers=comfy.samplers, k_sampling=k_sampling, nodes_sd3=nodes_sd3,
+    quant = importlib.import_module("comfy.quant_ops") if (d / "comfy" / "quant_ops.py").is_file() else None
+    c = Comfy(sd=comfy.sd, quant=quant, nodes=nodes, samplers=comfy.samplers, k_sampling=k_sampling, nodes_sd3=nodes_sd3,
               advanced=nodes_model_advanced, sd3_clip=sd3_clip, long_clip=long_clip, folder_paths=folder_paths,
               path=d, state=_torch_state())
     _set_torch_state(saved_state)
@@ -468,7 +469,8 @@ class ComfySide:
             run.notes.append(f"ComfyUI SkipLayerGuidanceSD3: layers {list(s.slg)}, its defaults {defaults}")
         net, first_stage = patcher.model.diffusion_model, vae.first_stage_model
         cap = ImageCapture(model.label, "comfyui", model.mmdit, model.vae, init is not None)
-        cap.weights(net.state_dict(), _vae_state(first_stage), run.dtype)
+        compute = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+        cap.weights(_model_state(c, net, compute), _vae_state(first_stage), run.dtype)
         out = Path(c.folder_paths.get_output_directory())
         prefix = f"sd3parity-{os.getpid()}-{id(cap)}"
         schedules: list[int] = []  # the step counts ComfyUI computes schedules for (img2img: int(N / denoise))
@@ -538,6 +540,24 @@ class ComfySide:
                 es.enter_context(patched(ks, n, wrap(getattr(ks, n))))
             es.enter_context(patched(c.samplers.KSampler, "calculate_sigmas", observed))
             yield
+
+
+QUANT_KEYS = (".weight_scale", ".weight_scale_2", ".input_scale", ".comfy_quant", ".scale_weight", ".scale_input")
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _model_state(c: Comfy, net, compute: torch.dtype) -> dict:
+    """The MMDiT's parameters by name; a scaled-fp8 layer's weight as ComfyUI dequantizes it to compute in
+    ``compute`` (its ``QuantizedTensor.dequantize``, or before ``comfy.quant_ops`` its ``scaled_fp8_ops``
+    layer's ``convert_weight`` of the weight cast to that dtype), its scales and format left out."""
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith(QUANT_KEYS)}
+    for name, m in net.named_modules():
+        weight = getattr(m, "weight", None)
+        if c.quant is not None and isinstance(weight, c.quant.QuantizedTensor):
+            state[f"{name}.weight"] = weight.dequantize()
+        elif isinstance(weight, torch.Tensor) and weight.dtype in FP8 and hasattr(m, "scale_weight"):
+            state[f"{name}.weight"] = m.convert_weight(weight.to(compute))
+    return state
 
 
 def _vae_state(first_stage) -> dict:

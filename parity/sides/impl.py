@@ -53,25 +53,31 @@ def compute_dtype(run):
     return torch.float32 if run.values["half_compute"] == "float32" else run.dtype
 
 
-def half_weights(mmdit, run):
+def half_weights(mmdit, run, quantized: bool = False):
     """With ``half_compute=float32`` in a half-precision run, the MMDiT's weights rounded to the run dtype (stored
-    in it, computed in float32: ``compute_dtype``)."""
+    in it, computed in float32: ``compute_dtype``). A scaled-fp8 file's linear layers (all of them, scaled or not)
+    are stored in the dtype they compute in: not rounded."""
     if run.values["half_compute"] == "float32" and run.dtype.itemsize < 4:
+        import torch
+
         from impl.weights import round_through
 
-        round_through(mmdit, run.dtype)
+        round_through(mmdit, run.dtype, keep=(torch.nn.Linear,) if quantized else ())
     return mmdit
 
 
-def load_image_parts(model, opts: dict):
-    """impl's MMDiT and VAE: an SAI single file by identity (impl uses its key names), else a diffusers directory
-    through the naming table's weight rules."""
+def load_image_parts(model, opts: dict, dtype):
+    """impl's MMDiT and VAE, and whether the MMDiT's file is scaled fp8: an SAI single file by identity (impl uses
+    its key names; scaled-fp8 weights dequantized in ``dtype``, the dtype they compute in, and laid out as the
+    ``fp8_weight_layout`` flag says), else a diffusers directory through the naming table's weight rules."""
     from impl.mmdit import MMDiT
     from impl.vae import VAE
     from impl.weights import MODEL_WEIGHTS, load_strict, read_weights_dir
 
     mmdit, vae = MMDiT(model.mmdit, opts["mmdit"]), VAE(model.vae, opts["vae_attention"])
+    layers: list[str] = []
     if model.single_file is not None:
+        from impl import quant
         from impl.checkpoint import read_sai_checkpoint
 
         parts = read_sai_checkpoint(model.single_file)
@@ -79,7 +85,12 @@ def load_image_parts(model, opts: dict):
             from impl import embedded
 
             embedded.verify({f"mmdit-{model.family}": parts["mmdit"], "vae": parts["vae"]})
-        load_strict(mmdit, parts["mmdit"], f"{model.single_file} (model.diffusion_model.*)")
+        source = f"{model.single_file} (model.diffusion_model.*)"
+        if quant.is_quantized(parts["mmdit"]):
+            parts["mmdit"], layers = quant.dequantize(parts["mmdit"], dtype, source)
+        load_strict(mmdit, parts["mmdit"], source)
+        if opts["fp8_weight_layout"] == "column_major":
+            quant.column_major(mmdit, layers)
         load_strict(vae, parts["vae"], f"{model.single_file} (first_stage_model.*)")
     else:
         from parity.convert import diffusers_to_sai
@@ -88,7 +99,7 @@ def load_image_parts(model, opts: dict):
         load_strict(mmdit, diffusers_to_sai(read_weights_dir(d / "transformer", MODEL_WEIGHTS), model.mmdit, str(d / "transformer")),
                     str(d / "transformer"))
         load_strict(vae, diffusers_to_sai(read_weights_dir(d / "vae", MODEL_WEIGHTS), model.vae, str(d / "vae")), str(d / "vae"))
-    return mmdit.eval(), vae.eval()
+    return mmdit.eval(), vae.eval(), bool(layers)
 
 
 def nonfinite(module, where: str) -> list[str]:
@@ -162,8 +173,8 @@ class ImplSide:
         s, opts = run.spec, run.opts
         form = opts["form"]
         stack = self.stack(run)
-        mmdit, vae = load_image_parts(model, opts)
-        mmdit = half_weights(mmdit, run)
+        mmdit, vae, quantized = load_image_parts(model, opts, compute_dtype(run))
+        mmdit = half_weights(mmdit, run, quantized)
         run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
         ss = sampler_settings(run, model)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
