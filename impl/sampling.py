@@ -162,11 +162,15 @@ class SamplerSettings:
     slg_scale: float | None = None  # None: the form's default (G5)
     slg_start: float = 0.01  # the skip-layer window's ends, as the form's slg_window reads them
     slg_stop: float = 0.2
+    negative_zero: float | None = None  # ComfyUI's zeroed negative: from this fraction of the schedule on the
+    #                                     negative is zeros (ConditioningZeroOut); 0: at every step (``negative_at``)
     form: Form = Form()
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.negative_zero is not None and not 0 <= self.negative_zero < 1:
+            raise ValueError(f"negative_zero {self.negative_zero}: expected a fraction in [0, 1)")
         for name, choices in _CHOICES.items():
             if getattr(self.form, name) not in choices:
                 raise ValueError(f"sampler form {name}={getattr(self.form, name)!r}: expected one of {choices}")
@@ -266,6 +270,7 @@ def step(model: Model, x: Tensor, i: int, start: int, old: Tensor | None, cond: 
     next step takes as ``old``."""
     f = s.form
     sig = sigmas(s)
+    uncond = negative_at(s, sig[i], uncond)
     if f.cond_dtype is not None:
         cond, uncond = (Conditioning(c.context.to(f.cond_dtype), c.pooled.to(f.cond_dtype)) for c in (cond, uncond))
     cfg = f.cfg_always or (s.guidance > 1 if f.cfg_skip == "at_most_one" else not math.isclose(s.guidance, 1.0))
@@ -306,12 +311,36 @@ def step(model: Model, x: Tensor, i: int, start: int, old: Tensor | None, cond: 
     return {"sigma": sig[i], "timestep": timestep, "model_output": out, f.cfg_space: guided, "latent": new, "old": x0}
 
 
+def percent_sigma(shift: float, p: float) -> float:
+    """The sigma a fraction ``p`` of the way through a shifted flow schedule (ComfyUI's ``percent_to_sigma``), in
+    double precision."""
+    t = 1.0 - p
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
 def slg_active(s: SamplerSettings, sigma: Tensor, k: int) -> bool:
     """Whether step ``k`` (counted from the first step run) at ``sigma`` adds the skip-layer term (G5)."""
     if s.form.slg_window == "sigma":  # ComfyUI's percent_to_sigma bounds, compared with the float32 sigma's value
-        bound = lambda p: s.shift * (1.0 - p) / (1 + (s.shift - 1) * (1.0 - p)) if s.shift != 1.0 else 1.0 - p  # noqa: E731
-        return bound(s.slg_stop) <= float(sigma) <= bound(s.slg_start)
+        return percent_sigma(s.shift, s.slg_stop) <= float(sigma) <= percent_sigma(s.shift, s.slg_start)
     return s.steps * s.slg_start < k < s.steps * s.slg_stop
+
+
+def negative_at(s: SamplerSettings, sigma: Tensor, uncond: Conditioning) -> Conditioning:
+    """The negative a step at ``sigma`` sees. With ``negative_zero`` p: the negative as encoded while sigma >=
+    percent_sigma(p), zeros (context and pooled) while sigma <= it, both bounds compared in float32 (a timestep
+    range's bounds against the float32 sigma); p = 0: zeros at every step. At an exact tie both ranges hold, and
+    ComfyUI would run both negatives: refused."""
+    p = s.negative_zero
+    if p is None:
+        return uncond
+    if p > 0:
+        sig, bound = sigma.float(), torch.tensor(percent_sigma(s.shift, p), dtype=torch.float32)
+        if bool(sig == bound):
+            raise ValueError(f"sigma {float(sig)} is the zeroed negative's boundary ({p} of the schedule): both "
+                             "negatives hold there; move the boundary")
+        if bool(sig > bound):
+            return uncond
+    return Conditioning(torch.zeros_like(uncond.context), torch.zeros_like(uncond.pooled))
 
 
 def guide(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:

@@ -34,6 +34,7 @@ def spec_from(args):
              dtype=args.dtype, threads=args.threads, text_only=args.text_only, families=tuple(args.family or ()),
              steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift, height=height, width=width,
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
+             negative_zero=args.negative_zero,
              sai_code=args.sai_code, comfyui=getattr(args, "comfyui", None), max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
              tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
@@ -60,6 +61,8 @@ def from_workflow(s, path: str):
         fields["strength"] = w.strength
     if w.slg:
         fields["slg"] = w.slg
+    if w.negative_zero is not None:
+        fields["negative_zero"] = w.negative_zero
     return replace(s, **fields)
 
 
@@ -351,6 +354,10 @@ def _run_options(p, check: bool = True) -> None:
     p.add_argument("--size", default="64x64", help="HEIGHTxWIDTH in pixels (default 64x64)")
     p.add_argument("--slg", type=int, action="append", default=[], metavar="LAYER",
                    help="skip-layer guidance layer (repeatable; window 0.01-0.2, scale by the slg flag)")
+    p.add_argument("--negative-zero", type=float, metavar="FRACTION",
+                   help="comfyui: the negative as ComfyUI's older SD3 workflows build it: the empty prompt until "
+                   "FRACTION of the schedule (ConditioningSetTimestepRange), then ConditioningZeroOut's zeros; 0: "
+                   "zeros throughout (default: the empty prompt throughout)")
     p.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the reference of the sai "
                    "profile (default: $SD3PARITY_SAI_CODE)")
     p.add_argument("--comfyui", metavar="DIR", help="a local ComfyUI checkout: the reference of the comfyui profile "

@@ -58,6 +58,7 @@ class Spec:
     image: str | None = None  # img2img from this picture
     strength: float = 0.6
     slg: tuple[int, ...] = ()
+    negative_zero: float | None = None  # ComfyUI's zeroed negative from this fraction of the schedule (0: always)
     sai_code: str | None = None
     comfyui: str | None = None  # a ComfyUI checkout (the comfyui profile's reference)
     workflow: str | None = None  # a ComfyUI workflow whose settings the other fields took (parity.workflow)
@@ -107,6 +108,12 @@ def validate(s: Spec) -> None:
         active = [k for k in range(s.steps) if s.steps * lo < k < s.steps * hi]
         need(bool(active), f"--slg with {s.steps} steps: the skip-layer window ({lo} to {hi} of the steps, exclusive) "
                            "holds no step; use at least 6 steps")
+    need(s.negative_zero is None or 0 <= s.negative_zero < 1,
+         f"--negative-zero {s.negative_zero}: a fraction of the schedule in [0, 1)")
+    need(s.negative_zero is None or s.profile == "comfyui" or s.reference_dump is not None,
+         f"--negative-zero: ConditioningZeroOut and timestep ranges are ComfyUI's; the {s.profile} reference has no "
+         "zeroed negative (use --profile comfyui)")
+    need(not (s.text_only and s.negative_zero is not None), "--text-only runs no image: drop --negative-zero")
     need(not (s.reference_dump and s.noise_floor), "--noise-floor reruns the reference; a dump cannot be rerun")
     for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code),
                        ("--comfyui", s.comfyui),

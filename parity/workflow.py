@@ -5,7 +5,9 @@ Both formats ComfyUI saves are read: the API format (``{"3": {"class_type": "KSa
 [...], "inputs": [{"name": "model", "link": 9}, ...]}], "links": [[9, from, slot, to, slot, type], ...]}``), whose
 widget values are positional in the order of ``WIDGETS``. The run's settings come from the one ``KSampler`` and
 what feeds it: its seed, steps, cfg, sampler and scheduler, denoise; the prompt of the ``CLIPTextEncode`` on its
-positive input (the negative must be empty: the harness runs the empty negative); the size of an
+positive input; the negative, which must be the empty prompt, its ``ConditioningZeroOut``, or the older SD3
+workflows' ``ConditioningCombine`` of the empty prompt on ``ConditioningSetTimestepRange(0, p)`` and its zeros on
+``(p, 1)`` (``--negative-zero``); the size of an
 ``EmptySD3LatentImage`` or, through ``VAEEncode``, img2img from a ``LoadImage`` (the picture itself is ``--image``);
 the shift of a ``ModelSamplingSD3`` and the layers of a ``SkipLayerGuidanceSD3`` on its model input. Models are the
 user's ``--model`` / ``--checkpoint``: the workflow's file names are only reported. A node the harness does not
@@ -28,6 +30,7 @@ WIDGETS = {
     "SkipLayerGuidanceSD3": ("layers", "scale", "start_percent", "end_percent"),
     "CheckpointLoaderSimple": ("ckpt_name",),
     "LoadImage": ("image", "upload"),
+    "ConditioningSetTimestepRange": ("start", "end"),
 }
 SAMPLERS = {"euler": "sai_euler", "dpmpp_2m": "sai_dpmpp_2m"}  # KSampler sampler_name -> the sampler flag
 SCHEDULERS = {"normal": "sai", "sgm_uniform": "sgm_uniform", "simple": "simple"}  # -> the schedule flag
@@ -53,6 +56,7 @@ class Settings:
     strength: float | None = None  # img2img (a VAEEncode latent)
     shift: float | None = None
     slg: tuple[int, ...] = ()
+    negative_zero: float | None = None  # the zeroed negative (``--negative-zero``)
     notes: list[str] = field(default_factory=list)
 
 
@@ -116,28 +120,55 @@ def settings(path: str | Path) -> Settings:
             raise UsageError(f"--workflow {path}: {node.type} {node.id} has no {name} input")
         return nodes[node.links[name]]
 
-    def text(name: str) -> str:
-        n = source(k, name)
+    def text(n: Node, what: str) -> str:
         if n.type != "CLIPTextEncode":
-            raise Unsupported(f"--workflow {path}: the KSampler's {name} comes from {n.type} {n.id}; the harness runs "
-                              "CLIPTextEncode conditioning straight into the sampler (ConditioningZeroOut, timestep "
-                              "ranges, combinations: not yet)")
+            raise Unsupported(f"--workflow {path}: the {what} comes from {n.type} {n.id}; the harness runs "
+                              "CLIPTextEncode conditioning into the sampler (and, for the negative, "
+                              "ConditioningZeroOut and the timestep ranges of the older SD3 workflows)")
         return str(n.values.get("text", ""))
+
+    def empty(n: Node, what: str) -> None:
+        t = text(n, what)
+        if t != "":
+            raise Unsupported(f"--workflow {path}: the negative prompt {t[:40]!r} ({what}); the harness runs the "
+                              "empty negative (the SD3.5 templates' own)")
+
+    def negative(n: Node) -> float | None:
+        """None: the empty prompt; 0: its ConditioningZeroOut; p: the prompt on (0, p) and zeros on (p, 1)."""
+        if n.type == "ConditioningZeroOut":
+            empty(source(n, "conditioning"), "under ConditioningZeroOut")
+            return 0.0
+        if n.type != "ConditioningCombine":
+            empty(n, "the KSampler's negative")
+            return None
+        ranges = {}
+        for slot in ("conditioning_1", "conditioning_2"):
+            r = source(n, slot)
+            if r.type != "ConditioningSetTimestepRange":
+                raise Unsupported(f"--workflow {path}: ConditioningCombine {n.id} combines {r.type} {r.id}; the "
+                                  "harness reads the zeroed negative: two ConditioningSetTimestepRange inputs")
+            inner = source(r, "conditioning")
+            zeroed = inner.type == "ConditioningZeroOut"
+            empty(source(inner, "conditioning") if zeroed else inner, f"ConditioningSetTimestepRange {r.id}")
+            ranges[zeroed] = (float(r.values.get("start", 0.0)), float(r.values.get("end", 1.0)))
+        p = ranges.get(False, (None, None))[1]
+        if ranges.get(False, (None,))[0] != 0.0 or ranges.get(True) != (p, 1.0) or not 0 < p < 1:
+            raise Unsupported(f"--workflow {path}: ConditioningCombine {n.id}: timestep ranges {ranges} (zeroed: "
+                              "True); the harness runs the empty prompt on (0, p) and its zeros on (p, 1)")
+        return p
 
     v = k.values
     if v.get("sampler_name") not in SAMPLERS or v.get("scheduler") not in SCHEDULERS:
         raise Unsupported(f"--workflow {path}: KSampler {v.get('sampler_name')!r} / {v.get('scheduler')!r}; impl "
                           f"reproduces samplers {sorted(SAMPLERS)} and schedulers {sorted(SCHEDULERS)}")
-    negative = text("negative")
-    if negative != "":
-        raise Unsupported(f"--workflow {path}: the negative prompt {negative[:40]!r}; the harness runs the empty "
-                          "negative (the SD3.5 templates' own)")
+    zero = negative(source(k, "negative"))
     try:
-        out = Settings(prompt=text("positive"), seed=int(v["seed"]), steps=int(v["steps"]), guidance=float(v["cfg"]),
+        out = Settings(prompt=text(source(k, "positive"), "KSampler's positive"), seed=int(v["seed"]), steps=int(v["steps"]), guidance=float(v["cfg"]),
                        flags={"sampler": SAMPLERS[v["sampler_name"]], "schedule": SCHEDULERS[v["scheduler"]]})
         denoise = float(v.get("denoise", 1.0))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"--workflow {path}: KSampler {k.id}: {type(e).__name__} {e}") from None
+    out.negative_zero = zero
     latent = source(k, "latent_image")
     if latent.type == "EmptySD3LatentImage":
         if int(latent.values.get("batch_size", 1)) != 1:

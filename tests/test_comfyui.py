@@ -57,8 +57,10 @@ def comfy(cache=None, **options):
     {"families": ("sd3.5-medium",), "slg": (1,), "steps": 8},  # SkipLayerGuidanceSD3: a skip call at step 1
     {"families": ("sd3.5-large",), "image": True, "steps": 4},  # LoadImage, VAEEncode, denoise 0.6: steps 2-5 of 6
     {"dtype": "float16", "families": ("sd3.5-large",), "prompts": ("a photo of a cat",)},
+    {"families": ("sd3.5-medium",), "steps": 6, "negative_zero": 0.1},  # the older SD3 workflows' negative
+    {"families": ("sd3-medium",), "steps": 3, "negative_zero": 0.0},  # ConditioningZeroOut throughout
 ], ids=["default", "dpmpp_2m-normal", "simple-cfg1", "cfg-below-1", "long-prompt", "bfloat16", "slg", "img2img",
-        "float16"])
+        "float16", "negative-zeroed-from-0.1", "negative-zeroed"])
 def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache, image):
     report = comfy(ref_cache, **with_image(options, image))
     assert report.first_divergence is None and not report.failures
@@ -154,6 +156,46 @@ def test_float8_t5_file_is_bitwise_equal_to_comfyui(model_dir, tmp_path):
     report = check(Spec(profile="comfyui", comfyui=COMFYUI, model=str(d), text_only=True, prompts=(WEIGHTED,)))
     assert report.first_divergence is None and not report.failures
     assert any(r["component"] == "t5" for r in report.records) and len(linear) >= 6
+
+
+def test_zeroed_negative_reaches_impl(tmp_path, capsys):
+    """impl's own records with and without --negative-zero 0.1 (8 steps, shift 3: sigma 1.0 at step 0 lies above
+    percent_to_sigma(0.1) = 0.964, the rest below): they part at step 1's negative context, which is zeros."""
+    dumps = []
+    for extra in ([], ["--negative-zero", "0.1"]):
+        dumps.append(tmp_path / f"d{len(dumps)}")
+        assert main(["dump", "--profile", "comfyui", "--family", "sd3.5-medium", "--prompt", "a cat", "--steps", "8",
+                     "--out", str(dumps[-1]), *extra]) == 0
+    capsys.readouterr()
+    assert main(["compare-dumps", str(dumps[1]), str(dumps[0]), "--json"]) == 1
+    import json
+
+    fd = json.loads(capsys.readouterr().out)["first_divergence"]
+    assert (fd["component"], fd["layer"], fd["step"], fd["branch"]) == ("sampler", "input.context", 1, "uncond")
+
+
+def test_negative_at_follows_comfyuis_timestep_ranges():
+    from impl import sampling
+
+    form = sampling.Form(schedule="sgm_uniform", update="euler_x0", cfg_space="x0")
+    s = sampling.SamplerSettings(steps=8, shift=3.0, negative_zero=0.1, form=form)
+    neg = sampling.Conditioning(torch.ones(1, 3, 4), torch.ones(1, 2))
+    bound = sampling.percent_sigma(3.0, 0.1)
+    assert abs(bound - 2.7 / 2.8) < 1e-15
+    for sigma in sampling.sigmas(s)[:-1]:
+        out = sampling.negative_at(s, sigma, neg)
+        assert (out is neg) == (float(sigma) > bound) and (out is neg or not out.context.any() and not out.pooled.any())
+    always = sampling.SamplerSettings(steps=8, negative_zero=0.0, form=form)
+    assert not sampling.negative_at(always, torch.tensor(1.0), neg).context.any()
+    with pytest.raises(ValueError, match="boundary"):
+        sampling.negative_at(s, torch.tensor(bound, dtype=torch.float32), neg)
+
+
+def test_negative_zero_is_comfyuis(capsys):
+    assert main(["check", "--family", "sd3.5-medium", "--negative-zero", "0.1"]) == 2
+    assert "the diffusers reference has no zeroed negative" in capsys.readouterr().err
+    assert main(["check", "--profile", "comfyui", "--negative-zero", "1.5"]) == 2
+    assert "in [0, 1)" in capsys.readouterr().err
 
 
 @needs_comfyui
@@ -318,10 +360,40 @@ def test_check_takes_a_workflows_settings(capsys):
     assert any("workflow-ui.json" in n for n in out["notes"])
 
 
+def zero_out(w: dict, start: float | None = None) -> dict:
+    """The API workflow with its negative zeroed: ConditioningZeroOut of the empty prompt, or (``start``) the
+    empty prompt on the timestep range (0, start) combined with its zeros on (start, 1)."""
+    w["41"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["40", 0]}}
+    if start is None:
+        w["3"]["inputs"]["negative"] = ["41", 0]
+        return w
+    w["42"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["40", 0], "start": 0.0,
+                                                                         "end": start}}
+    w["43"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["41", 0], "start": start,
+                                                                         "end": 1.0}}
+    w["44"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["42", 0],
+                                                                "conditioning_2": ["43", 0]}}
+    w["3"]["inputs"]["negative"] = ["44", 0]
+    return w
+
+
+@pytest.mark.parametrize("start, expected", [(None, 0.0), (0.1, 0.1)])
+def test_zeroed_negatives_are_read(tmp_path, start, expected):
+    import json
+
+    from parity.workflow import settings
+
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(zero_out(json.loads((DATA / "workflow-api.json").read_text()), start)))
+    assert settings(path).negative_zero == expected
+    assert settings(DATA / "workflow-api.json").negative_zero is None
+
+
 @pytest.mark.parametrize("edit, code, message", [
     (lambda w: w["40"]["inputs"].update(text="blurry"), 3, "negative prompt 'blurry'"),
-    (lambda w: w.update({"41": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["40", 0]}}}) or
-     w["3"]["inputs"].update(negative=["41", 0]), 3, "ConditioningZeroOut"),
+    (lambda w: zero_out(w) and w["40"]["inputs"].update(text="blurry"), 3, "'blurry' (under ConditioningZeroOut)"),
+    (lambda w: zero_out(w, 0.1) and w["43"]["inputs"].update(end=0.9), 3, "timestep ranges"),
+    (lambda w: zero_out(w, 0.1) and w["42"].update(class_type="ConditioningZeroOut"), 3, "combines"),
     (lambda w: w["3"]["inputs"].update(sampler_name="dpmpp_sde"), 3, "'dpmpp_sde'"),
     (lambda w: w.pop("3"), 3, "0 KSampler nodes"),
 ])

@@ -406,7 +406,8 @@ class ComfySide:
     def key(self, run) -> tuple:
         s = run.spec
         return (str(self.code), s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps,
-                s.guidance, s.seed, s.height, s.width, s.shift, s.text_only, self.sampler(run))
+                s.guidance, s.seed, s.height, s.width, s.shift, s.image, s.strength, s.slg, s.text_only,
+                s.negative_zero, self.sampler(run))
 
     def sources(self, run) -> dict:
         return {"files": run.sources(single_files=True), "comfyui": fingerprint(self.code)}
@@ -492,8 +493,11 @@ class ComfySide:
                 finally:
                     (folder / name).unlink(missing_ok=True)
                 latent = _node(c.nodes.VAEEncode().encode(vae, pixels))[0]
+            negative = self._conditioning[""]
+            if s.negative_zero is not None:
+                negative = zeroed_negative(c, negative, s.negative_zero, run.notes)
             sampled = _node(c.nodes.KSampler().sample(patcher, s.seed, s.steps, s.guidance, sampler, scheduler,
-                                                      self._conditioning[s.prompts[0]], self._conditioning[""],
+                                                      self._conditioning[s.prompts[0]], negative,
                                                       latent, denoise=1.0 if init is None else s.strength))[0]
             decoded = _node(c.nodes.VAEDecode().decode(vae, sampled))[0]
             saved = c.nodes.SaveImage().save_images(decoded, filename_prefix=prefix)
@@ -540,6 +544,22 @@ class ComfySide:
                 es.enter_context(patched(ks, n, wrap(getattr(ks, n))))
             es.enter_context(patched(c.samplers.KSampler, "calculate_sigmas", observed))
             yield
+
+
+def zeroed_negative(c: Comfy, negative, fraction: float, notes: list[str]):
+    """The negative of ComfyUI's older SD3 workflows, from its own nodes: ``ConditioningZeroOut`` of the encoded
+    negative; with a fraction > 0, the encoded negative on ``ConditioningSetTimestepRange(0, fraction)`` combined
+    (``ConditioningCombine``) with the zeros on ``(fraction, 1)``."""
+    zeros = _node(c.nodes.ConditioningZeroOut().zero_out(negative))[0]
+    if fraction == 0:
+        notes.append("ComfyUI negative: ConditioningZeroOut of the empty prompt")
+        return zeros
+    ranged = c.nodes.ConditioningSetTimestepRange()
+    first = _node(ranged.set_range(negative, 0.0, fraction))[0]
+    rest = _node(ranged.set_range(zeros, fraction, 1.0))[0]
+    notes.append(f"ComfyUI negative: the empty prompt on ConditioningSetTimestepRange(0, {fraction}), combined with "
+                 f"its ConditioningZeroOut on ({fraction}, 1)")
+    return _node(c.nodes.ConditioningCombine().combine(first, rest))[0]
 
 
 QUANT_KEYS = (".weight_scale", ".weight_scale_2", ".input_scale", ".comfy_quant", ".scale_weight", ".scale_input")

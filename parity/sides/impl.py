@@ -124,7 +124,7 @@ def sampler_settings(run, model):
     start, stop = run.opts["slg_window"]
     return sampling.SamplerSettings(steps=s.steps, shift=model.shift["impl"], guidance=s.guidance,
                                     dtype=compute_dtype(run), slg_layers=s.slg, slg_start=start, slg_stop=stop,
-                                    form=run.opts["form"])
+                                    negative_zero=s.negative_zero, form=run.opts["form"])
 
 
 class ImplSide:
