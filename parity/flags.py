@@ -166,7 +166,7 @@ FLAGS: tuple[Flag, ...] = (
          "dtype, VaeImageProcessor's channels-last image; sd3.5 sigmas[int(steps * (1 - denoise)):], "
          "noise_scaling with the float32 sigma, vae_encode's contiguous image",
          "img2img: the first step run (8 vs 7 of 40 at 0.8), the start latent, the encoder input", "image"),
-    Flag("shift", "S2 G4", ("scheduler_config", "sai_config"), "scheduler_config", "sai_config",
+    Flag("shift", "S2 G4", ("scheduler_config", "sai_config", "comfyui"), "scheduler_config", "sai_config",
          "diffusers reads scheduler/scheduler_config.json (shift 3.0 in every SD3 and SD3.5 release); sd3.5 "
          "sd3_infer CONFIGS: shift 1.0 for sd3_medium, 3.0 for the others (--shift overrides both)",
          "SD3-Medium: every sigma and timestep", "image"),
@@ -248,7 +248,8 @@ COMFYUI: dict[str, tuple[Any, str]] = {
                 "the posterior's mean; comfy/samplers.py:1147-1157 set_steps: the last N sigmas of a schedule of "
                 "int(N / denoise) steps; comfy/model_sampling.py:70-72 noise_scaling in float32; the image as "
                 "LoadImage / VAEEncode lay it out (channels-last view)"),
-    "shift": ("scheduler_config", C + "comfy/supported_models.py:542 SD3 sampling_settings shift 3.0 (every family)"),
+    "shift": ("comfyui", C + "comfy/supported_models.py:542 SD3 sampling_settings shift 3.0 for every family, "
+              "whatever the files (scheduler_config agrees on the released diffusers folders)"),
     "autocast": ("off", C + "the CPU runs every op in the module dtype"),
     "half_compute": ("float32", C + "comfy/model_management.py:926-948 unet_manual_cast: on the CPU neither float16 "
                      "nor bfloat16 counts as supported, so half-precision weights are cast per op to float32 "

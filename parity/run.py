@@ -390,6 +390,8 @@ def _embedded_vocabularies(path: Path) -> bool:
             rows("text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight") == embedded.CLIP_L.vocab_size)
 
 
+COMFYUI_SHIFT = 3.0  # ComfyUI's SD3 model config (the shift flag's comfyui value), for every SD3 family
+
 UNSUPPORTED_SCHEDULER = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,
                          "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                          "stochastic_sampling": False}
@@ -422,7 +424,7 @@ def _image_models(s: Spec, values: dict, reference: str, notes: list[str]) -> li
     def shifts(label: str, directory: Path | None) -> dict[str, float]:
         if s.shift is not None:
             return {"impl": s.shift, reference: s.shift}
-        rule = {"scheduler_config": scheduler_shift(directory)}
+        rule = {"scheduler_config": scheduler_shift(directory), "comfyui": COMFYUI_SHIFT}
         impl = rule.get(values["shift"]) or F.sai_config_shift(label)
         # ComfyUI: its own model config's shift (the side reads it there; ModelSamplingSD3 only with --shift)
         ref = {"diffusers": rule["scheduler_config"], "sai": F.sai_config_shift(label), "comfyui": None}[reference]

@@ -230,15 +230,20 @@ def test_comfyui_dir_must_be_a_checkout(tmp_path, capsys):
 
 
 @needs_comfyui
-def test_what_the_side_does_not_run_yet_is_named(capsys, tmp_path):
-    """A single file's own text encoders (ComfyUI would read them from the checkpoint): refused, named."""
+def test_single_file_with_its_text_encoders_is_bitwise_equal_to_comfyui(tmp_path, ref_cache):
+    """An SAI single file holding its text encoders, as CheckpointLoaderSimple reads it (its CLIP output), with no
+    configs beside it: ComfyUI's shift is its SD3 model config's 3.0 (shift=comfyui), not a scheduler file's."""
     from parity.convert import diffusers_to_sai_file
     from parity.embedded import model_dir
 
-    diffusers_to_sai_file(model_dir("sd3.5-medium"), tmp_path / "m.safetensors")
-    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--checkpoint", str(tmp_path / "m.safetensors"),
-                 "--config", str(model_dir("sd3.5-medium")), "--text-only"])
-    assert code == 3 and "single file's text encoders" in capsys.readouterr().err
+    path = tmp_path / "m.safetensors"
+    diffusers_to_sai_file(model_dir("sd3.5-medium"), path)
+    report = comfy(ref_cache, checkpoint=str(path))
+    assert report.first_divergence is None and not report.failures
+    assert {"clip-l", "clip-g", "t5", "mmdit", "vae"} <= {r["component"] for r in report.records}
+    assert any(n.startswith(f"text encoders from {path}") for n in report.notes)
+    fd = comfy(ref_cache, checkpoint=str(path), flags={"shift": "scheduler_config"}).first_divergence
+    assert (fd["component"], fd["layer"]) == ("sampler", "sigmas")  # no scheduler_config.json: diffusers' 1.0
 
 
 @needs_comfyui

@@ -97,10 +97,10 @@ def test_onnx_runtime_mmdit_layer_by_layer(dumps, capsys, tmp_path, monkeypatch)
 
     load = impl_side.load_image_parts
 
-    def faulty(model, opts):
-        mmdit, vae = load(model, opts)
+    def faulty(*args):
+        mmdit, vae, quantized = load(*args)
         mmdit.joint_blocks[1].x_block.mlp.fc2.weight.data.zero_()
-        return mmdit, vae
+        return mmdit, vae, quantized
     monkeypatch.setattr(impl_side, "load_image_parts", faulty)
     assert onnx_mmdit.main([str(dumps / "impl"), str(tmp_path / "ort-fault")]) == 0
     capsys.readouterr()

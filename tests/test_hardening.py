@@ -241,11 +241,11 @@ def test_a_zeroed_weight_is_a_weight_divergence_named_on_both_sides(monkeypatch,
 
     load = side.load_image_parts
 
-    def zeroed(model, opts):
-        mmdit, vae = load(model, opts)
+    def zeroed(*args):
+        mmdit, vae, quantized = load(*args)
         with torch.no_grad():
             mmdit.joint_blocks[1].x_block.attn.qkv.weight.zero_()
-        return mmdit, vae
+        return mmdit, vae, quantized
 
     monkeypatch.setattr(side, "load_image_parts", zeroed)
     code, out, _ = cli(capsys, "check", "--family", "sd3-medium", "--steps", 1, "--prompt", "a cat", "--json")

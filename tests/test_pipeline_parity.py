@@ -111,11 +111,11 @@ def test_injected_weight_change_is_located(monkeypatch, capsys):
 
     load = side.load_image_parts
 
-    def nudged(model, opts):
-        mmdit, vae = load(model, opts)
+    def nudged(*args):
+        mmdit, vae, quantized = load(*args)
         with torch.no_grad():
             mmdit.joint_blocks[1].context_block.mlp.fc2.weight.view(torch.int32)[0, 0] += 1
-        return mmdit, vae
+        return mmdit, vae, quantized
     monkeypatch.setattr(side, "load_image_parts", nudged)
     assert main(["check", "--json", "--prompt", "a cat", "--family", "sd3.5-large"]) == 1
     out = json.loads(capsys.readouterr().out)

@@ -68,11 +68,11 @@ def test_noise_floor_tells_precision_from_op_semantics(monkeypatch, capsys):
 
     load = side.load_image_parts
 
-    def nudged(model, opts):  # impl's VAE with the input of the decoder's conv_out one ULP up
-        mmdit, vae = load(model, opts)
+    def nudged(*args):  # impl's VAE with the input of the decoder's conv_out one ULP up
+        mmdit, vae, quantized = load(*args)
         vae.decoder.conv_out.register_forward_pre_hook(
             lambda _m, args: (args[0].view(torch.int32).add(1).view(torch.float32),))
-        return mmdit, vae
+        return mmdit, vae, quantized
     monkeypatch.setattr(side, "load_image_parts", nudged)
     code = main(argv)
     out = json.loads(capsys.readouterr().out)

@@ -131,10 +131,10 @@ def test_a_context_stream_fault_is_not_blamed_on_the_image_stream(reference, mon
     run, ref = reference
     load = side.load_image_parts
 
-    def faulty(model, opts):
-        mmdit, vae = load(model, opts)
+    def faulty(*args):
+        mmdit, vae, quantized = load(*args)
         mmdit.joint_blocks[0].context_block.attn.k.register_forward_hook(lambda m, a, out: out * (1 + 2 ** -12))
-        return mmdit, vae
+        return mmdit, vae, quantized
     assert _first(run, ref, monkeypatch, "parity.sides.impl.load_image_parts", faulty) == \
         ("mmdit", "block.0.context.attn.k", 0, "uncond")
 

@@ -4,7 +4,8 @@ ComfyUI (GPL-3.0) is not a dependency and nothing of it is copied here: the user
 (``--comfyui DIR`` or ``$SD3PARITY_COMFYUI``) and its own code runs every step:
 
 * text: ``comfy.sd.load_clip`` (the three encoder files, ``CLIPType.SD3``: its ``SD3ClipModel``, its CLIP and T5
-  modules, its ``SD3Tokenizer``), then the ``CLIPTextEncode`` node;
+  modules, its ``SD3Tokenizer``) or, for a single file holding them, ``load_checkpoint_guess_config``'s CLIP
+  output, then the ``CLIPTextEncode`` node;
 * image: ``comfy.sd.load_checkpoint_guess_config`` on the SAI single file (its model detection, ``SD3`` model,
   VAE), then the nodes ``EmptySD3LatentImage`` (img2img: ``LoadImage`` on a copy of the picture in its input
   folder, ``VAEEncode``), ``ModelSamplingSD3`` (only with ``--shift``), ``SkipLayerGuidanceSD3`` (with ``--slg``,
@@ -287,12 +288,15 @@ def tokenizer(code: Path, directory: Path):
 
 
 def load_text(c: Comfy, text_model, notes: list[str]):
-    """ComfyUI's CLIP object for the model's three encoder files (``comfy.sd.load_clip``, ``CLIPType.SD3``)."""
-    from impl.weights import TEXT_WEIGHTS, weight_files
+    """ComfyUI's CLIP object for the model's three encoder files (``comfy.sd.load_clip``, ``CLIPType.SD3``), or
+    for a single file's ``text_encoders.*`` (``load_checkpoint_guess_config``'s CLIP output, as
+    ``CheckpointLoaderSimple`` gives it)."""
+    from impl.weights import TEXT_WEIGHTS, safetensors_keys, weight_files
 
-    if text_model.single_file is not None or not text_model.has_t5:
-        raise Unsupported("the ComfyUI side loads the three text-encoder files of a diffusers-layout model (a single "
-                          "file's text encoders or a model without T5: not yet)")
+    if not text_model.has_t5:
+        raise Unsupported("the ComfyUI side loads SD3's three text encoders (a model without T5: not yet)")
+    if text_model.single_file is not None:
+        return _load_single_file_text(c, text_model, notes)
     paths = []
     for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         files = weight_files(text_model.directory / sub, TEXT_WEIGHTS)
@@ -322,23 +326,48 @@ def load_text(c: Comfy, text_model, notes: list[str]):
     if local_t5:
         notes.append(f"ComfyUI T5 tokenizer: {text_model.directory / 'tokenizer_3'} (not T5-XXL's vocabulary: "
                      "ComfyUI's bundled one does not fit it)")
-    _check_text_loaded(clip, paths)
+    _check_text_loaded(clip, {name: (path, set(safetensors_keys(Path(path))))
+                              for name, path in zip(("clip_l", "clip_g", "t5xxl"), paths)})
     return clip
 
 
-def _check_text_loaded(clip, paths: list[str]) -> None:
-    """Every parameter of ComfyUI's encoders came from the files (``load_sd`` is not strict): compared by name."""
+def _load_single_file_text(c: Comfy, text_model, notes: list[str]):
     from impl.weights import safetensors_keys
 
+    path = text_model.single_file
+    sizes, size_notes = text_sizes(c, text_model.directory)
+    with contextlib.ExitStack() as es:
+        local_t5 = es.enter_context(model_t5_tokenizer(c, text_model.directory))
+        with running(c), contextlib.redirect_stdout(io.StringIO()):
+            clip = c.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True, output_model=False,
+                                                     output_clipvision=False, te_model_options=sizes)[1]
+    if clip is None:
+        raise Unsupported(f"{path}: ComfyUI found no text encoders in it")
+    notes += size_notes
+    if local_t5:
+        notes.append(f"ComfyUI T5 tokenizer: {text_model.directory / 'tokenizer_3'} (not T5-XXL's vocabulary: "
+                     "ComfyUI's bundled one does not fit it)")
+    keys = safetensors_keys(path)
+    _check_text_loaded(clip, {name: (f"{path} (text_encoders.{name}.*)",
+                                     {k.removeprefix(f"text_encoders.{name}.transformer.") for k in keys
+                                      if k.startswith(f"text_encoders.{name}.transformer.")})
+                              for name in ("clip_l", "clip_g", "t5xxl")})
+    return clip
+
+
+def _check_text_loaded(clip, files: dict[str, tuple[str, set]]) -> None:
+    """Every parameter of ComfyUI's encoders came from the files (``load_sd`` is not strict): compared by name.
+    ``files``: encoder -> (where, the parameter names stored there)."""
     model = clip.cond_stage_model
-    for name, path in zip(("clip_l", "clip_g", "t5xxl"), paths):
-        keys = set(safetensors_keys(Path(path)))
+    for name, (where, keys) in files.items():
+        if getattr(model, name, None) is None:
+            raise Unsupported(f"{where}: ComfyUI built no {name} from it")
         params = {n for n, _ in getattr(model, name).transformer.named_parameters()}
         missing = sorted(params - keys - ({"encoder.embed_tokens.weight"} if name == "t5xxl" else set()))
         if name == "t5xxl" and "shared.weight" in missing and "encoder.embed_tokens.weight" in keys:
             missing.remove("shared.weight")
         if missing:
-            raise Unsupported(f"{path}: ComfyUI's {name} has parameters the file does not fill: {missing[:6]}")
+            raise Unsupported(f"{where}: ComfyUI's {name} has parameters the file does not fill: {missing[:6]}")
 
 
 def encoders(clip) -> dict:
