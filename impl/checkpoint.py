@@ -200,12 +200,13 @@ def infer_t5_config(state: dict[str, Tensor], source: str) -> T5Config:
 
 
 def load_text_encoders(state: dict[str, Tensor], source: str, given: dict | None = None,
-                       clip_l_projection: str = "file") -> tuple[dict, dict, list[str]]:
+                       clip_l_projection: str = "file") -> tuple[dict, dict, list[str], dict]:
     """impl encoders from a single file's ``text_encoders.*`` part. ``given``: {"clip_l", "clip_g", "t5"} configs
     read from the model's config files (values no shape carries). Returns (the modules present, the state dict
-    each was loaded from, notes). A CLIP-L without ``text_projection`` (the SD3.5 reference never projects it) gets
-    the identity, which is what the SD3 diffusers repositories ship (QUIRKS T6), and the notes say so;
-    ``clip_l_projection="identity"`` uses the identity even when the file has one."""
+    each was loaded from, notes, each encoder's scaled-fp8 layers, dequantized in float32). A CLIP-L without
+    ``text_projection`` (the SD3.5 reference never projects it) gets the identity, which is what the SD3 diffusers
+    repositories ship (QUIRKS T6), and the notes say so; ``clip_l_projection="identity"`` uses the identity even
+    when the file has one."""
     if clip_l_projection not in ("file", "identity"):
         raise ValueError(f"clip_l_projection {clip_l_projection!r}: expected 'file' or 'identity'")
     import torch
@@ -215,10 +216,14 @@ def load_text_encoders(state: dict[str, Tensor], source: str, given: dict | None
     from impl.text import CLIP_DROP, T5_TIED
     from impl.weights import load_strict
 
+    from impl import quant
+
     given = given or {}
-    models, states, notes = {}, {}, []
+    models, states, notes, quantized = {}, {}, [], {}
     for name, part in split_text_encoders(state, source).items():
         where = f"{source} (text_encoders.{TEXT_PREFIXES[name]}*)"
+        if quant.is_quantized(part):  # encoders compute in float32
+            part, quantized[name] = quant.dequantize(part, torch.float32, where)
         if name == "t5":
             config, inferred = infer_t5(part, where, given.get("t5"))
             model = T5Encoder(config)
@@ -235,7 +240,7 @@ def load_text_encoders(state: dict[str, Tensor], source: str, given: dict | None
             load_strict(model, part, where, drop=CLIP_DROP)
         notes += inferred
         models[name], states[name] = model.eval(), part
-    return models, states, notes
+    return models, states, notes, quantized
 
 
 def match_presets(config: MMDiTConfig) -> list[str]:

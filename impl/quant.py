@@ -28,6 +28,15 @@ def is_quantized(keys) -> bool:
     return any(k == MARKER or k.endswith(".comfy_quant") for k in keys)
 
 
+SCALE_KEYS = (".scale_weight", ".scale_input", ".comfy_quant", ".weight_scale", ".input_scale")
+
+
+def without_scales(state: dict) -> dict:
+    """``state`` (names to anything) without the keys only the scaled layouts add (the marker, the formats, the
+    scales): the names the model itself has, for a layout check before loading."""
+    return {k: v for k, v in state.items() if k != MARKER and not k.endswith(SCALE_KEYS)}
+
+
 def _layers(state: dict[str, Tensor], source: str) -> dict[str, tuple[str, str, str]]:
     """layer -> (format, its scale's key, its input scale's key) for every scaled layer of ``state``."""
     layers = {}

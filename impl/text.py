@@ -59,6 +59,7 @@ class TextStack:
     clip_l: ClipTextEncoder
     clip_g: ClipTextEncoder
     t5: T5Encoder | None
+    quantized: dict[str, list[str]] = field(default_factory=dict)  # encoder -> its scaled-fp8 layers (impl.quant)
     _cache: dict = field(default_factory=dict)
 
     def clip_tokenizer(self, mode: str, pad: int) -> ClipTokenizer:
@@ -71,7 +72,8 @@ class TextStack:
         """``clip_l``, ``clip_g`` or ``t5`` in ``dtype``: a cached copy, so the loaded float32 weights are never
         rounded in place (running in bfloat16 and then in float32 gives float32 results). T5 in float16 keeps its
         ``wo`` layers in float32 as transformers does. ``storage``: every weight rounded through that dtype first
-        (weights stored in it and cast to ``dtype`` by each op)."""
+        (weights stored in it and cast to ``dtype`` by each op), except a scaled-fp8 layer's, which was dequantized
+        in float32, the dtype it computes in."""
         import copy
 
         master = getattr(self, name)
@@ -83,7 +85,7 @@ class TextStack:
 
             model = copy.deepcopy(master)
             if storage is not None:
-                round_through(model, storage)
+                round_through(model, storage, skip=frozenset(f"{k}.weight" for k in self.quantized.get(name, ())))
             self._cache[key] = model.half_keep_wo_fp32() if name == "t5" and dtype == torch.float16 else model.to(dtype)
         return self._cache[key]
 
@@ -258,7 +260,10 @@ def check_encoder_folder(folder: Path, shapes: dict):
     from impl.t5 import T5Config
     from impl.weights import expect_layout, read_config
 
+    from impl import quant
+
     path = folder / "config.json"
+    shapes = quant.without_scales(shapes) if quant.is_quantized(shapes) else shapes
     if folder.name == "text_encoder_3":
         cfg = T5Config.from_hf(read_config(path), str(path))
         expect_layout(lambda: T5Encoder(cfg), shapes, str(folder), tied=T5_TIED)
@@ -271,7 +276,7 @@ def check_encoder_folder(folder: Path, shapes: dict):
 def load_text_stack(directory: str | Path | None = None) -> TextStack:
     """The embedded default when ``directory`` is None; else a diffusers-layout model directory (``text_encoder/``,
     ``text_encoder_2/``, optional ``text_encoder_3/``, ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``)."""
-    from impl import embedded
+    from impl import embedded, quant
     from impl.clip import ClipConfig
     from impl.t5 import T5Config
     from impl.weights import TEXT_WEIGHTS, load_strict, read_config, read_weights_dir
@@ -286,7 +291,7 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: not a directory (expected a diffusers-layout SD3/SD3.5 model)")
-    encoders = []
+    encoders, quantized = [], {}
     for sub in ("text_encoder", "text_encoder_2"):
         cfg = ClipConfig.from_hf(read_config(d / sub / "config.json"), str(d / sub / "config.json"))
         model = ClipTextEncoder(cfg)
@@ -296,7 +301,10 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
     if (d / "text_encoder_3").is_dir():
         cfg = T5Config.from_hf(read_config(d / "text_encoder_3" / "config.json"), str(d / "text_encoder_3" / "config.json"))
         t5 = T5Encoder(cfg)
-        load_strict(t5, read_weights_dir(d / "text_encoder_3", TEXT_WEIGHTS), str(d / "text_encoder_3"), tied=T5_TIED)
+        state = read_weights_dir(d / "text_encoder_3", TEXT_WEIGHTS)
+        if quant.is_quantized(state):  # dequantized in float32, as the encoders compute
+            state, quantized["t5"] = quant.dequantize(state, torch.float32, str(d / "text_encoder_3"))
+        load_strict(t5, state, str(d / "text_encoder_3"), tied=T5_TIED)
     spiece = d / "tokenizer_3" / "spiece.model"
     if not spiece.is_file():
         raise FileNotFoundError(f"{spiece}: missing (the T5 tokenizer is read from its sentencepiece model)")
@@ -304,4 +312,4 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
         a, b = d / "tokenizer" / name, d / "tokenizer_2" / name
         if b.is_file() and a.is_file() and a.read_bytes() != b.read_bytes():
             raise ValueError(f"{b} differs from {a}; SD3 models share one CLIP BPE table")
-    return TextStack(BPEVocab.from_dir(d / "tokenizer"), SentencePieceModel.load(spiece), *encoders, t5)
+    return TextStack(BPEVocab.from_dir(d / "tokenizer"), SentencePieceModel.load(spiece), *encoders, t5, quantized)

@@ -247,15 +247,16 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], source: str, tied: 
             v.copy_(state[k])
 
 
-def round_through(module: nn.Module, dtype: torch.dtype, keep: tuple[type, ...] = ()) -> nn.Module:
+def round_through(module: nn.Module, dtype: torch.dtype, keep: tuple[type, ...] = (),
+                  skip: frozenset[str] = frozenset()) -> nn.Module:
     """Every floating parameter and buffer rounded to ``dtype`` and kept in its own dtype, in place: weights stored
-    in ``dtype`` that each op casts to the dtype it computes in. Those of submodules of the types ``keep`` are left
-    as they are (stored in the dtype they compute in)."""
+    in ``dtype`` that each op casts to the dtype it computes in. Those of submodules of the types ``keep``, and the
+    parameters named in ``skip``, are left as they are (stored in the dtype they compute in)."""
     with torch.no_grad():
-        for m in module.modules():
+        for prefix, m in module.named_modules():
             if isinstance(m, keep):
                 continue
-            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
-                if t.is_floating_point():
+            for name, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)):
+                if t.is_floating_point() and f"{prefix}.{name}".lstrip(".") not in skip:
                     t.copy_(t.to(dtype))
     return module

@@ -196,7 +196,7 @@ def _diffusers_parts(src: Path, config_dir: Path | None = None) -> tuple[list, l
     if parts["text_encoders"]:
         from impl.checkpoint import load_text_encoders
 
-        models, states, tnotes = load_text_encoders(parts["text_encoders"], str(src), given)
+        models, states, tnotes, _ = load_text_encoders(parts["text_encoders"], str(src), given)
         notes += tnotes
         for name, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3")):
             if name in models:
@@ -284,10 +284,11 @@ FP8_MAX = 448.0  # the largest float8_e4m3fn value
 
 def scaled_fp8_file(src: Path, dst: Path) -> list[str]:
     """An SAI single file -> the same file with its MMDiT's linear weights (every 2-D ``*.weight`` of
-    ``model.diffusion_model.*``) in ComfyUI's scaled-fp8 layout: ``float8_e4m3fn`` values ``w / s`` with
-    ``s = max|w| / 448`` stored as ``L.scale_weight`` (float32), and the ``model.diffusion_model.scaled_fp8``
-    marker. Every other tensor is copied as it is."""
-    from impl.checkpoint import PREFIXES, read_sai_checkpoint
+    ``model.diffusion_model.*``) and, when it holds one, its T5's (``text_encoders.t5xxl.transformer.*``, the
+    attention and feed-forward weights) in ComfyUI's scaled-fp8 layout: ``float8_e4m3fn`` values ``w / s`` with
+    ``s = max|w| / 448`` stored as ``L.scale_weight`` (float32), and a ``scaled_fp8`` marker under each quantized
+    model's prefix. Every other tensor is copied as it is."""
+    from impl.checkpoint import PREFIXES, TEXT_PREFIXES, read_sai_checkpoint
     from impl.quant import MARKER, is_quantized
 
     if dst.exists():
@@ -295,19 +296,32 @@ def scaled_fp8_file(src: Path, dst: Path) -> list[str]:
     parts = read_sai_checkpoint(src)
     if is_quantized(parts["mmdit"]):
         raise WeightError(f"{src}: its MMDiT is already quantized")
-    state, n = {}, 0
+    t5 = TEXT_PREFIXES["t5"]
+    has_t5 = any(k.startswith(t5) for k in parts["text_encoders"])
+
+    def linear(part: str, k: str, v: Tensor) -> bool:
+        if not (k.endswith(".weight") and v.ndim == 2):
+            return False
+        return part == "mmdit" or (k.startswith(t5) and (".SelfAttention." in k or ".DenseReluDense." in k)
+                                   and "relative_attention" not in k)
+
+    state, n = {}, {"mmdit": 0, "text_encoders": 0}
     for part, prefix in PREFIXES.items():
         for k, v in parts[part].items():
-            if part == "mmdit" and k.endswith(".weight") and v.ndim == 2:
+            if part in n and linear(part, k, v):
                 w = v.float()
                 amax = w.abs().max()
                 scale = amax / FP8_MAX if amax > 0 else torch.ones(())
                 state[prefix + k] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
                 state[f"{prefix}{k[:-len('weight')]}scale_weight"] = scale.reshape(()).float()
-                n += 1
+                n[part] += 1
             else:
                 state[prefix + k] = v
     state[PREFIXES["mmdit"] + MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    if has_t5:
+        state[PREFIXES["text_encoders"] + t5 + MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
     _atomic_file(dst, state)
-    return [f"model.diffusion_model: {n} linear weights in float8_e4m3fn with per-tensor scales (ComfyUI's "
-            "scaled_fp8 layout); every other tensor as it was"]
+    return [f"model.diffusion_model: {n['mmdit']} linear weights in float8_e4m3fn with per-tensor scales "
+            "(ComfyUI's scaled_fp8 layout)"] + \
+        ([f"text_encoders.{t5.rstrip('.')}: {n['text_encoders']} linear weights likewise"] if has_t5 else []) + \
+        ["every other tensor as it was"]

@@ -79,7 +79,7 @@ def run(input_dump: Path, out: Path, threads: int = 1) -> int:
                         and f["layer"] == "input.latent_in" and f["branch"] in ("cond", "uncond")})
         if not calls:
             continue
-        mmdit, _ = load_image_parts(model, runs.opts)
+        mmdit, _, _ = load_image_parts(model, runs.opts, torch.float32)
         graph, names = _graph(mmdit.float()), _names(model.mmdit.depth)
 
         def inputs(step, branch):

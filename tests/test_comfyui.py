@@ -16,6 +16,10 @@ from parity.run import Spec, check
 COMFYUI = os.environ.get("SD3PARITY_COMFYUI") or str(ROOT.parent / "shared" / "references" / "ComfyUI")
 needs_comfyui = pytest.mark.skipif(not (Path(COMFYUI) / "comfy" / "sd.py").is_file(),
                                    reason=f"no ComfyUI at {COMFYUI} (set SD3PARITY_COMFYUI)")
+# another ComfyUI version kept beside the reference one (README: ComfyUI versions); its tests skip without it
+OTHER = os.environ.get("SD3PARITY_COMFYUI_OTHER")
+needs_other = pytest.mark.skipif(not (OTHER and (Path(OTHER) / "comfy" / "sd.py").is_file()),
+                                 reason="no second ComfyUI checkout (set SD3PARITY_COMFYUI_OTHER)")
 WEIGHTED = "(masterpiece:1.2), a (red) cat, ((blue eyes))"
 STRADDLE = " ".join(["cat"] * 74) + " photorealistic"  # a 3-token word across the chunk boundary (QUIRKS T3)
 # 470 characters, 2 CLIP chunks, weights, T5 longer than the negative's: every ComfyUI-only text path at once
@@ -70,6 +74,37 @@ def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache, image):
         assert {"mmdit", "sampler", "vae"} <= components
     source = report.sources["comfyui"]["comfyui"]
     assert source["sha256"] and source["path"] == COMFYUI
+
+
+@needs_other
+@pytest.mark.parametrize("options", [
+    {"prompts": ("a photo of a cat", WEIGHTED, LONG)},
+    {"dtype": "bfloat16", "families": ("sd3.5-medium",), "slg": (1,), "steps": 8},
+    {"flags": {"sampler": "sai_dpmpp_2m", "schedule": "simple"}, "families": ("sd3.5-large",), "image": True,
+     "steps": 4},
+    {"families": ("sd3-medium",), "steps": 6, "negative_zero": 0.1},
+], ids=["families", "bfloat16-slg", "dpmpp_2m-img2img", "negative-zero"])
+def test_another_comfyui_version_is_bitwise_equal(options, image):
+    options = with_image(options, image)
+    flags = options.pop("flags", {})
+    report = check(Spec(profile="comfyui", comfyui=OTHER, overrides=tuple(sorted(flags.items())), **options))
+    assert report.first_divergence is None and not report.failures
+    assert report.sources["comfyui"]["comfyui"]["path"] == OTHER
+
+
+@needs_other
+def test_another_comfyui_version_names_what_it_computes_otherwise(fp8_file, capsys):
+    """A scaled-fp8 file against a ComfyUI from before comfy/quant_ops.py: refused, the difference named; a newer
+    one must be bitwise."""
+    from parity.embedded import model_dir
+
+    code = main(["check", "--profile", "comfyui", "--comfyui", OTHER, "--checkpoint", fp8_file, "--model",
+                 str(model_dir("sd3.5-medium")), "--prompt", "a cat", "--quiet"])
+    err = capsys.readouterr().err
+    if (Path(OTHER) / "comfy" / "quant_ops.py").is_file():
+        assert code == 0
+    else:
+        assert code == 3 and "biases stored in float8" in err and "Traceback" not in err
 
 
 @needs_comfyui
@@ -137,9 +172,11 @@ def test_scaled_fp8_file_is_bitwise_equal_to_comfyui(dtype, fp8_file, ref_cache)
 
 
 @needs_comfyui
-def test_float8_t5_file_is_bitwise_equal_to_comfyui(model_dir, tmp_path):
-    """A T5 stored as t5xxl_fp8_e4m3fn is (linear weights in float8_e4m3fn, unscaled, the rest float16): both
-    read the float8 values exactly and compute in float32."""
+@pytest.mark.parametrize("scaled", [False, True], ids=["t5xxl_fp8_e4m3fn", "t5xxl_fp8_e4m3fn_scaled"])
+def test_float8_t5_file_is_bitwise_equal_to_comfyui(scaled, model_dir, tmp_path):
+    """A T5 file as ComfyUI's t5xxl_fp8_e4m3fn is (linear weights in float8_e4m3fn, the rest float16), unscaled:
+    both read the float8 values exactly; or scaled (a float32 scale per weight, the scaled_fp8 marker): ComfyUI
+    dequantizes in float32 at each op, impl at load, and float16 storage does not round those weights."""
     import shutil
 
     from safetensors.torch import save_file
@@ -152,10 +189,33 @@ def test_float8_t5_file_is_bitwise_equal_to_comfyui(model_dir, tmp_path):
     state = read_safetensors(path)
     linear = {k for k, v in state.items()
               if v.ndim == 2 and (".DenseReluDense." in k or ".SelfAttention." in k) and "relative_attention" not in k}
-    save_file({k: v.to(torch.float8_e4m3fn if k in linear else torch.float16) for k, v in state.items()}, path)
+    out = {k: v.to(torch.float16) for k, v in state.items() if k not in linear}
+    for k in linear:
+        scale = state[k].abs().max() / 448 if scaled else torch.tensor(1.0)
+        out[k] = (state[k] / scale).to(torch.float8_e4m3fn)
+        if scaled:
+            out[k[:-len("weight")] + "scale_weight"] = scale.float()
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(out, path)
     report = check(Spec(profile="comfyui", comfyui=COMFYUI, model=str(d), text_only=True, prompts=(WEIGHTED,)))
     assert report.first_divergence is None and not report.failures
     assert any(r["component"] == "t5" for r in report.records) and len(linear) >= 6
+
+
+@needs_comfyui
+def test_scaled_fp8_single_file_with_its_text_encoders(tmp_path, ref_cache):
+    """sd3parity convert --fp8-scaled of a single file that holds its text encoders: the MMDiT's and T5's linear
+    weights scaled, read by CheckpointLoaderSimple's path and by impl."""
+    from parity.convert import diffusers_to_sai_file
+    from parity.embedded import model_dir
+
+    full, scaled = tmp_path / "m.safetensors", tmp_path / "m-fp8.safetensors"
+    diffusers_to_sai_file(model_dir("sd3.5-medium"), full)
+    assert main(["convert", "--fp8-scaled", str(full), str(scaled)]) == 0
+    report = comfy(ref_cache, checkpoint=str(scaled), prompts=("a photo of a cat",))
+    assert report.first_divergence is None and not report.failures
+    assert {"t5", "mmdit", "vae"} <= {r["component"] for r in report.records}
 
 
 def test_zeroed_negative_reaches_impl(tmp_path, capsys):

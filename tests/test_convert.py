@@ -133,7 +133,7 @@ def test_single_file_text_encoders():
     assert infer_clip_config(w["clip_g"], "clip_g", "x") == embedded.CLIP_G
     assert infer_t5_config(w["t5"], "x") == embedded.T5
     state = {f"clip_l.transformer.{k}": v for k, v in w["clip_l"].items() if k != "text_projection.weight"}
-    models, _, notes = load_text_encoders(state, "f")
+    models, _, notes, _ = load_text_encoders(state, "f")
     assert torch.equal(models["clip_l"].text_projection.weight, torch.eye(32)) and "identity" in notes[0]
     wide = {k: torch.zeros(v.shape[0], 40) if k.endswith("token_embedding.weight") else v for k, v in state.items()}
     with pytest.raises(WeightError, match="CLIP width 40 has no known head count"):

@@ -104,6 +104,25 @@ def test_references_that_do_not_read_scaled_fp8_refuse_it(profile, fp8_file, cap
     assert f"scaled-fp8 layout, which the {profile} reference does not read" in err and "Traceback" not in err
 
 
+def test_the_converter_scales_a_single_files_t5_too(tmp_path):
+    from parity.convert import diffusers_to_sai_file
+    from parity.embedded import model_dir
+
+    full, scaled = tmp_path / "m.safetensors", tmp_path / "m-fp8.safetensors"
+    diffusers_to_sai_file(model_dir("sd3.5-medium"), full)
+    assert main(["convert", "--fp8-scaled", str(full), str(scaled)]) == 0
+    out, p = read_safetensors(scaled), "text_encoders.t5xxl.transformer."
+    assert out[p + "scaled_fp8"].numel() == 0
+    fp8 = {k for k, v in out.items() if v.dtype == torch.float8_e4m3fn and k.startswith(p) and v.numel()}
+    assert fp8 and all(k[:-len("weight")] + "scale_weight" in out for k in fp8)
+    assert not any(".relative_attention_bias." in k or "embed" in k or "shared" in k for k in fp8)
+    assert not any(k.startswith("text_encoders.clip") and v.dtype == torch.float8_e4m3fn for k, v in out.items())
+    from impl.checkpoint import load_text_encoders, read_sai_checkpoint
+
+    models, _, _, quantized = load_text_encoders(read_sai_checkpoint(scaled)["text_encoders"], str(scaled))
+    assert sorted(quantized) == ["t5"] and len(quantized["t5"]) == len(fp8)
+
+
 def test_converting_twice_or_a_directory_is_refused(fp8_file, tmp_path, capsys):
     assert main(["convert", "--fp8-scaled", str(fp8_file), str(tmp_path / "x.safetensors")]) == 2
     assert "already quantized" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -176,9 +176,10 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
 
 
 def text_state(component: str, module) -> dict:
-    """A text encoder's parameters under impl's names: transformers' T5 ties ``encoder.embed_tokens.weight`` to
-    ``shared.weight``, which impl holds alone (an untied pair is kept, so it shows)."""
-    state = dict(module.state_dict())
+    """A text encoder's parameters (of a module, or a state dict) under impl's names: transformers' T5 ties
+    ``encoder.embed_tokens.weight`` to ``shared.weight``, which impl holds alone (an untied pair is kept, so it
+    shows)."""
+    state = dict(module if isinstance(module, dict) else module.state_dict())
     tied = "encoder.embed_tokens.weight"
     if component == "t5" and tied in state:
         if "shared.weight" not in state:
@@ -189,15 +190,16 @@ def text_state(component: str, module) -> dict:
 
 
 def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callable, first_arg: str,
-              dtype, ids_at: dict | None = None) -> R.Side:
+              dtype, ids_at: dict | None = None, states: dict | None = None) -> R.Side:
     """One side's text records: each encoder's parameters, then per prompt each encoder's input ids (the first
     argument of its call, or keyword ``first_arg``; every sequence it ran, flattened) and every mapped layer, then
     the context and pooled tensors ``encode(prompt)`` returns. ``ids_at``: per encoder, the module whose calls
     carry the ids when the encoder is called with embeddings (ComfyUI embeds each sequence of the batch by itself:
-    those calls, and any point captured once per sequence, are joined along the batch)."""
+    those calls, and any point captured once per sequence, are joined along the batch). ``states``: per encoder,
+    the parameters a side computes with where its ``state_dict`` holds them otherwise (quantized)."""
     rec = R.Recorder()
     for comp, model in encoders.items():
-        put_weights(rec, label, comp, text_state(comp, model), dtype)
+        put_weights(rec, label, comp, text_state(comp, (states or {}).get(comp, model)), dtype)
     for pi, prompt in enumerate(prompts):
         stores: dict[str, dict] = {c: {} for c in encoders}
         ids: dict[str, list] = {}

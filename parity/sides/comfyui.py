@@ -18,13 +18,15 @@ What the harness adapts, at the boundary, none of it computing:
   --use-pytorch-cross-attention --disable-all-custom-nodes`` (SDPA: its sub-quadratic CPU attention is not
   reproduced by impl yet) and its folders (output, temp, user, input) under a temporary base directory of this
   process; ``sys.argv`` is restored.
-* ``torchvision`` / ``torchaudio``: modules outside SD3 import them at module level; where they are not installed,
-  empty stand-ins take their names while ComfyUI imports (an attribute read from them raises), and are gone after.
+* ``torchvision`` / ``torchaudio`` / ``av``: modules outside SD3 import them at module level; where they are not
+  installed, empty stand-ins take their names while ComfyUI imports (an attribute read from them raises), and are
+  gone after.
 * torch state ComfyUI sets on import (``allow_fp16_bf16_reduction_math_sdp``) is its own while ComfyUI runs and
   the caller's otherwise.
 * Sizes other than the released ones (the embedded models): its CLIP-L / CLIP-G / T5 JSON configs get the model's
   sizes through its own ``{clip_l,clip_g,t5xxl}_model_config`` model options; ``SD3ClipModel.load_sd`` (which
-  tells CLIP-G by a 31st layer) gets the files in the order it was given them; its VAE configuration
+  tells CLIP-G by a 31st layer) gets the files in the order it was given them, and ``comfy.sd.t5xxl_detect`` (which
+  finds T5-XXL by a 24th block, and with it the T5's dtype and quantization) the third; its VAE configuration
   (``ch``, ``ch_mult``, ``num_res_blocks``, hard-coded in ``comfy/sd.py``) takes the file's; ``get_cond``'s
   ``F.pad(..., 4096 - width)`` pads to the model's T5 width; a T5 whose vocabulary is not T5-XXL's uses the model's
   ``tokenizer_3`` instead of ComfyUI's bundled T5 tokenizer. Each adaptation made is listed in the report's notes.
@@ -64,7 +66,7 @@ ARGV = ("--cpu", "--use-pytorch-cross-attention", "--disable-all-custom-nodes")
 PACKAGES = ("comfy", "comfy_extras", "comfy_api", "comfy_execution", "comfy_config", "app", "nodes", "folder_paths",
             "comfyui_version", "node_helpers", "latent_preview", "server", "execution", "utils", "api_server",
             "comfy_api_nodes", "alembic_db", "middleware", "protocol", "hook_breaker_ac10a0", "cuda_malloc")
-STUBBED = ("torchvision", "torchaudio")
+STUBBED = ("torchvision", "torchaudio", "av")
 SAMPLERS = {"sai_euler": "euler", "sai_dpmpp_2m": "dpmpp_2m"}
 SCHEDULERS = {"sai": "normal", "sgm_uniform": "sgm_uniform", "simple": "simple"}
 CLIP_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "projection_dim",
@@ -291,6 +293,7 @@ def load_text(c: Comfy, text_model, notes: list[str]):
     """ComfyUI's CLIP object for the model's three encoder files (``comfy.sd.load_clip``, ``CLIPType.SD3``), or
     for a single file's ``text_encoders.*`` (``load_checkpoint_guess_config``'s CLIP output, as
     ``CheckpointLoaderSimple`` gives it)."""
+    from impl.quant import is_quantized
     from impl.weights import TEXT_WEIGHTS, safetensors_keys, weight_files
 
     if not text_model.has_t5:
@@ -304,6 +307,8 @@ def load_text(c: Comfy, text_model, notes: list[str]):
             raise Unsupported(f"{text_model.directory / sub}: {len(files)} weight files; ComfyUI loads one file per "
                               "text encoder")
         paths.append(str(files[0]))
+        if is_quantized(safetensors_keys(files[0])):
+            _refuse_old_scaled_fp8(c, files[0])
     sizes, size_notes = text_sizes(c, text_model.directory)
     options: dict = {}  # ComfyUI picks the text encoders' dtype itself (float16 unless --fp32-text-enc)
     order = iter(("clip_l", "clip_g", "t5xxl"))
@@ -316,13 +321,15 @@ def load_text(c: Comfy, text_model, notes: list[str]):
             es.enter_context(patched(c.long_clip, "model_options_long_clip", sized))
             es.enter_context(patched(c.sd3_clip.SD3ClipModel, "load_sd",
                                      lambda self, sd: getattr(self, next(order)).load_sd(sd)))
+            if hasattr(c.sd, "t5xxl_detect"):  # it finds T5-XXL by a 24th block; the T5 file is the third
+                es.enter_context(patched(c.sd, "t5xxl_detect", lambda data: c.sd3_clip.t5_xxl_detect(data[2])))
         local_t5 = es.enter_context(model_t5_tokenizer(c, text_model.directory))
         with running(c), contextlib.redirect_stdout(io.StringIO()):
             clip = c.sd.load_clip(ckpt_paths=paths, clip_type=c.sd.CLIPType.SD3, model_options=options)
     notes += size_notes
     if sizes:
         notes.append("ComfyUI SD3ClipModel.load_sd: the files given in the order CLIP-L, CLIP-G, T5 (it tells CLIP-G "
-                     "by a 31st layer)")
+                     "by a 31st layer); comfy.sd.t5xxl_detect reads the third (it finds T5-XXL by a 24th block)")
     if local_t5:
         notes.append(f"ComfyUI T5 tokenizer: {text_model.directory / 'tokenizer_3'} (not T5-XXL's vocabulary: "
                      "ComfyUI's bundled one does not fit it)")
@@ -335,6 +342,8 @@ def _load_single_file_text(c: Comfy, text_model, notes: list[str]):
     from impl.weights import safetensors_keys
 
     path = text_model.single_file
+    if any(k.startswith("text_encoders.") and k.endswith(".scaled_fp8") for k in safetensors_keys(path)):
+        _refuse_old_scaled_fp8(c, path)
     sizes, size_notes = text_sizes(c, text_model.directory)
     with contextlib.ExitStack() as es:
         local_t5 = es.enter_context(model_t5_tokenizer(c, text_model.directory))
@@ -476,8 +485,9 @@ class ComfySide:
             self._conditioning[prompt] = cond
             return out
         ids_at = {comp: m.get_input_embeddings() for comp, m in mods.items()}
+        states = {comp: _model_state(c, m, torch.float32) for comp, m in mods.items()}  # the CPU computes in float32
         return text_side(run.text_model.label, run.spec.prompts, mods, points, run_encode, "input", run.dtype,
-                         ids_at=ids_at)
+                         ids_at=ids_at, states=states)
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
@@ -486,6 +496,8 @@ class ComfySide:
                               "family)")
         sampler, scheduler = self.sampler(run)
         c = load(self.code)
+        if model.quantized:
+            _refuse_old_scaled_fp8(c, model.single_file)
         clip, width = self._clip(c, run)
         for p in (s.prompts[0], ""):
             if p not in self._conditioning:
@@ -596,17 +608,26 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _model_state(c: Comfy, net, compute: torch.dtype) -> dict:
-    """The MMDiT's parameters by name; a scaled-fp8 layer's weight as ComfyUI dequantizes it to compute in
-    ``compute`` (its ``QuantizedTensor.dequantize``, or before ``comfy.quant_ops`` its ``scaled_fp8_ops``
-    layer's ``convert_weight`` of the weight cast to that dtype), its scales and format left out."""
+    """A model's parameters by name; a scaled-fp8 layer's weight as ComfyUI dequantizes it to compute in
+    ``compute`` (its ``QuantizedTensor`` cast to that dtype and dequantized, or before ``comfy.quant_ops`` its
+    ``scaled_fp8_ops`` layer's ``convert_weight`` of the weight cast to it), its scales and format left out."""
     state = {k: v for k, v in net.state_dict().items() if not k.endswith(QUANT_KEYS)}
     for name, m in net.named_modules():
         weight = getattr(m, "weight", None)
         if c.quant is not None and isinstance(weight, c.quant.QuantizedTensor):
-            state[f"{name}.weight"] = weight.dequantize()
+            state[f"{name}.weight"] = weight.to(compute).dequantize()
         elif isinstance(weight, torch.Tensor) and weight.dtype in FP8 and hasattr(m, "scale_weight"):
             state[f"{name}.weight"] = m.convert_weight(weight.to(compute))
     return state
+
+
+def _refuse_old_scaled_fp8(c: Comfy, path) -> None:
+    if c.quant is None:
+        version = fingerprint(c.path).get("version", "unknown")
+        raise Unsupported(f"{path}: scaled fp8; a ComfyUI from before comfy/quant_ops.py (--comfyui {c.path}, "
+                          f"version {version}) computes scaled-fp8 layers with its scaled_fp8_ops: biases stored in "
+                          "float8, and the scale applied to the input instead of the weight when the weight is the "
+                          "larger; impl reproduces comfy/quant_ops.py's dequantized weights only")
 
 
 def _vae_state(first_stage) -> dict:

@@ -40,9 +40,9 @@ def load_stack(text_model, clip_l_projection: str = "file"):
                           f"projection_dim {clip_l.projection_dim} (width {clip_l.width}); diffusers cannot load it")
     prefix = PREFIXES["text_encoders"]
     state = {k[len(prefix):]: v for k, v in read_safetensors(text_model.single_file).items() if k.startswith(prefix)}
-    enc, _, notes = load_text_encoders(state, str(text_model.single_file), given, clip_l_projection)
+    enc, _, notes, quantized = load_text_encoders(state, str(text_model.single_file), given, clip_l_projection)
     stack = TextStack(BPEVocab.from_dir(d / "tokenizer"), SentencePieceModel.load(d / "tokenizer_3" / "spiece.model"),
-                      enc["clip_l"], enc["clip_g"], enc["t5"])
+                      enc["clip_l"], enc["clip_g"], enc["t5"], quantized)
     return stack, notes
 
 
