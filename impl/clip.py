@@ -131,7 +131,7 @@ class ClipTextEncoder(nn.Module):
             states.append(x)
         last = self.text_model.final_layer_norm(x)
         index = pooled_index(ids, pool, self.config.eos_id)
-        pooled = last[torch.arange(last.shape[0]), index]
+        pooled = last[torch.arange(last.shape[0], device=last.device), index]
         return ClipOutput(last, states[-2], pooled, self.text_projection(pooled))
 
 

@@ -39,16 +39,20 @@ class RMSNorm(nn.Module):
     """RMS norm. ``form="upcast"``: as transformers' T5LayerNorm and diffusers' RMSNorm compute it (variance in
     float32, the input scaled by its rsqrt, cast to the weight's dtype when that is half precision, then times
     the weight). ``form="native"``: as the SD3.5 reference's qk-norm (everything in the input dtype, the weight
-    cast to it; QUIRKS M6). Used by the T5 encoder and as the MMDiT qk-norm."""
+    cast to it; QUIRKS M6). ``form="fused"``: torch's ``F.rms_norm`` with the weight cast to the input dtype, as
+    ComfyUI's qk-norm (one kernel on CUDA: float32 inside, one rounding). Used by the T5 encoder and as the MMDiT
+    qk-norm."""
 
     def __init__(self, dim: int, eps: float, form: str = "upcast"):
         super().__init__()
-        if form not in ("upcast", "native"):
-            raise ValueError(f"RMSNorm form {form!r}: expected 'upcast' or 'native'")
+        if form not in ("upcast", "native", "fused"):
+            raise ValueError(f"RMSNorm form {form!r}: expected 'upcast', 'native' or 'fused'")
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.form = eps, form
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.form == "fused":
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
         if self.form == "native":
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
             return x * self.weight.to(x.dtype)  # the normed dtype: float32 under autocast (pow/rsqrt)

@@ -12,7 +12,8 @@ compute the same function with different op orders; ``MMDiTOptions`` picks one (
   per-head (B, H, L, E) view) or ``native`` (the SD3.5 reference: all in the input dtype, on the per-token
   (B, L, H, E) view). Equal in float32. The view matters in half precision: CPU half ``rsqrt`` rounds some
   elements differently by where they fall in the kernel's vector loop (measured: 11 of 924 values), so the
-  reference's layout is part of its form.
+  reference's layout is part of its form. ``fused`` (ComfyUI): torch's ``F.rms_norm`` on the per-token view; on
+  the CPU in float32 it equals ``native``, on CUDA it is one kernel that rounds once, in float32 too.
 
 Shapes: B batch, N image tokens, M context tokens, D hidden, H heads, E head dim (64 in every released model).
 """
@@ -84,7 +85,7 @@ class MMDiTConfig:
 class MMDiTOptions:
     attention_order: str = "image_first"  # "image_first" (diffusers) or "context_first" (SD3.5 reference)
     qkv: str = "split"  # "split" (diffusers) or "fused" (SD3.5 reference)
-    qk_norm: str = "upcast"  # "upcast" (diffusers) or "native" (SD3.5 reference)
+    qk_norm: str = "upcast"  # "upcast" (diffusers), "native" (SD3.5 reference) or "fused" (ComfyUI: F.rms_norm)
     casts: str = "cast_back"  # N3: diffusers' explicit casts back to the input dtype, or "promote" (the SD3.5 code)
     modulate: str = "mul_add"  # x * (1 + scale) + shift, or "addcmul": torch.addcmul(shift, x, 1 + scale) (ComfyUI)
 
@@ -93,8 +94,8 @@ class MMDiTOptions:
             raise ValueError(f"attention_order {self.attention_order!r}: expected 'image_first' or 'context_first'")
         if self.qkv not in ("split", "fused"):
             raise ValueError(f"qkv {self.qkv!r}: expected 'split' or 'fused'")
-        if self.qk_norm not in ("upcast", "native"):
-            raise ValueError(f"qk_norm {self.qk_norm!r}: expected 'upcast' or 'native'")
+        if self.qk_norm not in ("upcast", "native", "fused"):
+            raise ValueError(f"qk_norm {self.qk_norm!r}: expected 'upcast', 'native' or 'fused'")
         if self.casts not in ("cast_back", "promote"):
             raise ValueError(f"casts {self.casts!r}: expected 'cast_back' or 'promote'")
         if self.modulate not in ("mul_add", "addcmul"):
@@ -102,11 +103,11 @@ class MMDiTOptions:
 
 
 class QKNorm(RMSNorm):
-    """The qk RMSNorm on per-head (B, H, L, E) tensors. The ``native`` form computes on the per-token view
-    (B, L, H, E) of the same memory, as the reference does; inputs and outputs stay per head."""
+    """The qk RMSNorm on per-head (B, H, L, E) tensors. The ``native`` and ``fused`` forms compute on the per-token
+    view (B, L, H, E) of the same memory, as the SD3.5 code and ComfyUI do; inputs and outputs stay per head."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.form == "native":
+        if self.form in ("native", "fused"):
             return super().forward(x.transpose(1, 2)).transpose(1, 2)
         return super().forward(x)
 
@@ -266,7 +267,7 @@ class FinalLayer(nn.Module):
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """(B,) float timesteps (0..1000) -> (B, dim) float32 [cos | sin] features."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

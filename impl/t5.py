@@ -79,7 +79,7 @@ class SelfAttention(nn.Module):
         """The additive position bias of ``n`` tokens; ``table`` (L, L, H): the looked-up bucket embeddings to use
         instead of this layer's lookup (teacher forcing gives the reference's)."""
         if table is None:
-            pos = torch.arange(n, dtype=torch.long)
+            pos = torch.arange(n, dtype=torch.long, device=self.relative_attention_bias.weight.device)
             bucket = relative_bucket(pos[None, :] - pos[:, None], self.c.num_buckets, self.c.max_distance)
             table = self.relative_attention_bias(bucket)
         return table.permute(2, 0, 1).unsqueeze(0)

@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: impl against the references, measured in one run on the same thread count.
 
-    python -m parity.bench text|image|check|memory|overhead [--threads N] [--repeats N]
+    python -m parity.bench text|image|check|memory|overhead|comfyui [--threads N] [--repeats N] [--device D]
 
 Prints ratios (impl time / reference time; below 1.0 means impl is faster). Each pair is timed interleaved
 (impl, reference, impl, ...) after a warm-up, and the median of the repeats is reported, so drift of the
@@ -9,6 +9,8 @@ machine affects both sides alike. Outputs are compared as well, so a fast but wr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import random
 import statistics
 import time
@@ -150,6 +152,98 @@ def bench_mmdit(repeats: int) -> list[str]:
             f"   bitwise equal: {same}"]
 
 
+def bench_comfyui(repeats: int, device: str) -> list[str]:
+    """impl's MMDiT against ComfyUI's own on ``device`` (ComfyUI imported for it, its model management moving the
+    model there): the embedded families (bitwise equality of one call) and a 12-block model (equality and times),
+    float32 and bfloat16 as ComfyUI loads them; and the dtypes and attention ComfyUI picks on that device."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from impl import embedded
+    from impl.mmdit import MMDiT, MMDiTConfig
+    from parity import flags as F
+    from parity.embedded import single_file
+    from parity.sides import comfyui as C
+
+    code = C.code_dir(None)
+    if code is None:
+        raise SystemExit(f"no ComfyUI checkout: set ${C.ENV}")
+    gpu = device != "cpu"
+    c = C.load(code, gpu=gpu)
+    mm = __import__("comfy.model_management", fromlist=["x"])
+    attention = __import__("comfy.ldm.modules.attention", fromlist=["x"])
+    lines = [f"ComfyUI {C.fingerprint(code).get('version')} on {device}: its device {mm.get_torch_device()}, text "
+             f"encoders {mm.text_encoder_dtype()}, vae {mm.vae_dtype()}, attention "
+             f"{attention.optimized_attention.__name__}, tf32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+             f"cudnn tf32 {torch.backends.cudnn.allow_tf32}"]
+    options = F.image_options(F.profile_values("comfyui"))["mmdit"]
+    big = MMDiTConfig(depth=12, hidden=768, heads=12, pos_embed_max_size=96, qk_norm=True, context_dim=4096,
+                      pooled_dim=2048)
+    tmp = Path(tempfile.mkdtemp(prefix="sd3parity-bench-"))
+    model = MMDiT(big).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        model.pos_embed.normal_(0, 0.5)
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()},
+              tmp / "big.safetensors")
+    cases = [(f, single_file(f), embedded.MMDIT[f], 8) for f in ("sd3-medium", "sd3.5-large", "sd3.5-medium")]
+    cases.append(("12 blocks x 768", tmp / "big.safetensors", big, 64))  # latent side 64: 1024 image tokens
+    from impl.weights import load_strict, read_safetensors
+
+    for label, path, config, side in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            with C.running(c), contextlib.redirect_stdout(io.StringIO()):
+                patcher = c.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False,
+                                                            model_options={"dtype": dtype})[0]
+                mm.load_models_gpu([patcher])
+            theirs = patcher.model.diffusion_model
+            dev = next(theirs.parameters()).device
+            ours = MMDiT(config, options)
+            load_strict(ours, {k.removeprefix("model.diffusion_model."): v for k, v in
+                               read_safetensors(path).items() if k.startswith("model.diffusion_model.")}, str(path))
+            compute = patcher.model.manual_cast_dtype or dtype
+            if compute != dtype:  # stored in dtype, computed in compute (half_compute=float32)
+                ours.to(dtype)
+            ours = ours.to(device=dev, dtype=compute).eval()
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(1, config.in_channels, side, side, generator=g).to(dev, compute)
+            t = torch.tensor([700.0], device=dev)
+            ctx = torch.randn(1, 154, config.context_dim, generator=g).to(dev, compute)
+            y = torch.randn(1, config.pooled_dim, generator=g).to(dev, compute)
+
+            def comfy_call():
+                with C.running(c):
+                    return theirs(x, t, context=ctx, y=y)
+
+            def impl_call():
+                return ours(x, t, y, ctx)
+            with torch.no_grad():
+                a, b = impl_call(), comfy_call()
+                same = torch.equal(a, b)
+                err = (a.float() - b.float()).abs().max().item()
+                tm = interleaved({"impl": lambda: _sync(impl_call, dev), "comfyui": lambda: _sync(comfy_call, dev)},
+                                 repeats)
+            lines.append(f"  {label:<16} {str(dtype):<15} computes in {str(compute):<15} bitwise equal: {same!s:<5} "
+                         f"max abs {err:.3g}  impl {tm['impl'] * 1e3:7.2f} ms  ComfyUI {tm['comfyui'] * 1e3:7.2f} ms  "
+                         f"impl/ComfyUI {tm['impl'] / tm['comfyui']:.2f}x")
+            mm.unload_all_models()
+    for f in tmp.iterdir():
+        f.unlink()
+    os.rmdir(tmp)
+    return lines
+
+
+def _sync(fn, device):
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out
+
+
 _BARE = """
 import sys, torch
 from diffusers import StableDiffusion3Pipeline
@@ -258,8 +352,9 @@ def bench_overhead(repeats: int, threads: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("text", "image", "check", "memory", "overhead"))
+    ap.add_argument("what", choices=("text", "image", "check", "memory", "overhead", "comfyui"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="comfyui: the device both sides run on (cpu, cuda)")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -269,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
                  "image": lambda: bench_mmdit(args.repeats),
                  "check": lambda: bench_check(args.repeats, args.threads),
                  "memory": lambda: bench_memory(args.threads),
-                 "overhead": lambda: bench_overhead(args.repeats, args.threads)}[args.what]()
+                 "overhead": lambda: bench_overhead(args.repeats, args.threads),
+                 "comfyui": lambda: bench_comfyui(args.repeats, args.device)}[args.what]()
         for line in lines:
             print(line)
 

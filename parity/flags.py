@@ -98,7 +98,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("qkv_fusion", "M4", ("split", "fused"), "split", "fused",
          "diffusers to_q/to_k/to_v (the converter splits the fused weight); sd3.5 SelfAttention.qkv one Linear",
          "q, k, v by GEMM blocking (ulps; equal on the tiny embedded sizes)", "image"),
-    Flag("qk_norm_form", "M6", ("upcast", "native"), "upcast", "native",
+    Flag("qk_norm_form", "M6", ("upcast", "native", "fused"), "upcast", "native",
          "diffusers RMSNorm: float32 variance, cast to weight dtype, times weight (per head); sd3.5 mmditx.RMSNorm in "
          "the input dtype, on the per-token (B, L, H, E) view",
          "qk-norm outputs in half precision (equal in float32)", "image"),
@@ -220,8 +220,11 @@ COMFYUI: dict[str, tuple[Any, str]] = {
                              "unless --fp32-text-enc (weights cast per op by comfy.ops.manual_cast)"),
     "attention_order": ("context_first", C + "comfy/ldm/modules/diffusionmodules/mmdit.py:621 cat((context, x))"),
     "qkv_fusion": ("fused", C + "comfy/ldm/modules/diffusionmodules/mmdit.py SelfAttention.qkv one Linear"),
-    "qk_norm_form": ("native", C + "mmdit.py RMSNorm (float32 runs: both forms equal; half precision: not yet "
-                     "reproduced)"),
+    "qk_norm_form": ("fused", C + "comfy/ldm/modules/diffusionmodules/mmdit.py:345-346 RMSNorm -> "
+                     "comfy/ldm/common_dit.py rms_norm: torch.nn.functional.rms_norm, the weight cast to the input "
+                     "dtype; on the CPU in float32 equal to native (bitwise, every float32 test), on CUDA one kernel: "
+                     "native diverged from ComfyUI there (H200, torch 2.11: 9.5e-7 in float32, 0.016 in bfloat16; "
+                     "fused not yet run on CUDA)"),
     "casts": ("sai", C + "comfy/ldm/modules/diffusionmodules/mmdit.py, from the SD3.5 code"),
     "modulate": ("addcmul", C + "comfy/ldm/modules/diffusionmodules/mmdit.py:109-112 "
                  "torch.addcmul(shift, x, 1 + scale)"),

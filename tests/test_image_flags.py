@@ -14,6 +14,7 @@ FLIPS = [  # (flag, run options, first divergence (component, layer, step) or No
     ("attention_order=context_first", {}, ("mmdit", "block.0.context.attn.proj", 0)),  # M3: the joint softmax order
     ("qk_norm_form=native", {"dtype": "bfloat16"}, ("mmdit", "block.0.x.attn.ln_q", 0)),  # M6: half precision
     ("qk_norm_form=native", {}, None),  # M6: the same operations in float32
+    ("qk_norm_form=fused", {"dtype": "bfloat16"}, ("mmdit", "block.0.x.attn.ln_q", 0)),  # M6: F.rms_norm rounds once
     ("sampler=sai_euler", {}, ("sampler", "latent", 0)),  # S1/S6: step 0's update
     ("sampler=sai_dpmpp_2m", {}, ("sampler", "latent", 0)),
     ("schedule=sai", {"steps": 4}, ("sampler", "sigmas", None)),  # S3

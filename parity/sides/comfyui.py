@@ -120,7 +120,7 @@ class Comfy(types.SimpleNamespace):
     ``sd3_clip``, ``long_clip``, ``folder_paths``, its ``path`` and the torch ``state`` it chose."""
 
 
-_LOADED: dict = {}  # path -> Comfy (one checkout per process; another one replaces it)
+_LOADED: dict = {}  # (path, gpu) -> Comfy (one import per process; another one replaces it)
 
 
 def _purge() -> None:
@@ -137,9 +137,10 @@ def _set_torch_state(allowed: bool) -> None:
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
 
 
-def load(d: Path) -> Comfy:
-    """ComfyUI from ``d``, imported once per process (its modules stay loaded; torch state is restored)."""
-    key = str(d.resolve())
+def load(d: Path, gpu: bool = False) -> Comfy:
+    """ComfyUI from ``d``, imported once per process (its modules stay loaded; torch state is restored); with
+    ``gpu``, without ``--cpu``: its model management then picks the GPU and its dtypes for it."""
+    key = (str(d.resolve()), gpu)
     if key in _LOADED:
         return _LOADED[key]
     _LOADED.clear()
@@ -156,8 +157,8 @@ def load(d: Path) -> Comfy:
         stand_in = _Stand_in()
         sys.meta_path.insert(0, stand_in)
     saved_argv, saved_state = sys.argv, _torch_state()
-    sys.argv = ["comfyui", *ARGV, "--base-directory", str(base)]
-    sys.path.insert(0, key)
+    sys.argv = ["comfyui", *(a for a in ARGV if not (gpu and a == "--cpu")), "--base-directory", str(base)]
+    sys.path.insert(0, key[0])
     try:
         import comfy.options
 
@@ -179,7 +180,7 @@ def load(d: Path) -> Comfy:
         raise Unsupported(f"--comfyui {d}: ComfyUI does not import: {type(e).__name__} {e}") from None
     finally:
         sys.argv = saved_argv
-        sys.path.remove(key)
+        sys.path.remove(key[0])
         if stand_in is not None:  # ComfyUI's modules keep the ones they imported; nothing else sees them
             sys.meta_path.remove(stand_in)
             for name in [n for n in sys.modules if n.split(".")[0] in STUBBED]:
