@@ -16,7 +16,7 @@ from torch import Tensor
 
 from impl import sampling
 from impl.autocast import CudaAutocastFp16
-from impl.text import TextSettings, TextStack, encode_prompt
+from impl.text import TextSettings, TextStack, encode_prompt, unpadded_empty
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +28,7 @@ class PipelineSettings:
     strength: float = 0.6  # img2img: diffusers' strength, the reference's denoise
     uint8: str = "round"  # V3: "round" (diffusers) or "truncate" (the reference)
     autocast: bool = False  # N2/V2: the sampler and the VAE under CUDA autocast's float16 policy (the reference)
+    unpadded_negative: bool = False  # the empty negative without padding (ComfyUI's CLIPTextEncodeSD3 "none")
 
 
 @dataclass
@@ -48,7 +49,13 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
         raise ValueError(f"uint8 {s.uint8!r}: expected 'round' or 'truncate'")
     model, vae = model.to(ss.dtype), vae.to(ss.dtype)
     text_dtype = text.encoder_dtype or ss.dtype  # the reference's get_cond returns its float32 encoders' output
-    cond, unc = (encode_prompt(stack, p, text, text_dtype, model.config.context_dim) for p in (prompt, negative))
+    cond = encode_prompt(stack, prompt, text, text_dtype, model.config.context_dim)
+    if s.unpadded_negative:
+        if negative:
+            raise ValueError("unpadded_negative encodes the empty negative; the negative is not empty")
+        unc = sampling.Conditioning(*unpadded_empty(stack, text, text_dtype, model.config.pooled_dim))
+    else:
+        unc = encode_prompt(stack, negative, text, text_dtype, model.config.context_dim)
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     f = vae.config.downscale
     shape = (1, model.config.in_channels, s.height // f, s.width // f)

@@ -230,6 +230,18 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
     return Conditioning(context, pooled, ids, outs["clip-l"], outs["clip-g"], t5_hidden)
 
 
+def unpadded_empty(stack: TextStack, s: TextSettings, dtype: torch.dtype, pooled_width: int) -> tuple[Tensor, Tensor]:
+    """(context, pooled) of three empty texts encoded without padding (ComfyUI's ``CLIPTextEncodeSD3`` with
+    ``empty_padding="none"``): no CLIP rows; T5 runs its empty sequence, the end token alone, as one row; the pooled
+    vector is zeros, ``pooled_width`` wide."""
+    if stack.t5 is None:
+        raise ValueError("an unpadded empty prompt is T5's end token alone; this model has no T5")
+    tok = stack.t5_tokenizer(s.t5_mode)
+    hidden = stack.encoder("t5", s.encoder_dtype or dtype, s.weight_storage)(
+        torch.tensor([[tok.eos_id]]), attention=s.t5_attention, activation=s.t5_activation)
+    return hidden.to(dtype), torch.zeros(1, pooled_width, dtype=dtype)
+
+
 def conditioning(l_out: ClipOutput, g_out: ClipOutput, t5_hidden: Tensor | None, s: TextSettings, dtype: torch.dtype,
                  width: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(context, pooled, T5 rows) in ``dtype`` from the encoders' outputs: T5's last hidden state, or without T5

@@ -34,7 +34,7 @@ def spec_from(args):
              dtype=args.dtype, threads=args.threads, text_only=args.text_only, families=tuple(args.family or ()),
              steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift, height=height, width=width,
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
-             negative_zero=args.negative_zero,
+             negative_zero=args.negative_zero, empty_padding=args.empty_padding,
              sai_code=args.sai_code, comfyui=getattr(args, "comfyui", None), max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
              tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
@@ -63,6 +63,7 @@ def from_workflow(s, path: str):
         fields["slg"] = w.slg
     if w.negative_zero is not None:
         fields["negative_zero"] = w.negative_zero
+    fields["empty_padding"] = w.empty_padding
     return replace(s, **fields)
 
 
@@ -358,6 +359,10 @@ def _run_options(p, check: bool = True) -> None:
                    help="comfyui: the negative as ComfyUI's older SD3 workflows build it: the empty prompt until "
                    "FRACTION of the schedule (ConditioningSetTimestepRange), then ConditioningZeroOut's zeros; 0: "
                    "zeros throughout (default: the empty prompt throughout)")
+    p.add_argument("--empty-padding", choices=("empty_prompt", "none"), default="empty_prompt",
+                   help="comfyui: the empty negative as CLIPTextEncodeSD3 encodes it with this empty_padding; none: "
+                   "no CLIP rows, T5's end token alone, a zero pooled vector (default empty_prompt, as "
+                   "CLIPTextEncode)")
     p.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the reference of the sai "
                    "profile (default: $SD3PARITY_SAI_CODE)")
     p.add_argument("--comfyui", metavar="DIR", help="a local ComfyUI checkout: the reference of the comfyui profile "

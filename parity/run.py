@@ -59,6 +59,7 @@ class Spec:
     strength: float = 0.6
     slg: tuple[int, ...] = ()
     negative_zero: float | None = None  # ComfyUI's zeroed negative from this fraction of the schedule (0: always)
+    empty_padding: str = "empty_prompt"  # the negative by CLIPTextEncodeSD3 with this empty_padding ("none": unpadded)
     sai_code: str | None = None
     comfyui: str | None = None  # a ComfyUI checkout (the comfyui profile's reference)
     workflow: str | None = None  # a ComfyUI workflow whose settings the other fields took (parity.workflow)
@@ -114,6 +115,10 @@ def validate(s: Spec) -> None:
          f"--negative-zero: ConditioningZeroOut and timestep ranges are ComfyUI's; the {s.profile} reference has no "
          "zeroed negative (use --profile comfyui)")
     need(not (s.text_only and s.negative_zero is not None), "--text-only runs no image: drop --negative-zero")
+    need(s.empty_padding in ("empty_prompt", "none"), f"--empty-padding {s.empty_padding!r}: empty_prompt or none")
+    need(s.empty_padding == "empty_prompt" or s.profile == "comfyui" or s.reference_dump is not None,
+         f"--empty-padding none: CLIPTextEncodeSD3's unpadded empty prompt is ComfyUI's; the {s.profile} reference "
+         "pads the empty negative (use --profile comfyui)")
     need(not (s.reference_dump and s.noise_floor), "--noise-floor reruns the reference; a dump cannot be rerun")
     for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code),
                        ("--comfyui", s.comfyui),

@@ -5,7 +5,8 @@ Both formats ComfyUI saves are read: the API format (``{"3": {"class_type": "KSa
 [...], "inputs": [{"name": "model", "link": 9}, ...]}], "links": [[9, from, slot, to, slot, type], ...]}``), whose
 widget values are positional in the order of ``WIDGETS``. The run's settings come from the one ``KSampler`` and
 what feeds it: its seed, steps, cfg, sampler and scheduler, denoise; the prompt of the ``CLIPTextEncode`` on its
-positive input; the negative, which must be the empty prompt, its ``ConditioningZeroOut``, or the older SD3
+positive input; the negative, which must be the empty prompt (``CLIPTextEncode``, or ``CLIPTextEncodeSD3`` with
+three empty texts: its ``empty_padding`` is ``--empty-padding``), its ``ConditioningZeroOut``, or the older SD3
 workflows' ``ConditioningCombine`` of the empty prompt on ``ConditioningSetTimestepRange(0, p)`` and its zeros on
 ``(p, 1)`` (``--negative-zero``); the size of an
 ``EmptySD3LatentImage`` or, through ``VAEEncode``, img2img from a ``LoadImage`` (the picture itself is ``--image``);
@@ -31,6 +32,7 @@ WIDGETS = {
     "CheckpointLoaderSimple": ("ckpt_name",),
     "LoadImage": ("image", "upload"),
     "ConditioningSetTimestepRange": ("start", "end"),
+    "CLIPTextEncodeSD3": ("clip_l", "clip_g", "t5xxl", "empty_padding"),
 }
 SAMPLERS = {"euler": "sai_euler", "dpmpp_2m": "sai_dpmpp_2m"}  # KSampler sampler_name -> the sampler flag
 SCHEDULERS = {"normal": "sai", "sgm_uniform": "sgm_uniform", "simple": "simple"}  # -> the schedule flag
@@ -57,6 +59,7 @@ class Settings:
     shift: float | None = None
     slg: tuple[int, ...] = ()
     negative_zero: float | None = None  # the zeroed negative (``--negative-zero``)
+    empty_padding: str = "empty_prompt"  # the negative's CLIPTextEncodeSD3 empty_padding (``--empty-padding``)
     notes: list[str] = field(default_factory=list)
 
 
@@ -127,7 +130,16 @@ def settings(path: str | Path) -> Settings:
                               "ConditioningZeroOut and the timestep ranges of the older SD3 workflows)")
         return str(n.values.get("text", ""))
 
+    padding = []  # the empty_padding of a CLIPTextEncodeSD3 negative
+
     def empty(n: Node, what: str) -> None:
+        if n.type == "CLIPTextEncodeSD3":
+            texts = [str(n.values.get(k, "")) for k in ("clip_l", "clip_g", "t5xxl")]
+            if any(texts):
+                raise Unsupported(f"--workflow {path}: CLIPTextEncodeSD3 {n.id} ({what}) has the texts {texts}; the "
+                                  "harness runs the empty negative")
+            padding.append(str(n.values.get("empty_padding", "none")))
+            return
         t = text(n, what)
         if t != "":
             raise Unsupported(f"--workflow {path}: the negative prompt {t[:40]!r} ({what}); the harness runs the "
@@ -169,6 +181,9 @@ def settings(path: str | Path) -> Settings:
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"--workflow {path}: KSampler {k.id}: {type(e).__name__} {e}") from None
     out.negative_zero = zero
+    if len(set(padding)) > 1:
+        raise Unsupported(f"--workflow {path}: the negative's CLIPTextEncodeSD3 nodes differ in empty_padding")
+    out.empty_padding = padding[0] if padding else "empty_prompt"
     latent = source(k, "latent_image")
     if latent.type == "EmptySD3LatentImage":
         if int(latent.values.get("batch_size", 1)) != 1:

@@ -63,8 +63,10 @@ def comfy(cache=None, **options):
     {"dtype": "float16", "families": ("sd3.5-large",), "prompts": ("a photo of a cat",)},
     {"families": ("sd3.5-medium",), "steps": 6, "negative_zero": 0.1},  # the older SD3 workflows' negative
     {"families": ("sd3-medium",), "steps": 3, "negative_zero": 0.0},  # ConditioningZeroOut throughout
+    {"families": ("sd3.5-medium",), "steps": 4, "empty_padding": "none"},  # CLIPTextEncodeSD3: T5's end token
+    {"families": ("sd3-medium",), "steps": 6, "empty_padding": "none", "negative_zero": 0.1},
 ], ids=["default", "dpmpp_2m-normal", "simple-cfg1", "cfg-below-1", "long-prompt", "bfloat16", "slg", "img2img",
-        "float16", "negative-zeroed-from-0.1", "negative-zeroed"])
+        "float16", "negative-zeroed-from-0.1", "negative-zeroed", "negative-unpadded", "negative-unpadded-zeroed"])
 def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache, image):
     report = comfy(ref_cache, **with_image(options, image))
     assert report.first_divergence is None and not report.failures
@@ -218,20 +220,22 @@ def test_scaled_fp8_single_file_with_its_text_encoders(tmp_path, ref_cache):
     assert {"t5", "mmdit", "vae"} <= {r["component"] for r in report.records}
 
 
-def test_zeroed_negative_reaches_impl(tmp_path, capsys):
-    """impl's own records with and without --negative-zero 0.1 (8 steps, shift 3: sigma 1.0 at step 0 lies above
-    percent_to_sigma(0.1) = 0.964, the rest below): they part at step 1's negative context, which is zeros."""
+@pytest.mark.parametrize("option, step", [(["--negative-zero", "0.1"], 1), (["--empty-padding", "none"], 0)])
+def test_negative_options_reach_impl(option, step, tmp_path, capsys):
+    """impl's own records with and without the option part at the negative's context: --negative-zero 0.1 (8 steps,
+    shift 3: sigma 1.0 at step 0 lies above percent_to_sigma(0.1) = 0.964, the rest below) at step 1, where it
+    becomes zeros; --empty-padding none at step 0, one T5 row instead of 154."""
     dumps = []
-    for extra in ([], ["--negative-zero", "0.1"]):
+    for extra in ([], option):
         dumps.append(tmp_path / f"d{len(dumps)}")
         assert main(["dump", "--profile", "comfyui", "--family", "sd3.5-medium", "--prompt", "a cat", "--steps", "8",
                      "--out", str(dumps[-1]), *extra]) == 0
     capsys.readouterr()
-    assert main(["compare-dumps", str(dumps[1]), str(dumps[0]), "--json"]) == 1
+    assert main(["compare-dumps", str(dumps[1]), str(dumps[0]), "--json", "--strict"]) == 1
     import json
 
     fd = json.loads(capsys.readouterr().out)["first_divergence"]
-    assert (fd["component"], fd["layer"], fd["step"], fd["branch"]) == ("sampler", "input.context", 1, "uncond")
+    assert (fd["component"], fd["layer"], fd["step"], fd["branch"]) == ("sampler", "input.context", step, "uncond")
 
 
 def test_negative_at_follows_comfyuis_timestep_ranges():
@@ -254,6 +258,8 @@ def test_negative_at_follows_comfyuis_timestep_ranges():
 def test_negative_zero_is_comfyuis(capsys):
     assert main(["check", "--family", "sd3.5-medium", "--negative-zero", "0.1"]) == 2
     assert "the diffusers reference has no zeroed negative" in capsys.readouterr().err
+    assert main(["check", "--family", "sd3.5-medium", "--empty-padding", "none"]) == 2
+    assert "the diffusers reference pads the empty negative" in capsys.readouterr().err
     assert main(["check", "--profile", "comfyui", "--negative-zero", "1.5"]) == 2
     assert "in [0, 1)" in capsys.readouterr().err
 
@@ -440,6 +446,24 @@ def zero_out(w: dict, start: float | None = None) -> dict:
                                                                 "conditioning_2": ["43", 0]}}
     w["3"]["inputs"]["negative"] = ["44", 0]
     return w
+
+
+@pytest.mark.parametrize("padding", ["none", "empty_prompt"])
+def test_clip_text_encode_sd3_negatives_are_read(tmp_path, capsys, padding):
+    import json
+
+    from parity.workflow import settings
+
+    w = json.loads((DATA / "workflow-api.json").read_text())
+    w["40"] = {"class_type": "CLIPTextEncodeSD3", "inputs": {"clip_l": "", "clip_g": "", "t5xxl": "",
+                                                              "empty_padding": padding, "clip": ["4", 1]}}
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(zero_out(w, 0.1)))
+    assert (settings(path).empty_padding, settings(path).negative_zero) == (padding, 0.1)
+    w["40"]["inputs"]["t5xxl"] = "blurry"
+    path.write_text(json.dumps(w))
+    assert main(["check", "--profile", "comfyui", "--workflow", str(path)]) == 3
+    assert "has the texts ['', '', 'blurry']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("start, expected", [(None, 0.0), (0.1, 0.1)])

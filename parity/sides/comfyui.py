@@ -446,7 +446,7 @@ class ComfySide:
         s = run.spec
         return (str(self.code), s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps,
                 s.guidance, s.seed, s.height, s.width, s.shift, s.image, s.strength, s.slg, s.text_only,
-                s.negative_zero, self.sampler(run))
+                s.negative_zero, s.empty_padding, self.sampler(run))
 
     def sources(self, run) -> dict:
         return {"files": run.sources(single_files=True), "comfyui": fingerprint(self.code)}
@@ -536,6 +536,8 @@ class ComfySide:
                     (folder / name).unlink(missing_ok=True)
                 latent = _node(c.nodes.VAEEncode().encode(vae, pixels))[0]
             negative = self._conditioning[""]
+            if s.empty_padding == "none":
+                negative = unpadded_negative(c, clip, width, model.mmdit.pooled_dim, run.notes)
             if s.negative_zero is not None:
                 negative = zeroed_negative(c, negative, s.negative_zero, run.notes)
             sampled = _node(c.nodes.KSampler().sample(patcher, s.seed, s.steps, s.guidance, sampler, scheduler,
@@ -586,6 +588,24 @@ class ComfySide:
                 es.enter_context(patched(ks, n, wrap(getattr(ks, n))))
             es.enter_context(patched(c.samplers.KSampler, "calculate_sigmas", observed))
             yield
+
+
+def unpadded_negative(c: Comfy, clip, width: int, pooled_dim: int, notes: list[str]):
+    """The ``CLIPTextEncodeSD3`` node on three empty texts with ``empty_padding="none"``. Its zero pooled vector is
+    2048 wide whatever the encoders (``torch.zeros((1, 768 + 1280))`` in ``sd3_clip.py``): for a model of another
+    pooled width (the embedded ones) it is cut to that width, zeros either way, and the notes say so."""
+    with running(c), joint_width(width):
+        cond = _node(c.nodes_sd3.CLIPTextEncodeSD3.execute(clip, "", "", "", "none"))[0]
+    notes.append("ComfyUI negative: CLIPTextEncodeSD3 with three empty texts, empty_padding none")
+    pooled = cond[0][1]["pooled_output"]
+    if pooled.shape[-1] != pooled_dim:
+        if pooled.any():
+            raise Unsupported(f"ComfyUI's unpadded empty pooled vector is {pooled.shape[-1]} wide and not zeros; the "
+                              f"model's is {pooled_dim} wide")
+        cond = [[t, {**d, "pooled_output": d["pooled_output"][..., :pooled_dim]}] for t, d in cond]
+        notes.append(f"ComfyUI negative: its zero pooled vector ({pooled.shape[-1]} wide, the released encoders') cut "
+                     f"to the model's {pooled_dim}")
+    return cond
 
 
 def zeroed_negative(c: Comfy, negative, fraction: float, notes: list[str]):

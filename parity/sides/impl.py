@@ -178,7 +178,8 @@ class ImplSide:
         run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
         ss = sampler_settings(run, model)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
-                              uint8=opts["uint8"], autocast=opts["autocast"])
+                              uint8=opts["uint8"], autocast=opts["autocast"],
+                              unpadded_negative=s.empty_padding == "none")
         image, start, plan = None, 0, ss
         if init is not None:  # the layout of each reference's preprocessing (S7)
             to_tensor = sampling.sai_image_to_tensor if form.img2img == "noise_scaling" else sampling.image_to_tensor
