@@ -303,20 +303,24 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: not a directory (expected a diffusers-layout SD3/SD3.5 model)")
-    encoders, quantized = [], {}
-    for sub in ("text_encoder", "text_encoder_2"):
+    quantized = {}
+
+    def weights(sub: str, name: str) -> dict:
+        state = read_weights_dir(d / sub, TEXT_WEIGHTS)
+        if quant.is_quantized(state):  # dequantized in float32, as the encoders compute
+            state, quantized[name] = quant.dequantize(state, torch.float32, str(d / sub))
+        return state
+    encoders = []
+    for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
         cfg = ClipConfig.from_hf(read_config(d / sub / "config.json"), str(d / sub / "config.json"))
         model = ClipTextEncoder(cfg)
-        load_strict(model, read_weights_dir(d / sub, TEXT_WEIGHTS), str(d / sub), drop=CLIP_DROP)
+        load_strict(model, weights(sub, name), str(d / sub), drop=CLIP_DROP)
         encoders.append(model)
     t5 = None
     if (d / "text_encoder_3").is_dir():
         cfg = T5Config.from_hf(read_config(d / "text_encoder_3" / "config.json"), str(d / "text_encoder_3" / "config.json"))
         t5 = T5Encoder(cfg)
-        state = read_weights_dir(d / "text_encoder_3", TEXT_WEIGHTS)
-        if quant.is_quantized(state):  # dequantized in float32, as the encoders compute
-            state, quantized["t5"] = quant.dequantize(state, torch.float32, str(d / "text_encoder_3"))
-        load_strict(t5, state, str(d / "text_encoder_3"), tied=T5_TIED)
+        load_strict(t5, weights("text_encoder_3", "t5"), str(d / "text_encoder_3"), tied=T5_TIED)
     spiece = d / "tokenizer_3" / "spiece.model"
     if not spiece.is_file():
         raise FileNotFoundError(f"{spiece}: missing (the T5 tokenizer is read from its sentencepiece model)")

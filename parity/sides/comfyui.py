@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from impl.quant import SCALE_KEYS
 from parity import naming as N
 from parity import records as R
 from parity.run import Unsupported, UsageError
@@ -624,7 +625,7 @@ def zeroed_negative(c: Comfy, negative, fraction: float, notes: list[str]):
     return _node(c.nodes.ConditioningCombine().combine(first, rest))[0]
 
 
-QUANT_KEYS = (".weight_scale", ".weight_scale_2", ".input_scale", ".comfy_quant", ".scale_weight", ".scale_input")
+QUANT_KEYS = SCALE_KEYS + (".weight_scale_2",)  # the scaled layouts' keys, and nvfp4's second scale
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
