@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from impl.math import ACTIVATIONS, attention
+from impl.math import ACTIVATIONS, attention, matmul_attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +62,16 @@ class Attention(nn.Module):
         self.heads = c.heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c.width, c.width) for _ in range(4))
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, L, W)
+    def forward(self, x: Tensor, kernel: str = "sdpa") -> Tensor:  # (B, L, W)
+        """``kernel``: ``sdpa`` (causal SDPA) or ``matmul`` (``impl.math.matmul_attention`` with a causal mask of
+        the dtype's lowest value)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if kernel == "matmul":
+            n = x.shape[1]
+            causal = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
+            return self.out_proj(matmul_attention(q, k, v, self.heads, causal))
+        if kernel != "sdpa":
+            raise ValueError(f"CLIP attention kernel {kernel!r}: expected 'sdpa' or 'matmul'")
         return self.out_proj(attention(q, k, v, self.heads, causal=True))
 
 
@@ -84,8 +92,8 @@ class Layer(nn.Module):
         self.self_attn, self.mlp = Attention(c), MLP(c)
         self.resid_attn = nn.Identity()  # capture point: residual stream after attention
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.resid_attn(x + self.self_attn(self.layer_norm1(x)))
+    def forward(self, x: Tensor, kernel: str = "sdpa") -> Tensor:
+        x = self.resid_attn(x + self.self_attn(self.layer_norm1(x), kernel))
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -119,15 +127,16 @@ class ClipTextEncoder(nn.Module):
         self.text_model = TextModel(config)
         self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
-    def forward(self, ids: Tensor, pool: str = "argmax") -> ClipOutput:
+    def forward(self, ids: Tensor, pool: str = "argmax", attention: str = "sdpa") -> ClipOutput:
         """``ids`` (B, L) int64. ``pool``: ``argmax`` of the ids (OpenAI, SAI, transformers with a legacy
-        ``eos_token_id == 2`` config) or ``first_eos`` (first position equal to ``eos_id``)."""
+        ``eos_token_id == 2`` config) or ``first_eos`` (first position equal to ``eos_id``). ``attention``: the
+        layers' kernel, ``sdpa`` or ``matmul``."""
         if ids.shape[1] > self.config.max_positions:
             raise ValueError(f"CLIP input has {ids.shape[1]} tokens; at most {self.config.max_positions} fit")
         x = self.text_model.embeddings(ids)
         states = []
         for layer in self.text_model.encoder.layers:
-            x = layer(x)
+            x = layer(x, attention)
             states.append(x)
         last = self.text_model.final_layer_norm(x)
         index = pooled_index(ids, pool, self.config.eos_id)

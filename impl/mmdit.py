@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from impl.math import RMSNorm
+from impl.math import RMSNorm, sub_quadratic_attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +88,7 @@ class MMDiTOptions:
     qk_norm: str = "upcast"  # "upcast" (diffusers), "native" (SD3.5 reference) or "fused" (ComfyUI: F.rms_norm)
     casts: str = "cast_back"  # N3: diffusers' explicit casts back to the input dtype, or "promote" (the SD3.5 code)
     modulate: str = "mul_add"  # x * (1 + scale) + shift, or "addcmul": torch.addcmul(shift, x, 1 + scale) (ComfyUI)
+    attention: str = "sdpa"  # or "sub_quadratic": impl.math.sub_quadratic_attention (ComfyUI's CPU kernel)
 
     def __post_init__(self):
         if self.attention_order not in ("image_first", "context_first"):
@@ -100,6 +101,8 @@ class MMDiTOptions:
             raise ValueError(f"casts {self.casts!r}: expected 'cast_back' or 'promote'")
         if self.modulate not in ("mul_add", "addcmul"):
             raise ValueError(f"modulate {self.modulate!r}: expected 'mul_add' or 'addcmul'")
+        if self.attention not in ("sdpa", "sub_quadratic"):
+            raise ValueError(f"attention {self.attention!r}: expected 'sdpa' or 'sub_quadratic'")
 
 
 class QKNorm(RMSNorm):
@@ -140,8 +143,13 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, cast: bool = True) -> Tensor:
-    """(B, H, L, E) x3 -> (B, L, H*E); ``cast``: back to q's dtype (diffusers' processor)."""
+def attend(q: Tensor, k: Tensor, v: Tensor, cast: bool = True, kernel: str = "sdpa") -> Tensor:
+    """(B, H, L, E) x3 -> (B, L, H*E); ``cast``: back to q's dtype (diffusers' processor). ``kernel``: ``sdpa`` or
+    ``sub_quadratic``."""
+    if kernel == "sub_quadratic":  # on (B, L, H*E) copies, laid out as ComfyUI's joint q, k, v are
+        heads = q.shape[1]
+        return sub_quadratic_attention(*(t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v)),
+                                       heads)
     out = F.scaled_dot_product_attention(q, k, v)
     out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3])
     return out.to(q.dtype) if cast else out
@@ -202,11 +210,11 @@ class DismantledBlock(nn.Module):
                 (gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods[8:]))
 
     def post(self, x: Tensor, attn: Tensor, mods: tuple, second: Tensor | None = None, qkv: str = "split",
-             cast: bool = True) -> Tensor:
+             cast: bool = True, kernel: str = "sdpa") -> Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:4]
         x = x + gate_msa[:, None] * self.attn.proj(attn)
         if self.dual:
-            x = x + mods[4][:, None] * self.attn2.proj(sdpa(*self.attn2.project(second, qkv), cast=cast))
+            x = x + mods[4][:, None] * self.attn2.proj(attend(*self.attn2.project(second, qkv), cast, kernel))
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp, self.fused))
 
 
@@ -224,12 +232,12 @@ class JointBlock(nn.Module):
         cq, ck, cv = self.context_block.attn.project(ctx_in, opt.qkv)
         n = x.shape[1]
         if opt.attention_order == "image_first":
-            attn = sdpa(torch.cat([xq, cq], 2), torch.cat([xk, ck], 2), torch.cat([xv, cv], 2), cast)
+            attn = attend(torch.cat([xq, cq], 2), torch.cat([xk, ck], 2), torch.cat([xv, cv], 2), cast, opt.attention)
             x_attn, ctx_attn = attn[:, :n], attn[:, n:]
         else:
-            attn = sdpa(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2), cast)
+            attn = attend(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2), cast, opt.attention)
             ctx_attn, x_attn = attn[:, : attn.shape[1] - n], attn[:, attn.shape[1] - n:]
-        x = self.x_block.post(x, x_attn, x_mods, x_second, opt.qkv, cast)
+        x = self.x_block.post(x, x_attn, x_mods, x_second, opt.qkv, cast, opt.attention)
         if self.context_block.pre_only:
             return None, x
         return self.context_block.post(context, ctx_attn, ctx_mods), x

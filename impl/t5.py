@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from impl.math import ACTIVATIONS, RMSNorm, attention
+from impl.math import ACTIVATIONS, RMSNorm, attention, matmul_attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,12 +85,17 @@ class SelfAttention(nn.Module):
         return table.permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, x: Tensor, bias: Tensor, impl: str = "sdpa") -> Tensor:  # bias: additive (1 or B, H, L, L)
-        """``impl``: ``sdpa`` (transformers 5: SDPA with the bias as attn_mask, scale 1) or ``eager`` (transformers
-        4.x: q k^T + bias, softmax in float32 cast back, times v); they differ by ulps."""
+        """``impl``: ``sdpa`` (transformers 5: SDPA with the bias as attn_mask, scale 1), ``eager`` (transformers
+        4.x: q k^T + bias, softmax in float32 cast back, times v) or ``matmul`` (``impl.math.matmul_attention`` on
+        k times sqrt(d_kv), which its D**-0.5 undoes, as ComfyUI's T5 calls its kernels); they differ by ulps."""
         if impl == "sdpa":
             return self.o(attention(self.q(x), self.k(x), self.v(x), self.heads, mask=bias, scale=1.0))
+        if impl == "matmul":
+            k = self.k(x)
+            return self.o(matmul_attention(self.q(x), k * ((k.shape[-1] / self.heads) ** 0.5), self.v(x), self.heads,
+                                           bias))
         if impl != "eager":
-            raise ValueError(f"T5 attention {impl!r}: expected 'sdpa' or 'eager'")
+            raise ValueError(f"T5 attention {impl!r}: expected 'sdpa', 'eager' or 'matmul'")
         b, n, _ = x.shape
         q, k, v = (t.view(b, -1, self.heads, self.c.d_kv).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
         scores = torch.matmul(q, k.transpose(3, 2))
@@ -177,7 +182,7 @@ class T5Encoder(nn.Module):
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, attention: str = "sdpa",
                 activation: str | None = None) -> Tensor:
         """``ids`` (B, L) -> last hidden state (B, L, d_model). ``attention_mask`` (B, L) bool: True = attend.
-        ``attention``: ``sdpa`` (transformers 5) or ``eager`` (transformers 4.x). ``activation``: the gated
+        ``attention``: ``sdpa`` (transformers 5), ``eager`` (transformers 4.x) or ``matmul`` (ComfyUI's CPU kernel). ``activation``: the gated
         feed-forward's activation instead of the config's (``gelu_new`` or ``gelu_tanh``)."""
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"T5 activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")

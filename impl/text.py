@@ -35,7 +35,8 @@ class TextSettings:
     #                                     "min77": >= 77 tokens, no cut (ComfyUI)
     t5_max_length: int = 256
     t5_mask: bool = False  # pass the padding mask to T5 (no reference does: T9)
-    t5_attention: str = "sdpa"  # "sdpa" (transformers 5) or "eager" (transformers 4.x)
+    t5_attention: str = "sdpa"  # "sdpa" (transformers 5), "eager" (transformers 4.x) or "matmul" (ComfyUI's CPU)
+    clip_attention: str = "sdpa"  # or "matmul": impl.math.matmul_attention (ComfyUI's CPU kernel)
     t5_activation: str | None = None  # None: the config's (gelu_new for gated-gelu); "gelu_tanh": torch's tanh GELU
     t5_absent: str | None = None  # None: T5 runs; "zeros": zero rows of t5_absent_length; "none": no rows (T10)
     t5_absent_length: int = 256
@@ -216,7 +217,7 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
     for key, name in (("clip-l", "clip_l"), ("clip-g", "clip_g")):
         rows, n = plan[key]
         out = stack.encoder(name, run_dtype, s.weight_storage)(torch.tensor([[i for i, _ in r] for r in rows]),
-                                                              pool=s.clip_pool)
+                                                              pool=s.clip_pool, attention=s.clip_attention)
         outs[key] = clip_result(out, rows, n)
     t5_hidden = None
     if "t5" in plan:

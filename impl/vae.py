@@ -3,7 +3,8 @@
 Names follow the SAI checkpoint keys under ``first_stage_model.`` (``decoder.up.{i}.block.{j}.conv1``, ...).
 ``VAEConfig.attention`` picks how the mid-block attention projects: ``linear`` applies q/k/v/proj_out as Linear
 layers on (B, HW, C) tokens like diffusers' ``Attention``; ``conv`` as 1x1 convolutions like the SD3.5
-reference. Same weights, different kernels (ulp-level differences).
+reference; ``conv_sliced`` as 1x1 convolutions with the attention as matrix products in query slices
+(``impl.math.sliced_attention``, ComfyUI's CPU kernel). Same weights, different kernels (ulp-level differences).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from impl.math import sliced_attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +90,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
+        if self.attention == "conv_sliced":
+            hn = self.norm(x)
+            return x + self.proj_out(sliced_attention(self.q(hn), self.k(hn), self.v(hn)))
         if self.attention == "conv":
             hn = self.norm(x)
             q, k, v = (m(hn).flatten(2).transpose(1, 2)[:, None].contiguous() for m in (self.q, self.k, self.v))
@@ -209,8 +215,9 @@ def _mid_stages(mid: Mid) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
 class VAE(nn.Module):
     def __init__(self, config: VAEConfig = VAEConfig(), attention: str = "linear"):
         super().__init__()
-        if attention not in ("linear", "conv"):
-            raise ValueError(f"VAE attention {attention!r}: expected 'linear' (diffusers) or 'conv' (SD3.5 reference)")
+        if attention not in ("linear", "conv", "conv_sliced"):
+            raise ValueError(f"VAE attention {attention!r}: expected 'linear' (diffusers), 'conv' (SD3.5 reference) or "
+                             "'conv_sliced' (ComfyUI's CPU kernel)")
         self.config = config
         self.encoder, self.decoder = Encoder(config, attention), Decoder(config, attention)
 

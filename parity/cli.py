@@ -35,6 +35,7 @@ def spec_from(args):
              steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift, height=height, width=width,
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
              negative_zero=args.negative_zero, empty_padding=args.empty_padding,
+             comfyui_attention=args.comfyui_attention,
              sai_code=args.sai_code, comfyui=getattr(args, "comfyui", None), max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
              tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
@@ -363,6 +364,10 @@ def _run_options(p, check: bool = True) -> None:
                    help="comfyui: the empty negative as CLIPTextEncodeSD3 encodes it with this empty_padding; none: "
                    "no CLIP rows, T5's end token alone, a zero pooled vector (default empty_prompt, as "
                    "CLIPTextEncode)")
+    p.add_argument("--comfyui-attention", choices=("sdpa", "sub_quad"), default="sdpa",
+                   help="comfyui: import ComfyUI with --use-pytorch-cross-attention (sdpa, its choice on NVIDIA GPUs) "
+                   "or without it (sub_quad: its CPU default kernels), and set the attention_kernel flag to match "
+                   "unless --flag names it (default sdpa)")
     p.add_argument("--sai-code", metavar="DIR", help="a local checkout of Stability-AI/sd3.5: the reference of the sai "
                    "profile (default: $SD3PARITY_SAI_CODE)")
     p.add_argument("--comfyui", metavar="DIR", help="a local ComfyUI checkout: the reference of the comfyui profile "

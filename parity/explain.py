@@ -68,7 +68,7 @@ def candidates(start: dict, between: str | None, image: bool, profile: str) -> l
 
 def explain(spec, between: tuple[str, str] | None = None, progress=None) -> dict:
     """Search for the flag values that remove the divergence of ``spec`` (see the module docstring)."""
-    from parity.run import check, with_overrides
+    from parity.run import check, flag_values, with_overrides
 
     if between is not None:
         a, b = between
@@ -84,7 +84,7 @@ def explain(spec, between: tuple[str, str] | None = None, progress=None) -> dict
             progress(runs, values)
         return Trial(values, check(with_overrides(spec, **dict(values)), cache))
 
-    start_values = {**F.profile_values(spec.profile), **dict(spec.overrides)}
+    start_values = flag_values(spec)
     base = run(())
     out = {"profile": spec.profile, "between": list(between) if between else None, "start": _summary(base.report),
            "report": base.report}  # the run as given (for the HTML report; not part of the JSON result)

@@ -64,6 +64,12 @@ FLAGS: tuple[Flag, ...] = (
          "transformers 5.x T5Attention: SDPA, position bias as attn_mask, scale 1 (both pinned profiles); "
          "transformers 4.57 eager: q k^T + bias, float32 softmax, times v (measured: up to 52 ulp at block 0)",
          "every T5 state from block 0's attention output on"),
+    Flag("attention_kernel", "N6", ("sdpa", "sub_quad"), "sdpa", "sdpa",
+         "diffusers AttnProcessor2_0 / JointAttnProcessor2_0 and transformers' sdpa attention; sd3.5 other_impls."
+         "attention and mmditx: torch.nn.functional.scaled_dot_product_attention everywhere",
+         "every attention output by ulps: CLIP and T5 (matrix products, scale after q k^T), the MMDiT "
+         "(baddbmm per query chunk, chunk sizes from free memory) and the VAE (query slices); with it, every "
+         "later state"),
     Flag("t5_activation", "T11", ("gelu_new", "gelu_tanh"), "gelu_new", "gelu_tanh",
          "transformers T5DenseGatedActDense: ACT2FN['gelu_new'] for feed_forward_proj 'gated-gelu' (a hand-written "
          "tanh formula); sd3.5 other_impls.T5DenseGatedActDense: torch.nn.functional.gelu(approximate='tanh')",
@@ -209,6 +215,12 @@ COMFYUI: dict[str, tuple[Any, str]] = {
     "t5_mask": (False, C + "comfy/text_encoders/sd3_clip.py:53 t5_attention_mask=False"),
     "t5_attention": ("sdpa", C + "comfy/text_encoders/t5.py:164 optimized_attention(q, k * sqrt(d_kv), v, mask=bias): "
                      "SDPA (--use-pytorch-cross-attention) with scale 1 in effect"),
+    "attention_kernel": ("sdpa", C + "comfy/model_management.py:351-360 PyTorch attention with "
+                         "--use-pytorch-cross-attention (the side's default, --comfyui-attention sdpa) and by default "
+                         "on NVIDIA GPUs; without it (its CPU default: --comfyui-attention sub_quad) "
+                         "comfy/ldm/modules/attention.py:743 attention_sub_quad in the MMDiT, :762-765 "
+                         "attention_basic in CLIP and T5, comfy/ldm/modules/diffusionmodules/model.py:327-337 "
+                         "normal_attention (slice_attention) in the VAE"),
     "t5_activation": ("gelu_tanh", C + "comfy/text_encoders/t5.py:18 gelu_pytorch_tanh (t5_config_xxl.json)"),
     "t5_absent": (None, C + "comfy/text_encoders/sd3_clip.py:138-143 T5 runs when present; without it the CLIP rows "
                   "alone (none; the ComfyUI side does not run such a model yet)"),
@@ -307,9 +319,11 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
                 latent_dtype=half.get(values["latent_dtype"]), cond_dtype=half.get(values["cond_dtype"]),
                 slg_scale=v["slg"], slg_window="sigma" if values["slg"] == "comfyui" else "steps", noise=v["noise"],
                 img2img=v["img2img"], cfg_lengths=values["cfg_lengths"], cfg_skip=values["cfg_skip"])
+    sub_quad = values["attention_kernel"] == "sub_quad"
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
-                                  qk_norm=values["qk_norm_form"], casts=v["casts"], modulate=values["modulate"]),
-            "vae_attention": values["vae_attention"], "form": form, "uint8": values["uint8"],
+                                  qk_norm=values["qk_norm_form"], casts=v["casts"], modulate=values["modulate"],
+                                  attention="sub_quadratic" if sub_quad else "sdpa"),
+            "vae_attention": "conv_sliced" if sub_quad else values["vae_attention"], "form": form, "uint8": values["uint8"],
             "autocast": values["autocast"] == "cuda_fp16", "half_compute": values["half_compute"],
             "slg_window": SLG_WINDOWS[values["slg"]], "fp8_weight_layout": values["fp8_weight_layout"]}
 
@@ -331,7 +345,9 @@ def settings(values: dict[str, Any]):
         weights=values["prompt_weights"], chunks=values["clip_chunks"], t5_mode="hf",
         t5_length_rule={"max_length": "max_length", "sai": "chars226_min77", "min77": "min77"}[values["t5_length_rule"]],
         t5_max_length=values["t5_max_length"],
-        t5_mask=values["t5_mask"], t5_attention=values["t5_attention"], t5_absent=values["t5_absent"],
+        t5_mask=values["t5_mask"], t5_absent=values["t5_absent"],
+        t5_attention="matmul" if values["attention_kernel"] == "sub_quad" else values["t5_attention"],
+        clip_attention="matmul" if values["attention_kernel"] == "sub_quad" else "sdpa",
         t5_activation=values["t5_activation"], t5_absent_length=values["t5_max_length"],
         clip_pool=values["clip_pool"], clip_l_pooled_projected=values["clip_l_pooled_projected"],
         encoder_dtype=torch.float32 if values["encoder_dtype"] == "float32" else None,

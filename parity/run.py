@@ -62,6 +62,7 @@ class Spec:
     empty_padding: str = "empty_prompt"  # the negative by CLIPTextEncodeSD3 with this empty_padding ("none": unpadded)
     sai_code: str | None = None
     comfyui: str | None = None  # a ComfyUI checkout (the comfyui profile's reference)
+    comfyui_attention: str = "sdpa"  # ComfyUI imported with PyTorch attention, or "sub_quad": its CPU default kernels
     workflow: str | None = None  # a ComfyUI workflow whose settings the other fields took (parity.workflow)
     max_ulp: int = 0
     noise_floor: bool = False  # also run the reference with threads + 1: its own jitter per record
@@ -119,6 +120,13 @@ def validate(s: Spec) -> None:
     need(s.empty_padding == "empty_prompt" or s.profile == "comfyui" or s.reference_dump is not None,
          f"--empty-padding none: CLIPTextEncodeSD3's unpadded empty prompt is ComfyUI's; the {s.profile} reference "
          "pads the empty negative (use --profile comfyui)")
+    need(s.comfyui_attention in ("sdpa", "sub_quad"), f"--comfyui-attention {s.comfyui_attention!r}: sdpa or sub_quad")
+    need(s.comfyui_attention == "sdpa" or s.profile == "comfyui",
+         f"--comfyui-attention {s.comfyui_attention}: ComfyUI's import mode; the {s.profile} reference runs SDPA "
+         "(use --profile comfyui, or --flag attention_kernel=sub_quad for impl alone)")
+    values = flag_values(s)
+    need(values["attention_kernel"] == "sdpa" or values["vae_attention"] == "conv",
+         "--flag attention_kernel=sub_quad slices the VAE attention of 1x1 convolutions: it needs vae_attention=conv")
     need(not (s.reference_dump and s.noise_floor), "--noise-floor reruns the reference; a dump cannot be rerun")
     for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code),
                        ("--comfyui", s.comfyui),
@@ -492,11 +500,20 @@ def _checkpoint_model(path: Path, config_dir: Path | None, notes: list[str], shi
                       quantized=quantized)
 
 
+def flag_values(s: Spec) -> dict:
+    """The profile's flag values, ``--comfyui-attention sub_quad`` setting ``attention_kernel`` unless a ``--flag``
+    names it, then the ``--flag`` overrides."""
+    from parity import flags as F
+
+    values = F.profile_values(s.profile)
+    if s.comfyui_attention == "sub_quad":
+        values["attention_kernel"] = "sub_quad"
+    return {**values, **dict(s.overrides)}
+
+
 def resolve(s: Spec) -> Run:
     """The run ``s`` describes: flag values, the models' files and configs, each side's shift; options that need
     the models' configs (skip layers, image size) are checked here, still before any side runs."""
-    from parity import flags as F
-
     validate(s)
     reference = REFERENCES[s.profile]
     notes: list[str] = []
@@ -504,7 +521,7 @@ def resolve(s: Spec) -> Run:
         from parity.workflow import settings
 
         notes += settings(s.workflow).notes
-    values = {**F.profile_values(s.profile), **dict(s.overrides)}
+    values = flag_values(s)
     text_model = _text_model(s, notes)
     if not text_model.has_t5:
         if reference in ("sai", "comfyui"):

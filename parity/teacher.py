@@ -142,7 +142,8 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
                 continue
             units(enc.text_model.embeddings, ids)
             tm = enc.text_model
-            stages = [(f"layers.{i}", layer) for i, layer in enumerate(tm.encoder.layers)]
+            stages = [(f"layers.{i}", lambda x, la=layer: la(x, settings.clip_attention))
+                      for i, layer in enumerate(tm.encoder.layers)]
             _chain(units, get, get("embeddings"), stages + [("final_layer_norm", tm.final_layer_norm)])
             last = get("final_layer_norm")
             if last is None:

@@ -500,3 +500,125 @@ def test_a_broken_workflow_file_is_named(tmp_path, capsys):
     (tmp_path / "w.json").write_text("{not json")
     assert main(["check", "--workflow", str(tmp_path / "w.json")]) == 2
     assert str(tmp_path / "w.json") in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- ComfyUI's CPU attention (--comfyui-attention)
+
+def comfy_modules():
+    """ComfyUI's attention modules, from the checkout as imported in either mode (the functions are the same)."""
+    import sys
+
+    from parity.sides.comfyui import load
+
+    load(Path(COMFYUI), attention=None)
+    return (sys.modules["comfy.ldm.modules.attention"], sys.modules["comfy.ldm.modules.diffusionmodules.model"],
+            sys.modules["comfy.model_management"])
+
+
+def free_memory(monkeypatch, mm, free: int) -> None:
+    """ComfyUI's free-memory reading replaced by ``free`` bytes: its chunking rules take the low-memory paths."""
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False:
+                        (free, free) if torch_free_too else free)
+
+
+@needs_comfyui
+@pytest.mark.parametrize("free, chunks", [(2 ** 40, (4096, 610)), (8 << 20, (256, 610)), (1 << 20, (512, None))],
+                         ids=["whole", "query-chunks", "key-chunks"])
+def test_sub_quadratic_kernel_is_comfyuis(free, chunks, monkeypatch):
+    """impl's sub-quadratic attention against ComfyUI's attention_sub_quad, at every chunking its memory rule picks
+    (610 keys: 26 key chunks of 24, the last one of 10)."""
+    from impl.math import sub_quadratic_attention, sub_quadratic_chunks
+
+    attention, _, mm = comfy_modules()
+    free_memory(monkeypatch, mm, free)
+    h, n = 2, 610
+    for b in (1, 2):  # one batch row: ComfyUI's per-head operands are views of the input, else copies
+        q, k, v = torch.randn(3, b, n, h * 8, generator=torch.Generator().manual_seed(b)).unbind(0)
+        if b == 1:  # two rows need twice the memory: 8 MiB takes them to key chunks
+            assert sub_quadratic_chunks(free, h, 4, n) == chunks
+        assert torch.equal(sub_quadratic_attention(q, k, v, h, free), attention.attention_sub_quad(q, k, v, h))
+
+
+@needs_comfyui
+@pytest.mark.parametrize("free", [2 ** 40, 200_000], ids=["whole", "slices"])
+def test_sliced_vae_attention_is_comfyuis(free, monkeypatch):
+    """impl's sliced attention against ComfyUI's VAE normal_attention (slice_attention), in one piece and in four
+    query slices (256 positions whose scores need 655 kB of 200 kB)."""
+    from impl.math import sliced_attention
+
+    _, model, mm = comfy_modules()
+    free_memory(monkeypatch, mm, free)
+    q, k, v = torch.randn(3, 1, 8, 16, 16, generator=torch.Generator().manual_seed(1)).unbind(0)
+    assert torch.equal(sliced_attention(q, k, v, free), model.normal_attention(q, k, v))
+
+
+@needs_comfyui
+def test_matmul_attention_is_comfyuis_basic_kernel():
+    """impl's matmul attention against ComfyUI's attention_basic with CLIP's causal mask and a T5 position bias."""
+    from impl.math import matmul_attention
+
+    attention, _, _ = comfy_modules()
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(3, 2, 7, 12, generator=g).unbind(0)
+    causal = torch.full((7, 7), -torch.finfo(torch.float32).max).triu_(1)
+    bias = torch.randn(1, 3, 7, 7, generator=g)
+    for mask in (causal, bias):
+        assert torch.equal(matmul_attention(q, k, v, 3, mask), attention.attention_basic(q, k, v, 3, mask))
+
+
+def test_chunked_kernels_compute_attention():
+    """Every chunking of impl's ComfyUI kernels is attention: equal to SDPA up to rounding (runs without ComfyUI)."""
+    from impl.math import from_heads, matmul_attention, sliced_attention, sub_quadratic_attention
+
+    q, k, v = torch.randn(3, 1, 2, 610, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).unbind(0)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    flat = [from_heads(t.reshape(2, 610, 8), 2) for t in (q, k, v)]  # (1, 610, 16)
+    for free in (2 ** 40, 8 << 20, 1 << 20):
+        assert torch.allclose(sub_quadratic_attention(*flat, 2, free), from_heads(expected[0], 2), atol=1e-12)
+    assert torch.allclose(matmul_attention(*flat, 2), from_heads(expected[0], 2), atol=1e-12)
+    maps = [t[:, :1].reshape(1, 8, 610, 1) for t in (q, k, v)]  # one head as a (B, C, H, W) map
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(m.flatten(2).transpose(1, 2) for m in maps))
+    for free in (2 ** 40, 1000):
+        assert torch.allclose(sliced_attention(*maps, free=free), sdpa.transpose(1, 2).reshape(1, 8, 610, 1),
+                              atol=1e-12)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--comfyui-attention", "sub_quad"], "ComfyUI's import mode"),
+    (["--flag", "attention_kernel=sub_quad"], "needs vae_attention=conv"),  # diffusers: linear VAE attention
+])
+def test_attention_kernel_options_are_checked(argv, message, capsys):
+    assert main(["check", "--text-only", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+CPU_ATTENTION = {"families": ("sd3.5-large",), "comfyui_attention": "sub_quad"}
+
+
+@needs_comfyui
+@pytest.mark.parametrize("options", [
+    {**CPU_ATTENTION, "prompts": (WEIGHTED, LONG)},
+    {**CPU_ATTENTION, "families": ("sd3.5-medium",), "dtype": "bfloat16", "image": True, "steps": 4},  # MMDiT-X
+    {**CPU_ATTENTION, "families": ("sd3-medium",), "flags": {"sampler": "sai_dpmpp_2m"}, "steps": 3},
+], ids=["large", "medium-bfloat16-img2img", "sd3-medium-dpmpp_2m"])
+def test_comfyuis_cpu_attention_is_bitwise_equal(options, ref_cache, image):
+    """ComfyUI imported without --use-pytorch-cross-attention: sub-quadratic MMDiT attention, matmul CLIP / T5
+    attention and sliced VAE attention, every record bitwise (impl's attention_kernel follows the option)."""
+    report = comfy(ref_cache, **with_image(options, image))
+    assert report.first_divergence is None and not report.failures
+    assert report.flags["attention_kernel"] == "sub_quad"
+    assert any("without --use-pytorch-cross-attention" in n for n in report.notes)
+
+
+@needs_comfyui
+def test_attention_kernel_flip_is_local_to_each_attention(ref_cache):
+    """impl with SDPA against ComfyUI's CPU kernels, each unit on the reference's inputs (teacher forcing): every
+    component's first local error is its attention."""
+    report = comfy(ref_cache, **CPU_ATTENTION, prompts=(WEIGHTED, LONG), flags={"attention_kernel": "sdpa"},
+                   mode="teacher-forced")
+    first = {}
+    for r in report.introduced:
+        first.setdefault(r["component"], r["layer"])
+    assert first == {"clip-l": "layers.0.self_attn.out_proj", "clip-g": "layers.0.self_attn.out_proj",
+                     "t5": "block.0.layer.0.SelfAttention.o", "mmdit": "block.0.context.attn.proj",
+                     "vae": "decoder.mid.attn_1"}

@@ -14,10 +14,10 @@ ComfyUI (GPL-3.0) is not a dependency and nothing of it is copied here: the user
 
 What the harness adapts, at the boundary, none of it computing:
 
-* ComfyUI parses its command line on import: it is imported once per process with ``--cpu
-  --use-pytorch-cross-attention --disable-all-custom-nodes`` (SDPA: its sub-quadratic CPU attention is not
-  reproduced by impl yet) and its folders (output, temp, user, input) under a temporary base directory of this
-  process; ``sys.argv`` is restored.
+* ComfyUI parses its command line on import: it is imported with ``--cpu --use-pytorch-cross-attention
+  --disable-all-custom-nodes`` (SDPA), or without ``--use-pytorch-cross-attention`` for ``--comfyui-attention
+  sub_quad`` (its CPU default kernels), and its folders (output, temp, user, input) under a temporary base directory
+  of this process; ``sys.argv`` is restored. Another checkout or mode imports it afresh.
 * ``torchvision`` / ``torchaudio`` / ``av``: modules outside SD3 import them at module level; where they are not
   installed, empty stand-ins take their names while ComfyUI imports (an attribute read from them raises), and are
   gone after.
@@ -64,6 +64,7 @@ ENV = "SD3PARITY_COMFYUI"
 MARKERS = ("nodes.py", "comfy/sd.py", "comfy/text_encoders/sd3_clip.py", "comfy_extras/nodes_sd3.py",
            "comfy/ldm/modules/diffusionmodules/mmdit.py")
 ARGV = ("--cpu", "--use-pytorch-cross-attention", "--disable-all-custom-nodes")
+PYTORCH_ATTENTION = "--use-pytorch-cross-attention"
 PACKAGES = ("comfy", "comfy_extras", "comfy_api", "comfy_execution", "comfy_config", "app", "nodes", "folder_paths",
             "comfyui_version", "node_helpers", "latent_preview", "server", "execution", "utils", "api_server",
             "comfy_api_nodes", "alembic_db", "middleware", "protocol", "hook_breaker_ac10a0", "cuda_malloc")
@@ -121,7 +122,7 @@ class Comfy(types.SimpleNamespace):
     ``sd3_clip``, ``long_clip``, ``folder_paths``, its ``path`` and the torch ``state`` it chose."""
 
 
-_LOADED: dict = {}  # (path, gpu) -> Comfy (one import per process; another one replaces it)
+_LOADED: dict = {}  # (path, gpu, attention) -> Comfy (one import per process; another one replaces it)
 
 
 def _purge() -> None:
@@ -138,12 +139,15 @@ def _set_torch_state(allowed: bool) -> None:
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
 
 
-def load(d: Path, gpu: bool = False) -> Comfy:
+def load(d: Path, gpu: bool = False, attention: str | None = "sdpa") -> Comfy:
     """ComfyUI from ``d``, imported once per process (its modules stay loaded; torch state is restored); with
-    ``gpu``, without ``--cpu``: its model management then picks the GPU and its dtypes for it."""
-    key = (str(d.resolve()), gpu)
-    if key in _LOADED:
-        return _LOADED[key]
+    ``gpu``, without ``--cpu``: its model management then picks the GPU and its dtypes for it. ``attention``:
+    ``sdpa`` (``--use-pytorch-cross-attention``), ``sub_quad`` (without it), None: the mode already imported."""
+    key = (str(d.resolve()), gpu, attention)
+    for k, c in _LOADED.items():
+        if k == key or (attention is None and k[:2] == key[:2]):
+            return c
+    key = key[:2] + (attention or "sdpa",)
     _LOADED.clear()
     _purge()
     base = Path(tempfile.mkdtemp(prefix="sd3parity-comfyui-"))
@@ -158,7 +162,10 @@ def load(d: Path, gpu: bool = False) -> Comfy:
         stand_in = _Stand_in()
         sys.meta_path.insert(0, stand_in)
     saved_argv, saved_state = sys.argv, _torch_state()
-    sys.argv = ["comfyui", *(a for a in ARGV if not (gpu and a == "--cpu")), "--base-directory", str(base)]
+    drop = {"--cpu"} if gpu else set()
+    if key[2] == "sub_quad":
+        drop.add(PYTORCH_ATTENTION)
+    sys.argv = ["comfyui", *(a for a in ARGV if a not in drop), "--base-directory", str(base)]
     sys.path.insert(0, key[0])
     try:
         import comfy.options
@@ -286,7 +293,7 @@ def model_t5_tokenizer(c: Comfy, directory: Path):
 def tokenizer(code: Path, directory: Path):
     """ComfyUI's ``SD3Tokenizer().tokenize_with_weights`` (its CLIP tokenizer files; T5 by ``model_t5_tokenizer``):
     text -> {"l", "g", "t5xxl": chunks of (id, weight)}."""
-    c = load(code)
+    c = load(code, attention=None)
     with model_t5_tokenizer(c, directory), running(c):
         return c.sd3_clip.SD3Tokenizer().tokenize_with_weights
 
@@ -443,11 +450,20 @@ class ComfySide:
         self._text = None  # (CLIP object, T5 width), loaded once
         self._conditioning: dict[str, list] = {}  # prompt -> the CLIPTextEncode conditioning
 
+    def _load(self, run) -> Comfy:
+        mode = run.spec.comfyui_attention
+        note = ("ComfyUI imported without --use-pytorch-cross-attention: its CPU default attention (sub-quadratic in "
+                "the MMDiT, matrix products in CLIP, T5 and the VAE)" if mode == "sub_quad" else
+                "ComfyUI imported with --use-pytorch-cross-attention (SDPA)")
+        if note not in run.notes:
+            run.notes.append(note)
+        return load(self.code, attention=mode)
+
     def key(self, run) -> tuple:
         s = run.spec
         return (str(self.code), s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps,
                 s.guidance, s.seed, s.height, s.width, s.shift, s.image, s.strength, s.slg, s.text_only,
-                s.negative_zero, s.empty_padding, self.sampler(run))
+                s.negative_zero, s.empty_padding, s.comfyui_attention, self.sampler(run))
 
     def sources(self, run) -> dict:
         return {"files": run.sources(single_files=True), "comfyui": fingerprint(self.code)}
@@ -471,7 +487,7 @@ class ComfySide:
         return self._text
 
     def text(self, run) -> R.Side:
-        c = load(self.code)
+        c = self._load(run)
         clip, width = self._clip(c, run)
         mods = encoders(clip)
         points = {}
@@ -497,7 +513,7 @@ class ComfySide:
             raise Unsupported(f"{model.label}: the ComfyUI side loads an SAI single file (--checkpoint or an embedded "
                               "family)")
         sampler, scheduler = self.sampler(run)
-        c = load(self.code)
+        c = self._load(run)
         if model.quantized:
             _refuse_old_scaled_fp8(c, model.single_file)
         clip, width = self._clip(c, run)
