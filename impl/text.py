@@ -322,6 +322,12 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
         cfg = T5Config.from_hf(read_config(d / "text_encoder_3" / "config.json"), str(d / "text_encoder_3" / "config.json"))
         t5 = T5Encoder(cfg)
         load_strict(t5, weights("text_encoder_3", "t5"), str(d / "text_encoder_3"), tied=T5_TIED)
+    return TextStack(*tokenizer_files(d), *encoders, t5, quantized)
+
+
+def tokenizer_files(d: Path) -> tuple[BPEVocab, SentencePieceModel]:
+    """The CLIP BPE table (``tokenizer/``, which ``tokenizer_2/`` must equal) and T5's sentencepiece model of a
+    diffusers-layout directory."""
     spiece = d / "tokenizer_3" / "spiece.model"
     if not spiece.is_file():
         raise FileNotFoundError(f"{spiece}: missing (the T5 tokenizer is read from its sentencepiece model)")
@@ -329,4 +335,4 @@ def load_text_stack(directory: str | Path | None = None) -> TextStack:
         a, b = d / "tokenizer" / name, d / "tokenizer_2" / name
         if b.is_file() and a.is_file() and a.read_bytes() != b.read_bytes():
             raise ValueError(f"{b} differs from {a}; SD3 models share one CLIP BPE table")
-    return TextStack(BPEVocab.from_dir(d / "tokenizer"), SentencePieceModel.load(spiece), *encoders, t5, quantized)
+    return BPEVocab.from_dir(d / "tokenizer"), SentencePieceModel.load(spiece)

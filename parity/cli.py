@@ -39,7 +39,7 @@ def spec_from(args):
              sai_code=args.sai_code, comfyui=getattr(args, "comfyui", None), max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
              tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
-             reference_dump=getattr(args, "reference_dump", None))
+             reference_dump=getattr(args, "reference_dump", None), stream=getattr(args, "stream", False))
     if getattr(args, "workflow", None):
         s = from_workflow(s, args.workflow)
     validate(s)
@@ -408,6 +408,9 @@ def parser() -> argparse.ArgumentParser:
                    help="propagated: impl's own run (default); teacher-forced: every impl unit (text layer, MMDiT "
                    "block, final layer, VAE module, sampler step) on the reference's input there, its local error; "
                    "both: each record's propagated and local error, and where error is introduced")
+    c.add_argument("--stream", action="store_true", help="page each side's text layers and MMDiT blocks in from the "
+                   "memory-mapped files one at a time instead of loading the models whole (diffusers profile, "
+                   "diffusers-layout directories)")
     _report_options(c)
     c.set_defaults(fn=_check)
     e = sub.add_parser("explain", help="the smallest set of flag values (known quirks) that removes a divergence, and "

@@ -92,17 +92,21 @@ def diffusers_to_sai(state: dict[str, Tensor], c, source: str = "diffusers state
     out: dict[str, Tensor] = {}
     for r in rules:
         parts = [state[k] for k in r.diffusers]
-        if r.transform == "split3":
-            shapes = {tuple(p.shape) for p in parts}
-            if len(shapes) != 1:
-                raise WeightError(f"{source}: {', '.join(r.diffusers)} differ in shape ({sorted(shapes)})")
-            out[r.sai] = torch.cat(parts, dim=0)
-        elif r.transform == "squeeze":
-            out[r.sai] = parts[0][:, :, None, None]
-        else:
-            out[r.sai] = _swap(parts[0]) if r.transform == "swap" else parts[0]
+        if r.transform == "split3" and len({tuple(p.shape) for p in parts}) != 1:
+            raise WeightError(f"{source}: {', '.join(r.diffusers)} differ in shape "
+                              f"({sorted({tuple(p.shape) for p in parts})})")
+        out[r.sai] = combiner(r)(parts)
     _check_shapes(out, c, source)
     return out
+
+
+def combiner(r: N.Rule):
+    """The SAI tensor of rule ``r`` from its diffusers tensors (in ``r.diffusers`` order)."""
+    if r.transform == "split3":
+        return lambda parts: torch.cat(parts, dim=0)
+    if r.transform == "squeeze":
+        return lambda parts: parts[0][:, :, None, None]
+    return lambda parts: _swap(parts[0]) if r.transform == "swap" else parts[0]
 
 
 def clip_config_json(c, architecture: str = "CLIPTextModelWithProjection") -> dict:

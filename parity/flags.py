@@ -68,8 +68,8 @@ FLAGS: tuple[Flag, ...] = (
          "diffusers AttnProcessor2_0 / JointAttnProcessor2_0 and transformers' sdpa attention; sd3.5 other_impls."
          "attention and mmditx: torch.nn.functional.scaled_dot_product_attention everywhere",
          "every attention output by ulps: CLIP and T5 (matrix products, scale after q k^T), the MMDiT "
-         "(baddbmm per query chunk, chunk sizes from free memory) and the VAE (query slices); with it, every "
-         "later state"),
+         "(baddbmm per query chunk, chunk sizes from free memory) and the VAE (query slices, with "
+         "vae_attention=conv: ComfyUI's layout); with it, every later state"),
     Flag("t5_activation", "T11", ("gelu_new", "gelu_tanh"), "gelu_new", "gelu_tanh",
          "transformers T5DenseGatedActDense: ACT2FN['gelu_new'] for feed_forward_proj 'gated-gelu' (a hand-written "
          "tanh formula); sd3.5 other_impls.T5DenseGatedActDense: torch.nn.functional.gelu(approximate='tanh')",
@@ -323,7 +323,8 @@ def image_options(values: dict[str, Any]) -> dict[str, Any]:
     return {"mmdit": MMDiTOptions(attention_order=values["attention_order"], qkv=values["qkv_fusion"],
                                   qk_norm=values["qk_norm_form"], casts=v["casts"], modulate=values["modulate"],
                                   attention="sub_quadratic" if sub_quad else "sdpa"),
-            "vae_attention": "conv_sliced" if sub_quad else values["vae_attention"], "form": form, "uint8": values["uint8"],
+            "vae_attention": "conv_sliced" if sub_quad and values["vae_attention"] == "conv" else values["vae_attention"],
+            "form": form, "uint8": values["uint8"],
             "autocast": values["autocast"] == "cuda_fp16", "half_compute": values["half_compute"],
             "slg_window": SLG_WINDOWS[values["slg"]], "fp8_weight_layout": values["fp8_weight_layout"]}
 

@@ -69,6 +69,7 @@ class Spec:
     tolerance: str = "ulp"  # "ulp": max_ulp per element; "noise": max abs within the reference's own jitter
     mode: str = "propagated"  # "teacher-forced": impl's units on the reference's inputs (local error); "both"
     reference_dump: str | None = None  # a dump (parity.dump) as the reference instead of the profile's library
+    stream: bool = False  # both sides' large models paged in one layer / block at a time (parity.stream)
 
 
 def validate(s: Spec) -> None:
@@ -125,8 +126,16 @@ def validate(s: Spec) -> None:
          f"--comfyui-attention {s.comfyui_attention}: ComfyUI's import mode; the {s.profile} reference runs SDPA "
          "(use --profile comfyui, or --flag attention_kernel=sub_quad for impl alone)")
     values = flag_values(s)
-    need(values["attention_kernel"] == "sdpa" or values["vae_attention"] == "conv",
-         "--flag attention_kernel=sub_quad slices the VAE attention of 1x1 convolutions: it needs vae_attention=conv")
+    if s.stream:
+        need(s.profile == "diffusers" and s.reference_dump is None,
+             f"--stream: the {s.profile if s.reference_dump is None else 'dump'} reference is not streamed yet "
+             "(the diffusers profile is)")
+        need(s.checkpoint is None, "--stream reads diffusers-layout directories (--model); a single file is not "
+             "streamed yet")
+        need(s.mode == "propagated", f"--stream --mode {s.mode}: streamed runs compare propagated only, so far")
+        need(values["half_compute"] == "native" and values["text_encoder_storage"] == "as_loaded",
+             "--stream: weights are paged in the dtype they compute in; half_compute=float32 and "
+             "text_encoder_storage=float16 round them otherwise")
     need(not (s.reference_dump and s.noise_floor), "--noise-floor reruns the reference; a dump cannot be rerun")
     for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code),
                        ("--comfyui", s.comfyui),

@@ -583,13 +583,9 @@ def test_chunked_kernels_compute_attention():
                               atol=1e-12)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--comfyui-attention", "sub_quad"], "ComfyUI's import mode"),
-    (["--flag", "attention_kernel=sub_quad"], "needs vae_attention=conv"),  # diffusers: linear VAE attention
-])
-def test_attention_kernel_options_are_checked(argv, message, capsys):
-    assert main(["check", "--text-only", *argv]) == 2
-    assert message in capsys.readouterr().err
+def test_comfyui_attention_needs_the_comfyui_profile(capsys):
+    assert main(["check", "--text-only", "--comfyui-attention", "sub_quad"]) == 2
+    assert "ComfyUI's import mode" in capsys.readouterr().err
 
 
 CPU_ATTENTION = {"families": ("sd3.5-large",), "comfyui_attention": "sub_quad"}

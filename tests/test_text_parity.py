@@ -65,6 +65,7 @@ FLIPS = [
     ("clip_l_pooled_projected", False, "a cat", "conditioning", "pooled"),
     ("encoder_dtype", "float32", "a cat", "clip-l", "token_embedding"),  # float32 vs the pipeline's bfloat16
     ("text_encoder_storage", "float16", "a cat", "clip-l", "weight:text_model.embeddings.token_embedding.weight"),
+    ("attention_kernel", "sub_quad", "a cat", "clip-l", "layers.0.self_attn.out_proj"),  # ComfyUI's CPU kernels
 ]
 
 

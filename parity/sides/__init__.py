@@ -179,7 +179,13 @@ def text_state(component: str, module) -> dict:
     """A text encoder's parameters (of a module, or a state dict) under impl's names: transformers' T5 ties
     ``encoder.embed_tokens.weight`` to ``shared.weight``, which impl holds alone (an untied pair is kept, so it
     shows)."""
-    state = dict(module if isinstance(module, dict) else module.state_dict())
+    from collections.abc import Mapping
+
+    from parity.stream import LazyState
+
+    if isinstance(module, LazyState):  # a streamed model's: read in order, tied parameters once
+        return module
+    state = dict(module if isinstance(module, Mapping) else module.state_dict())
     tied = "encoder.embed_tokens.weight"
     if component == "t5" and tied in state:
         if "shared.weight" not in state:

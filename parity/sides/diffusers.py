@@ -25,6 +25,9 @@ from parity.sides.impl import text_points
 
 TEXT = (("clip-l", "text_encoder", "tokenizer"), ("clip-g", "text_encoder_2", "tokenizer_2"),
         ("t5", "text_encoder_3", "tokenizer_3"))
+_CLIP_UNITS = lambda m: [f"text_model.encoder.layers.{i}" for i in range(m.config.num_hidden_layers)]  # noqa: E731
+TEXT_UNITS = {"text_encoder": _CLIP_UNITS, "text_encoder_2": _CLIP_UNITS,  # streamed: paged one at a time
+              "text_encoder_3": lambda m: [f"encoder.block.{i}" for i in range(m.config.num_layers)]}
 
 
 def _quiet():
@@ -47,8 +50,33 @@ def _from_single_file(cls, path: Path, config_dir: Path | None, dtype: torch.dty
         raise Unsupported(f"{path}: diffusers' from_single_file refused it: {str(e).splitlines()[0]}") from None
 
 
-def text_pipeline(text_model, dtype: torch.dtype):
-    """A ``StableDiffusion3Pipeline`` holding only the text parts, each loaded by its own library."""
+def streamed(cls, folder: Path, base: str, units, dtype: torch.dtype, pagers: dict, name: str):
+    """A model of the library's own class ``cls`` built from ``folder``'s config with its parameters on the meta
+    device, and a ``parity.stream.Pager`` giving it ``folder``'s weights (``base`` names the files) in ``dtype``,
+    each of ``units(model)`` for the length of its call; the pager goes into ``pagers[name]``. Float16 models keep
+    transformers' ``_keep_in_fp32_modules`` in float32, as its ``from_pretrained`` does."""
+    from impl.weights import weight_files
+    from parity.stream import Pager, Weights, meta_parameters
+
+    with meta_parameters():
+        if hasattr(cls, "load_config"):  # diffusers
+            model = cls.from_config(cls.load_config(folder))
+        else:
+            model = cls._from_config(cls.config_class.from_pretrained(folder))
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+
+    def dtype_of(k, t):
+        if not t.is_floating_point():
+            return t.dtype
+        return torch.float32 if keep & set(k.split(".")) else dtype
+    w = Weights(weight_files(folder, base))
+    pagers[name] = Pager(model, units(model), w.get, w.shapes(), dtype_of, str(folder))
+    return model
+
+
+def text_pipeline(text_model, dtype: torch.dtype, pagers: dict | None = None):
+    """A ``StableDiffusion3Pipeline`` holding only the text parts, each loaded by its own library (with
+    ``pagers``, streamed: ``streamed``)."""
     _quiet()
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
@@ -66,7 +94,12 @@ def text_pipeline(text_model, dtype: torch.dtype):
             cls = T5EncoderModel if sub == "text_encoder_3" else CLIPTextModelWithProjection
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                parts[sub] = cls.from_pretrained(d / sub, dtype=dtype, use_safetensors=True)
+                if pagers is not None:
+                    from impl.weights import TEXT_WEIGHTS
+
+                    parts[sub] = streamed(cls, d / sub, TEXT_WEIGHTS, TEXT_UNITS[sub], dtype, pagers, sub)
+                else:
+                    parts[sub] = cls.from_pretrained(d / sub, dtype=dtype, use_safetensors=True)
             parts[tok] = (T5Tokenizer if tok == "tokenizer_3" else CLIPTokenizer).from_pretrained(d / tok)
         pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **parts)
     for _, sub, _ in TEXT:
@@ -77,7 +110,7 @@ def text_pipeline(text_model, dtype: torch.dtype):
     return pipe
 
 
-def image_pipeline(model, run, img2img: bool):
+def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
     _quiet()
     from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
@@ -85,7 +118,24 @@ def image_pipeline(model, run, img2img: bool):
     dtype = run.dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if not model.weights_in_directory:
+        if pagers is not None:  # streamed: the transformer and text encoders paged, the rest loaded whole
+            import json
+
+            import diffusers
+            from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+            from impl.weights import MODEL_WEIGHTS
+
+            d = model.directory
+            t = text_pipeline(run.text_model, dtype, pagers)
+            text = {sub: getattr(t, sub) for _, sub, _ in TEXT} | {tok: getattr(t, tok) for _, _, tok in TEXT}
+            transformer = streamed(SD3Transformer2DModel, d / "transformer", MODEL_WEIGHTS,
+                                   lambda m: [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))],
+                                   dtype, pagers, "transformer")
+            pipe = cls(transformer=transformer, vae=AutoencoderKL.from_pretrained(d / "vae", dtype=dtype),
+                       scheduler=getattr(diffusers, json.loads((d / "model_index.json").read_text())["scheduler"][1])
+                       .from_pretrained(d / "scheduler"), **text)
+        elif not model.weights_in_directory:
             text = {}
             if run.text_model.single_file is None:  # the file has no text encoders: the model directory's
                 t = text_pipeline(run.text_model, dtype)
@@ -114,7 +164,7 @@ class DiffusersSide:
     def key(self, run) -> tuple:
         s = run.spec
         return (s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps, s.guidance,
-                s.seed, s.height, s.width, s.image, s.strength, s.slg, s.text_only,
+                s.seed, s.height, s.width, s.image, s.strength, s.slg, s.text_only, s.stream,
                 run.values["t5_max_length"], tuple((m.label, m.shift["diffusers"]) for m in run.models),
                 run.dtype)
 
@@ -124,7 +174,8 @@ class DiffusersSide:
         return {"files": run.sources(single_files=False), "diffusers": version("diffusers"), "transformers": version("transformers")}
 
     def text(self, run) -> R.Side:
-        pipe = text_pipeline(run.text_model, run.dtype)
+        pagers = {} if run.spec.stream else None
+        pipe = text_pipeline(run.text_model, run.dtype, pagers)
         encoders = {c: getattr(pipe, sub) for c, sub, _ in TEXT if getattr(pipe, sub) is not None}
         points = {}
         for comp, model in encoders.items():
@@ -140,16 +191,29 @@ class DiffusersSide:
             context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
                                                        max_sequence_length=run.values["t5_max_length"])
             return context, pooled
-        return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "input_ids", run.dtype)
+        states = {c: pagers[sub].state() for c, sub, _ in TEXT if c in encoders} if pagers is not None else None
+        out = text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "input_ids", run.dtype,
+                        states=states)
+        run.notes.extend(p.summary(f"diffusers {sub}") for sub, p in (pagers or {}).items())
+        return out
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
-        pipe = image_pipeline(model, run, init is not None)
+        pagers = {} if s.stream else None
+        pipe = image_pipeline(model, run, init is not None, pagers)
         cap = ImageCapture(model.label, "diffusers", model.mmdit, model.vae, init is not None)
-        from parity.convert import diffusers_to_sai  # the naming table's rules: diffusers' names -> impl's
+        from parity.convert import combiner, diffusers_to_sai, mmdit_rules  # the naming table's rules
 
-        cap.weights(diffusers_to_sai(pipe.transformer.state_dict(), model.mmdit, f"{model.label} transformer (diffusers)"),
-                    diffusers_to_sai(pipe.vae.state_dict(), model.vae, f"{model.label} vae (diffusers)"), run.dtype)
+        if pagers is not None:  # read through the pager: each block paged in once for its records
+            from parity.stream import LazyState
+
+            mmdit_state = LazyState([(r.sai, pagers["transformer"], list(r.diffusers), combiner(r))
+                                     for r in mmdit_rules(model.mmdit)])
+        else:
+            mmdit_state = diffusers_to_sai(pipe.transformer.state_dict(), model.mmdit,
+                                           f"{model.label} transformer (diffusers)")
+        cap.weights(mmdit_state, diffusers_to_sai(pipe.vae.state_dict(), model.vae, f"{model.label} vae (diffusers)"),
+                    run.dtype)
         ref_step = pipe.scheduler.step  # wrapped to see the guided velocity and the new latent
 
         def step(model_output, t, sample, **kw):
@@ -175,4 +239,6 @@ class DiffusersSide:
                          num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="pil",
                          max_sequence_length=run.values["t5_max_length"],
                          generator=torch.Generator("cpu").manual_seed(s.seed), **kwargs).images[0]
+        if pagers is not None:
+            run.notes.append(pagers["transformer"].summary(f"diffusers {model.label} transformer"))
         return cap.assemble(torch.from_numpy(np.asarray(image).copy()), ("uncond", "cond"), s.steps - len(cap.steps))

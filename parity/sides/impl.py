@@ -102,6 +102,89 @@ def load_image_parts(model, opts: dict, dtype):
     return mmdit.eval(), vae.eval(), bool(layers)
 
 
+def streamed_text_stack(text_model, dtype):
+    """impl's text stack with each encoder streamed from its folder (``parity.stream``): parameters in ``dtype``
+    (T5's ``wo`` in float32 when it is float16, as transformers keeps them), each layer or block paged in for its
+    call. Returns the stack and its pagers."""
+    import torch
+
+    from impl.clip import ClipTextEncoder
+    from impl.t5 import T5Encoder
+    from impl.text import CLIP_DROP, T5_TIED, TextStack, check_encoder_folder, tokenizer_files
+    from impl.weights import TEXT_WEIGHTS, weight_files
+    from parity.stream import Pager, Weights, meta_parameters
+
+    d = text_model.directory
+    encoders, pagers = {}, []
+    for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5")):
+        if not (d / sub).is_dir():
+            encoders[name] = None
+            continue
+        w = Weights(weight_files(d / sub, TEXT_WEIGHTS))
+        shapes = w.shapes()
+        cfg = check_encoder_folder(d / sub, {k: torch.empty(v, device="meta") for k, v in shapes.items()})
+        fetch, ignore = w.get, set(CLIP_DROP)
+        if name == "t5":
+            (ours, theirs), = T5_TIED.items()
+            if ours in shapes:
+                ignore.add(theirs)
+            else:  # only the tied name stored: impl's parameter reads it
+                shapes[ours] = shapes.pop(theirs)
+                fetch = lambda k, w=w: w.get(theirs if k == ours else k)  # noqa: E731
+        with meta_parameters():
+            model = T5Encoder(cfg) if name == "t5" else ClipTextEncoder(cfg)
+        units = [f"encoder.block.{i}" for i in range(cfg.layers)] if name == "t5" else \
+            [f"text_model.encoder.layers.{i}" for i in range(cfg.layers)]
+        keep32 = name == "t5" and dtype == torch.float16
+
+        def dtype_of(k, t, keep32=keep32):
+            return t.dtype if not t.is_floating_point() else \
+                torch.float32 if keep32 and k.endswith("DenseReluDense.wo.weight") else dtype
+        bias = ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] if name == "t5" else []
+        pagers.append(Pager(model, units, fetch, shapes, dtype_of, str(d / sub), ignore, resident=bias))
+        encoders[name] = model.eval()
+    return TextStack(*tokenizer_files(d), encoders["clip_l"], encoders["clip_g"], encoders["t5"]), pagers
+
+
+def streamed_image_parts(model, opts: dict, dtype):
+    """impl's MMDiT streamed block by block (``parity.stream``) from the SAI single file by identity or from the
+    diffusers directory through the naming table's rules, parameters in ``dtype``; the VAE loaded whole. Returns
+    (mmdit, vae, pager)."""
+    import torch
+
+    from impl.checkpoint import PREFIXES
+    from impl.mmdit import MMDiT
+    from impl.vae import VAE
+    from impl.weights import MODEL_WEIGHTS, load_strict, read_weights_dir, weight_files
+    from parity.convert import combiner, diffusers_to_sai, mmdit_rules
+    from parity.stream import Pager, Weights, meta_parameters
+
+    if model.single_file is not None:
+        w, prefix, what = Weights([model.single_file]), PREFIXES["mmdit"], f"{model.single_file} (model.diffusion_model.*)"
+        shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
+        fetch = lambda k: w.get(prefix + k)  # noqa: E731
+        vp = PREFIXES["vae"]
+        vae_state = {k[len(vp):]: w.get(k) for k in w.keys() if k.startswith(vp)}
+        vae_what = f"{model.single_file} (first_stage_model.*)"
+    else:
+        d = model.directory / "transformer"
+        w, what = Weights(weight_files(d, MODEL_WEIGHTS)), str(d)
+        meta = {k: torch.empty(v, device="meta") for k, v in w.shapes().items()}
+        shapes = {k: tuple(v.shape) for k, v in diffusers_to_sai(meta, model.mmdit, what).items()}  # names, shapes
+        rules = {r.sai: r for r in mmdit_rules(model.mmdit)}
+        fetch = lambda k: combiner(rules[k])([w.get(x) for x in rules[k].diffusers])  # noqa: E731
+        vae_state = diffusers_to_sai(read_weights_dir(model.directory / "vae", MODEL_WEIGHTS), model.vae,
+                                     str(model.directory / "vae"))
+        vae_what = str(model.directory / "vae")
+    with meta_parameters():
+        mmdit = MMDiT(model.mmdit, opts["mmdit"])
+    pager = Pager(mmdit, [f"joint_blocks.{i}" for i in range(model.mmdit.depth)], fetch, shapes,
+                  lambda k, t: dtype if t.is_floating_point() else t.dtype, what)
+    vae = VAE(model.vae, opts["vae_attention"])
+    load_strict(vae, vae_state, vae_what)
+    return mmdit.eval(), vae.eval(), pager
+
+
 def nonfinite(module, where: str) -> list[str]:
     """A warning naming the weights (as impl loaded them) that hold NaN or Inf; every side reads the same values."""
     import torch
@@ -132,12 +215,14 @@ class ImplSide:
     covers = None  # every component
 
     def __init__(self):
-        self._stack = None
+        self._stack, self._pagers = None, []
 
     def key(self, run) -> tuple:
         return (repr(run.spec), tuple(sorted(run.values.items(), key=str)))
 
     def stack(self, run):
+        if self._stack is None and run.spec.stream:
+            self._stack, self._pagers = streamed_text_stack(run.text_model, run.text.encoder_dtype or run.dtype)
         if self._stack is None:
             self._stack, notes = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
             if run.text_model.label == "embedded-default":  # the cached files hold what the manifest says
@@ -160,11 +245,15 @@ class ImplSide:
         models = {comp: stack.encoder(attr, out_dtype, settings.weight_storage) for comp, attr in ENCODERS}
         models = {c: m for c, m in models.items() if m is not None and not (c == "t5" and settings.t5_absent)}
         points = {c: text_points(c, m.config.layers, "impl") for c, m in models.items()}
+        states = {c: p.state() for c, p in zip(("clip-l", "clip-g", "t5"), self._pagers) if c in models}
 
         def encode(prompt):
             cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim)
             return cond.context, cond.pooled
-        return text_side(run.text_model.label, run.spec.prompts, models, points, encode, "ids", run.dtype)
+        out = text_side(run.text_model.label, run.spec.prompts, models, points, encode, "ids", run.dtype,
+                        states=states or None)
+        run.notes.extend(p.summary(f"impl {c}") for c, p in zip(("clip-l", "clip-g", "t5"), self._pagers))
+        return out
 
     def image(self, run, model, init) -> R.Side:
         from impl import sampling
@@ -173,9 +262,14 @@ class ImplSide:
         s, opts = run.spec, run.opts
         form = opts["form"]
         stack = self.stack(run)
-        mmdit, vae, quantized = load_image_parts(model, opts, compute_dtype(run))
-        mmdit = half_weights(mmdit, run, quantized)
-        run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
+        if s.stream:
+            mmdit, vae, pager = streamed_image_parts(model, opts, compute_dtype(run))
+            mmdit_state = pager.state()
+        else:
+            mmdit, vae, quantized = load_image_parts(model, opts, compute_dtype(run))
+            mmdit = half_weights(mmdit, run, quantized)
+            run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
+            mmdit_state = mmdit.state_dict()
         ss = sampler_settings(run, model)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
                               uint8=opts["uint8"], autocast=opts["autocast"],
@@ -186,7 +280,7 @@ class ImplSide:
             image = to_tensor(init)
             plan, start = sampling.img2img_plan(ss, s.strength)
         cap = ImageCapture(model.label, "impl", model.mmdit, model.vae, init is not None)
-        cap.weights(mmdit.state_dict(), vae.state_dict(), run.dtype)
+        cap.weights(mmdit_state, vae.state_dict(), run.dtype)
         with contextlib.ExitStack() as es:
             cap.attach(es, mmdit, vae, lambda a, k: (a[0], a[1], a[3], a[2]), f"{model.label} mmdit (impl)",
                        N.MMDIT_SKIP["impl"])
@@ -194,4 +288,6 @@ class ImplSide:
             result = generate(stack, mmdit, vae, s.prompts[0], ps, run.text, "", image,
                               on_step=lambda i, d: cap.step(**{form.cfg_space: d[form.cfg_space], "latent": d["latent"]}))
         order = ("uncond", "cond") if form.cfg_batch == "uncond_first" else ("cond", "uncond")
+        if s.stream:
+            run.notes.append(pager.summary(f"impl {model.label} mmdit"))
         return cap.assemble(result.image, order, start)

@@ -1,0 +1,228 @@
+"""Streamed models: parameters read from the memory-mapped files one unit (text layer, MMDiT block) at a time.
+
+A module built under ``meta_parameters()`` holds its parameters on the meta device (no memory; buffers are real).
+``Pager`` then gives it weights: every parameter outside the units at once, and each unit's parameters from its
+forward pre-hook until its forward hook, when they go back to the meta device. The module's own code runs
+unchanged, so a reference's block is the reference's class computing on the file's values; only residency
+differs from a model loaded whole. ``Weights`` reads tensors by name from safetensors files (a model folder's
+shards), one tensor at a time. ``LazyState`` is a model's parameters as a mapping that pages units in as it is
+read, for the weight records.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class Weights:
+    """The tensors of safetensors ``files`` by name, read one at a time through safetensors' memory map."""
+
+    def __init__(self, files: Iterable[Path]):
+        from safetensors import safe_open
+
+        self.files, self._where = [Path(f) for f in files], {}
+        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+        for i, h in enumerate(self._handles):
+            for k in h.keys():
+                if k in self._where:
+                    raise ValueError(f"{self.files[i]}: tensor {k!r} is also in {self.files[self._where[k]]}")
+                self._where[k] = i
+        self.reads = 0
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers."""
+        return {k: tuple(self._handles[i].get_slice(k).get_shape()) for k, i in self._where.items()}
+
+    def get(self, name: str) -> Tensor:
+        self.reads += 1
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Modules built inside hold their parameters on the meta device; buffers are allocated as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class Pager:
+    """Weights for ``module`` (parameters on the meta device) from ``fetch(name)`` -> tensor, ``name`` a parameter
+    or persistent buffer name of ``module``: everything outside ``units`` (names of submodules) now, each unit's
+    parameters for the length of its forward. ``shapes``: every name ``fetch`` has, with its shape; they are
+    checked against the module first (a missing, misshapen or unused tensor is refused by name, ``what`` naming
+    the files; ``ignore``: stored names no parameter takes). ``dtype_of(name, tensor)``: the dtype a parameter
+    takes. Tied parameters (one object under several names) are read once, under their first stored name.
+    ``resident``: parameters inside a unit that stay loaded (one the model reads outside the unit's call).
+    ``peak``: the most units resident at once; ``loads``: unit loads."""
+
+    def __init__(self, module: nn.Module, units: Iterable[str], fetch: Callable[[str], Tensor], shapes: dict,
+                 dtype_of: Callable[[str, Tensor], torch.dtype], what: str, ignore: Iterable[str] = (),
+                 resident: Iterable[str] = ()):
+        self.module, self.fetch, self.dtype_of, self.shapes = module, fetch, dtype_of, shapes
+        self.resident_names = set(resident)
+        self.units = {u: module.get_submodule(u) for u in units}
+        self.resident = self.peak = self.loads = 0
+        self.hooks = []
+        groups: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        self.groups = list(groups.values())
+        persistent = set(module.state_dict(keep_vars=True))
+        buffers = [(n, b) for n, b in module.named_buffers() if n in persistent and n in shapes]
+        self._check(buffers, what, set(ignore))
+        with torch.no_grad():
+            for names in self.groups:
+                if self._unit(names[0]) is None:
+                    self._load(names)
+            for name, b in buffers:
+                b.data = fetch(name).to(dtype=b.dtype)
+        for u, sub in self.units.items():
+            mine = [names for names in self.groups if self._unit(names[0]) == u]
+            self.hooks.append(sub.register_forward_pre_hook(lambda _m, _a, g=mine: self._page_in(g)))
+            self.hooks.append(sub.register_forward_hook(lambda _m, _a, _o, g=mine: self._page_out(g)))
+
+    def _check(self, buffers: list, what: str, ignore: set) -> None:
+        used = set()
+        for names in self.groups:
+            source = next((n for n in names if n in self.shapes), None)
+            if source is None:
+                raise KeyError(f"{what}: no tensor {names[0]}")
+            want = tuple(self.param(names[0]).shape)
+            if tuple(self.shapes[source]) != want:
+                raise ValueError(f"{what}: {source} has shape {tuple(self.shapes[source])}, the model's {want}")
+            used.update(n for n in names if n in self.shapes)
+        for name, b in buffers:
+            if tuple(self.shapes[name]) != tuple(b.shape):
+                raise ValueError(f"{what}: {name} has shape {tuple(self.shapes[name])}, the model's {tuple(b.shape)}")
+            used.add(name)
+        unused = sorted(set(self.shapes) - used - ignore)
+        if unused:
+            raise KeyError(f"{what}: tensors the model has no place for: {', '.join(unused[:5])}"
+                           + (" ..." if len(unused) > 5 else ""))
+
+    def _unit(self, name: str) -> str | None:
+        if name in self.resident_names:
+            return None
+        return next((u for u in self.units if name.startswith(u + ".")), None)
+
+    def _set(self, names: list[str], param: nn.Parameter) -> None:
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            self.module.get_submodule(owner)._parameters[leaf] = param
+
+    def _load(self, names: list[str]) -> None:
+        source = next(n for n in names if n in self.shapes)
+        t = self.fetch(source)  # a copy of its own (aligned storage, as a loaded model's own_storage gives)
+        self._set(names, nn.Parameter(t.to(self.dtype_of(source, t), copy=True), requires_grad=False))
+
+    def _page_in(self, groups: list[list[str]]) -> None:
+        with torch.no_grad():
+            for names in groups:
+                self._load(names)
+        self.resident += 1
+        self.loads += 1
+        self.peak = max(self.peak, self.resident)
+
+    def _page_out(self, groups: list[list[str]]) -> None:
+        for names in groups:
+            owner, _, leaf = names[0].rpartition(".")
+            p = self.module.get_submodule(owner)._parameters[leaf]
+            self._set(names, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        self.resident -= 1
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def summary(self, what: str) -> str:
+        """What paging did, for the report's notes."""
+        return f"streamed {what}: {len(self.units)} units paged in {self.loads} times, at most {self.peak} resident"
+
+    def unit_of(self, name: str) -> str | None:
+        """The unit holding parameter ``name`` (None: resident)."""
+        return self._unit(name)
+
+    def page_in(self, unit: str) -> None:
+        self._page_in([g for g in self.groups if self._unit(g[0]) == unit])
+
+    def page_out(self, unit: str) -> None:
+        self._page_out([g for g in self.groups if self._unit(g[0]) == unit])
+
+    def param(self, name: str) -> Tensor:
+        """Parameter (or buffer) ``name`` as the module holds it now (a unit's: while it is paged in)."""
+        owner, _, leaf = name.rpartition(".")
+        m = self.module.get_submodule(owner)
+        return m._parameters[leaf] if leaf in m._parameters else m._buffers[leaf]
+
+    def state(self, names: Callable[[str], str] = lambda n: n) -> LazyState:
+        """The module's state dict (tied parameters once, under their first name) as a ``LazyState``, renamed by
+        ``names``."""
+        seen, entries = set(), []
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                entries.append((names(name), self, [name], lambda parts: parts[0]))
+        return LazyState(entries)
+
+
+class LazyState(Mapping):
+    """Parameters of paged modules under other names, read in order: ``entries`` are (name, pager, source
+    parameter names, combine(tensors) -> tensor). Iterating pages each source's unit in (and the previous one
+    out), so at most one unit is resident while a side records its weights."""
+
+    def __init__(self, entries: list[tuple[str, Pager, list[str], Callable[[list[Tensor]], Tensor]]]):
+        self.entries = {e[0]: e for e in entries}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __getitem__(self, name: str) -> Tensor:
+        _, pager, sources, combine = self.entries[name]
+        units = {pager.unit_of(s) for s in sources} - {None}
+        for u in units:
+            pager.page_in(u)
+        try:
+            return combine([pager.param(s).detach() for s in sources])
+        finally:
+            for u in units:
+                pager.page_out(u)
+
+    def items(self):  # one unit in at a time, each loaded once for all its entries
+        current: tuple[Pager, str] | None = None
+        try:
+            for name, (_, pager, sources, combine) in self.entries.items():
+                units = {pager.unit_of(s) for s in sources} - {None}
+                if len(units) > 1:
+                    raise ValueError(f"{name}: sources in several units {sorted(units)}")
+                unit = next(iter(units), None)
+                if unit is not None and current != (pager, unit):
+                    if current is not None:
+                        current[0].page_out(current[1])
+                    pager.page_in(unit)
+                    current = (pager, unit)
+                yield name, combine([pager.param(s).detach() for s in sources])
+        finally:
+            if current is not None:
+                current[0].page_out(current[1])
