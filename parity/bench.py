@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: impl against the references, measured in one run on the same thread count.
 
-    python -m parity.bench text|image|check|memory|overhead|comfyui [--threads N] [--repeats N] [--device D]
+    python -m parity.bench text|image|check|memory|overhead|comfyui|stream [--threads N] [--repeats N] [--device D]
 
 Prints ratios (impl time / reference time; below 1.0 means impl is faster). Each pair is timed interleaved
 (impl, reference, impl, ...) after a warm-up, and the median of the repeats is reported, so drift of the
@@ -350,12 +350,100 @@ def bench_overhead(repeats: int, threads: int) -> list[str]:
             f"  HTML report (render only)       {html:6.2f} s   ratio {(base + html) / base:.2f}x (check + HTML / check)"]
 
 
+_PEAK_JSON = r"""
+import contextlib, io, resource, sys
+from parity.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = main(sys.argv[1:])
+print(out.getvalue().strip())
+print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+_BARE_STREAMED = r"""
+import json, resource, sys, time
+from dataclasses import replace
+import torch
+from parity.determinism import pinned
+from parity.run import Spec, resolve
+from parity.sides.diffusers import image_pipeline
+from parity.sides.impl import sampler_settings, streamed_image_parts, streamed_text_stack
+from parity.stream import return_freed_memory
+from impl.pipeline import PipelineSettings, generate
+return_freed_memory()
+spec = Spec(**json.loads(sys.argv[1]))
+run = resolve(spec)
+model, out = run.models[0], {}
+with pinned(spec.threads), torch.no_grad():
+    t = time.perf_counter()
+    pipe = image_pipeline(model, run, False, {})
+    pipe(spec.prompts[0], negative_prompt="", height=spec.height, width=spec.width, num_inference_steps=spec.steps,
+         guidance_scale=spec.guidance, max_sequence_length=run.values["t5_max_length"], output_type="pil",
+         generator=torch.Generator("cpu").manual_seed(spec.seed))
+    out["diffusers"] = time.perf_counter() - t
+    del pipe
+    t = time.perf_counter()
+    stack, _ = streamed_text_stack(run.text_model, run.dtype)
+    mmdit, vae, _ = streamed_image_parts(model, run.opts, run.dtype)
+    ps = PipelineSettings(sampler=sampler_settings(run, model), seed=spec.seed, height=spec.height, width=spec.width,
+                          uint8=run.opts["uint8"])
+    generate(stack, mmdit, vae, spec.prompts[0], ps, run.text, "")
+    out["impl"] = time.perf_counter() - t
+out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+print(json.dumps(out))
+"""
+
+
+def bench_stream(preset: str, root: str, size: int, threads: int) -> list[str]:
+    """A streamed ``check`` of a synthetic full-size model (``sd3parity fixture``, diffusers layout, bfloat16, written
+    under ``root`` when absent): one prompt, 2 steps with CFG, ``size`` pixels square, both sides and every record,
+    in a process of its own (its peak RSS, wall time, verdict), beside a process running the two sides' bare
+    streamed pipelines once each (no records): the ratio of the check's wall time to theirs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from parity.fixture import write
+
+    d = Path(root) / preset
+    if not (d / "fixture.json").is_file():
+        write(preset, d, "diffusers", "bfloat16")
+    spec = {"model": str(d), "dtype": "bfloat16", "prompts": ["a photo of a cat"], "height": size, "width": size,
+            "threads": threads}
+    argv = ["check", "--stream", "--model", str(d), "--dtype", "bfloat16", "--size", f"{size}x{size}", "--prompt",
+            spec["prompts"][0], "--threads", str(threads), "--json"]
+    t = time.perf_counter()
+    got = subprocess.run([sys.executable, "-c", _PEAK_JSON, *argv], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    head = got.stdout.strip().splitlines()
+    if not head or head[-1].split()[0] not in ("0", "1"):
+        raise RuntimeError(f"check failed: {got.stdout[-2000:]} {got.stderr[-2000:]}")
+    report, peak = json.loads("\n".join(head[:-1])), int(head[-1].split()[1])
+    t = time.perf_counter()
+    bare = subprocess.run([sys.executable, "-c", _BARE_STREAMED, json.dumps(spec)], capture_output=True, text=True,
+                          check=True)
+    bare_wall = time.perf_counter() - t
+    b = json.loads(bare.stdout.strip().splitlines()[-1])
+    first = report["first_divergence"]
+    return [f"Streamed check of synthetic {preset} (bfloat16, {size}x{size}, 2 steps, CFG, {threads} thread(s)):",
+            f"  check: wall {wall:7.1f} s, peak RSS {peak / 2 ** 20:5.2f} GB, {report['n_records']} records, "
+            f"{report['n_failed']} exceed the tolerance, first divergence "
+            + ("none" if first is None else f"{first['component']} {first['layer']}"),
+            f"  bare streamed forwards: diffusers {b['diffusers']:7.1f} s, impl {b['impl']:7.1f} s (process wall "
+            f"{bare_wall:.1f} s, peak RSS {b['peak_rss_gb']:.2f} GB)",
+            f"  ratio check / bare {wall / bare_wall:.2f}x"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("text", "image", "check", "memory", "overhead", "comfyui"))
+    ap.add_argument("what", choices=("text", "image", "check", "memory", "overhead", "comfyui", "stream"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="comfyui: the device both sides run on (cpu, cuda)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--preset", default="sd3.5-medium", help="stream: the released configuration (sd3parity fixture)")
+    ap.add_argument("--fixtures", default="fixtures", help="stream: where synthetic models are written / found")
+    ap.add_argument("--size", type=int, default=128, help="stream: image side in pixels")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with pinned(args.threads):
@@ -365,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
                  "check": lambda: bench_check(args.repeats, args.threads),
                  "memory": lambda: bench_memory(args.threads),
                  "overhead": lambda: bench_overhead(args.repeats, args.threads),
-                 "comfyui": lambda: bench_comfyui(args.repeats, args.device)}[args.what]()
+                 "comfyui": lambda: bench_comfyui(args.repeats, args.device),
+                 "stream": lambda: bench_stream(args.preset, args.fixtures, args.size, args.threads)}[args.what]()
         for line in lines:
             print(line)
 

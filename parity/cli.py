@@ -409,7 +409,7 @@ def parser() -> argparse.ArgumentParser:
                    "block, final layer, VAE module, sampler step) on the reference's input there, its local error; "
                    "both: each record's propagated and local error, and where error is introduced")
     c.add_argument("--stream", action="store_true", help="page each side's text layers and MMDiT blocks in from the "
-                   "memory-mapped files one at a time instead of loading the models whole (diffusers profile, "
+                   "weight files one at a time instead of loading the models whole (diffusers profile, "
                    "diffusers-layout directories)")
     _report_options(c)
     c.set_defaults(fn=_check)

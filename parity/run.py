@@ -622,6 +622,10 @@ def execute(run: Run, side_name: str, cache: dict | None = None, progress: Progr
         for what in ["text"] + [m.label for m in run.models]:
             step(f"{side_name} {what} (computed before)")
         return cache[key]
+    if run.spec.stream:
+        from parity.stream import return_freed_memory
+
+        return_freed_memory()
     init = read_image(run.spec.image, run.spec.height, run.spec.width) if run.spec.image else None
     with pinned(run.spec.threads):
         parts = [side.text(run)]

@@ -1,5 +1,5 @@
 """Streamed runs (``check --stream``): each side's text layers and MMDiT blocks paged in one at a time from the
-memory-mapped files give exactly the records of the models loaded whole."""
+weight files give exactly the records of the models loaded whole."""
 from dataclasses import replace
 
 import pytest
@@ -15,29 +15,48 @@ def side_records(spec: Spec) -> dict:
     return {name: execute(run, name)[0] for name in ("impl", "diffusers")}, run
 
 
+def same_records(whole: dict, streamed: dict) -> int:
+    """Asserts both sides' records equal, streamed or not: keys in order, fields, tensors bit for bit, a streamed
+    parameter of over 2**20 elements (not the VAE's, loaded whole) as the sha256 of the one loaded whole. Returns
+    how many were digests."""
+    from parity.sides import DIGEST_ABOVE, sha256
+
+    digests = 0
+    for name in ("impl", "diffusers"):
+        a, b = whole[name], streamed[name]
+        assert list(a) == list(b)
+        for k in a:
+            want, got = R.load(a[k][1]), R.load(b[k][1])
+            if a[k][0]["layer"].startswith("weight:") and want.numel() > DIGEST_ABOVE and a[k][0]["component"] != "vae":
+                want, digests = sha256(want), digests + 1
+            assert a[k][0] == b[k][0] and torch.equal(want, got), (name, k)
+    return digests
+
+
 @pytest.mark.parametrize("options", [
     {},  # float32, every embedded family
     {"dtype": "float16", "families": ("sd3.5-large",), "steps": 3},  # T5's wo kept in float32, as transformers does
 ], ids=["float32", "float16"])
 def test_streamed_records_are_the_in_memory_records(options):
-    """Both sides, record for record and bit for bit (fields, execution order, tensors), streamed or not; and the
-    streamed run held at most one unit of each model at a time."""
+    """Both sides, record for record and bit for bit (fields, execution order, tensors; a streamed parameter of
+    over 2**20 elements as the sha256 of the one loaded whole), streamed or not; and the streamed run held at most
+    one unit of each model at a time."""
     spec = Spec(**options)
     whole, _ = side_records(spec)
     streamed, run = side_records(replace(spec, stream=True))
-    for name in ("impl", "diffusers"):
-        a, b = whole[name], streamed[name]
-        assert list(a) == list(b)
-        for k in a:
-            assert a[k][0] == b[k][0] and torch.equal(R.load(a[k][1]), R.load(b[k][1])), (name, k)
+    assert same_records(whole, streamed) >= 4  # digests: the CLIP token embeddings, at least
     paged = [n for n in run.notes if n.startswith("streamed ")]
     assert len(paged) == 2 * (3 + len(run.models)) and all(n.endswith("at most 1 resident") for n in paged)
 
 
 def test_a_changed_block_weight_is_found_at_that_block(monkeypatch):
     """One block's weight changed on impl's side only (the file it streams from read differently): the first
-    divergence is that weight's record, and the first activation that differs is in that block."""
+    divergence is that weight's record, and the first activation that differs is in that block. Here weights of
+    over 100 elements are recorded as digests, as a full-size model's are."""
+    import parity.sides as sides
     from parity import stream
+
+    monkeypatch.setattr(sides, "DIGEST_ABOVE", 100)
 
     get = stream.Weights.get
     target = "model.diffusion_model.joint_blocks.1.x_block.attn.qkv.weight"
@@ -47,7 +66,10 @@ def test_a_changed_block_weight_is_found_at_that_block(monkeypatch):
         return t * (1 + 2 ** -10) if name == target else t
     monkeypatch.setattr(stream.Weights, "get", changed)
     report = check(Spec(stream=True, families=("sd3.5-medium",), prompts=("a cat",)))
-    assert report.first_divergence["layer"] == "weight:joint_blocks.1.x_block.attn.qkv.weight"
+    fd = report.first_divergence
+    assert fd["layer"] == "weight:joint_blocks.1.x_block.attn.qkv.weight" and list(fd["shape"]) == [32]
+    weights = [r for r in report.records if r["layer"].startswith("weight:")]
+    assert all(r["bitwise_equal"] for r in weights if r is not fd) and sum(r["shape"] == [32] for r in weights) > 50
     first = next(r for r in report.records if not r["bitwise_equal"] and not r["layer"].startswith("weight:"))
     assert first["component"] == "mmdit" and first["block"] == 1
 
@@ -63,3 +85,31 @@ def test_what_is_not_streamed_is_refused(argv, message, capsys, tmp_path, monkey
     (tmp_path / "x.safetensors").write_bytes(b"")
     assert main(["check", "--stream", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sharded_folders_stream_like_whole_ones(tmp_path):
+    """A Hub repository's large folders come in shards with an index: streamed, every record as from whole files."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from parity.embedded import model_dir
+
+    d = tmp_path / "sharded"
+    shutil.copytree(model_dir("sd3.5-medium"), d)
+    (d / "sd3.5-medium.safetensors").unlink()  # the diffusers folders alone
+    for folder, base in (("transformer", "diffusion_pytorch_model"), ("text_encoder_3", "model")):
+        whole = d / folder / f"{base}.safetensors"
+        state, names = load_file(whole), sorted(load_file(whole))
+        parts = {f"{base}-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+        for shard, keys in parts.items():
+            save_file({k: state[k] for k in keys}, d / folder / shard)
+        (d / folder / f"{base}.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: shard for shard, keys in parts.items() for k in keys}}))
+        whole.unlink()
+    spec = Spec(model=str(d), prompts=("a cat",))
+    whole, _ = side_records(spec)
+    streamed, run = side_records(replace(spec, stream=True))
+    same_records(whole, streamed)
+    assert check(replace(spec, stream=True)).first_divergence is None

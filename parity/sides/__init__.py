@@ -166,13 +166,32 @@ class ImageCapture:
 
 
 
+DIGEST_ABOVE = 2 ** 20  # elements: a streamed model's larger parameters are recorded as their sha256
+
+
 def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype) -> None:
     """A side's loaded parameters (named as impl names them) as records, taken before any activation: a missing,
     zeroed, transposed or mis-mapped tensor is reported at its parameter, not as a wrong op downstream. Floating
     parameters are taken in the run's ``dtype``, the values a run in it computes with (impl keeps float32 weights
-    and casts them where the references store them cast)."""
+    and casts them where the references store them cast). A streamed model's (``LazyState``) parameters of more
+    than ``DIGEST_ABOVE`` elements are recorded as the sha256 of their bytes (32 uint8): equal exactly when the
+    tensors are, without a second copy of the model on disk."""
+    from parity.stream import LazyState
+
+    digest = isinstance(state, LazyState)
     for name, t in state.items():
-        rec.put(t.to(dtype) if t.is_floating_point() else t, model=label, component=component, layer=R.WEIGHT + name)
+        t = t.to(dtype) if t.is_floating_point() else t
+        if digest and t.numel() > DIGEST_ABOVE:
+            t = sha256(t)
+        rec.put(t, model=label, component=component, layer=R.WEIGHT + name)
+
+
+def sha256(t: torch.Tensor) -> torch.Tensor:
+    """The sha256 of a tensor's bytes (contiguous, its dtype), as 32 uint8."""
+    import hashlib
+
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return torch.frombuffer(bytearray(hashlib.sha256(memoryview(raw)).digest()), dtype=torch.uint8)
 
 
 def text_state(component: str, module) -> dict:
