@@ -34,7 +34,7 @@ class Weights:
 
         from impl.weights import _header
 
-        self.files, self._where, self.reads = [Path(f) for f in files], {}, 0
+        self.files, self._where = [Path(f) for f in files], {}
         self._fds = []
         for i, f in enumerate(self.files):
             header = _header(f)  # checked: offsets, shapes, dtypes, size
@@ -69,7 +69,6 @@ class Weights:
         got = os.preadv(self._fds[i], [data], offset) if n else 0
         if got != n:
             raise ValueError(f"{self.files[i]}: tensor {name!r}: read {got} of {n} bytes (the file changed?)")
-        self.reads += 1
         flat = torch.frombuffer(data, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
         return flat.view(dtype).reshape(shape)
 
@@ -128,7 +127,6 @@ class Pager:
         self.resident_names = set(resident)
         self.units = {u: module.get_submodule(u) for u in units}
         self.resident = self.peak = self.loads = 0
-        self.hooks = []
         groups: dict[int, list[str]] = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(name)
@@ -144,8 +142,8 @@ class Pager:
                 b.data = fetch(name).to(dtype=b.dtype)
         for u, sub in self.units.items():
             mine = [names for names in self.groups if self._unit(names[0]) == u]
-            self.hooks.append(sub.register_forward_pre_hook(lambda _m, _a, g=mine: self._page_in(g)))
-            self.hooks.append(sub.register_forward_hook(lambda _m, _a, _o, g=mine: self._page_out(g)))
+            sub.register_forward_pre_hook(lambda _m, _a, g=mine: self._page_in(g))
+            sub.register_forward_hook(lambda _m, _a, _o, g=mine: self._page_out(g))
 
     def _check(self, buffers: list, what: str, ignore: set) -> None:
         used = set()
@@ -195,10 +193,6 @@ class Pager:
             p = self.module.get_submodule(owner)._parameters[leaf]
             self._set(names, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
         self.resident -= 1
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
 
     def summary(self, what: str) -> str:
         """What paging did, for the report's notes."""
