@@ -16,7 +16,7 @@ from torch import Tensor
 
 from impl import sampling
 from impl.autocast import CudaAutocastFp16
-from impl.text import TextSettings, TextStack, encode_prompt, unpadded_empty
+from impl.text import Conditioning, TextSettings, TextStack, encode_prompt, unpadded_empty
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,9 +39,11 @@ class Result:
 
 def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, text: TextSettings,
              negative: str = "", init_image: Tensor | None = None, posterior_noise: Tensor | None = None,
-             on_step: Callable[[int, dict], None] | None = None) -> Result:
+             on_step: Callable[[int, dict], None] | None = None, cond: Conditioning | None = None) -> Result:
     """One image. ``init_image``: (1, 3, H, W) in [-1, 1] for img2img (``sampling.image_to_tensor`` builds it from
-    pixels with diffusers' layout, ``sampling.sai_image_to_tensor`` with the reference's)."""
+    pixels with diffusers' layout, ``sampling.sai_image_to_tensor`` with the reference's). ``cond``: the prompt's
+    conditioning as ``encode_prompt`` gave it for these settings, dtype and the model's context width (not encoded
+    again)."""
     ss = s.sampler
     if s.height % 16 or s.width % 16:
         raise ValueError(f"size {s.height}x{s.width}: height and width must be multiples of 16")
@@ -49,7 +51,8 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
         raise ValueError(f"uint8 {s.uint8!r}: expected 'round' or 'truncate'")
     model, vae = model.to(ss.dtype), vae.to(ss.dtype)
     text_dtype = text.encoder_dtype or ss.dtype  # the reference's get_cond returns its float32 encoders' output
-    cond = encode_prompt(stack, prompt, text, text_dtype, model.config.context_dim)
+    if cond is None:
+        cond = encode_prompt(stack, prompt, text, text_dtype, model.config.context_dim)
     if s.unpadded_negative:
         if negative:
             raise ValueError("unpadded_negative encodes the empty negative; the negative is not empty")

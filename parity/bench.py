@@ -400,11 +400,13 @@ def bench_stream(preset: str, root: str, size: int, threads: int) -> list[str]:
     in a process of its own (its peak RSS, wall time, verdict), beside a process running the two sides' bare
     streamed pipelines once each (no records): the ratio of the check's wall time to theirs."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     from parity.fixture import write
+    from parity.resources import table
 
     d = Path(root) / preset
     if not (d / "fixture.json").is_file():
@@ -414,7 +416,9 @@ def bench_stream(preset: str, root: str, size: int, threads: int) -> list[str]:
     argv = ["check", "--stream", "--model", str(d), "--dtype", "bfloat16", "--size", f"{size}x{size}", "--prompt",
             spec["prompts"][0], "--threads", str(threads), "--json"]
     t = time.perf_counter()
-    got = subprocess.run([sys.executable, "-c", _PEAK_JSON, *argv], capture_output=True, text=True, check=False)
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}  # as sd3parity sets it
+    got = subprocess.run([sys.executable, "-c", _PEAK_JSON, *argv], capture_output=True, text=True, check=False,
+                         env=env)
     wall = time.perf_counter() - t
     head = got.stdout.strip().splitlines()
     if not head or head[-1].split()[0] not in ("0", "1"):
@@ -422,7 +426,7 @@ def bench_stream(preset: str, root: str, size: int, threads: int) -> list[str]:
     report, peak = json.loads("\n".join(head[:-1])), int(head[-1].split()[1])
     t = time.perf_counter()
     bare = subprocess.run([sys.executable, "-c", _BARE_STREAMED, json.dumps(spec)], capture_output=True, text=True,
-                          check=True)
+                          check=True, env=env)
     bare_wall = time.perf_counter() - t
     b = json.loads(bare.stdout.strip().splitlines()[-1])
     first = report["first_divergence"]
@@ -432,7 +436,8 @@ def bench_stream(preset: str, root: str, size: int, threads: int) -> list[str]:
             + ("none" if first is None else f"{first['component']} {first['layer']}"),
             f"  bare streamed forwards: diffusers {b['diffusers']:7.1f} s, impl {b['impl']:7.1f} s (process wall "
             f"{bare_wall:.1f} s, peak RSS {b['peak_rss_gb']:.2f} GB)",
-            f"  ratio check / bare {wall / bare_wall:.2f}x"]
+            f"  ratio check / bare {wall / bare_wall:.2f}x",
+            "  the check's stages and components (seconds, calls, peak RSS):"] + table(report["resources"]["stages"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,8 @@ def spec_from(args):
              sai_code=args.sai_code, comfyui=getattr(args, "comfyui", None), max_ulp=getattr(args, "max_ulp", 0),
              noise_floor=getattr(args, "noise_floor", False) or getattr(args, "tolerance", "ulp") == "noise",
              tolerance=getattr(args, "tolerance", "ulp"), mode=getattr(args, "mode", "propagated"),
-             reference_dump=getattr(args, "reference_dump", None), stream=getattr(args, "stream", False))
+             reference_dump=getattr(args, "reference_dump", None), stream=getattr(args, "stream", False),
+             max_memory=getattr(args, "max_memory", None))
     if getattr(args, "workflow", None):
         s = from_workflow(s, args.workflow)
     validate(s)
@@ -410,7 +411,10 @@ def parser() -> argparse.ArgumentParser:
                    "both: each record's propagated and local error, and where error is introduced")
     c.add_argument("--stream", action="store_true", help="page each side's text layers and MMDiT blocks in from the "
                    "weight files one at a time instead of loading the models whole (diffusers profile, "
-                   "diffusers-layout directories)")
+                   "diffusers-layout directories); a run of --model / --checkpoint streams by itself when it "
+                   "would not fit in memory")
+    c.add_argument("--max-memory", type=float, metavar="GB", help="the memory the run may take (default: what is "
+                   "available): a larger need in memory streams, or is refused when the run cannot stream")
     _report_options(c)
     c.set_defaults(fn=_check)
     e = sub.add_parser("explain", help="the smallest set of flag values (known quirks) that removes a divergence, and "
@@ -495,6 +499,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Before torch loads (it reads this once): its CPU allocator backs each allocation of 2 MB or more with
+    # transparent huge pages where the system allows them (THP "madvise" or "always"), 512 times fewer page faults.
+    # Measured reading 5.3 GB of SD3.5-Large block weights the way a streamed run does: 4.2 s, 1.6 s with it.
+    # Where torch is already imported (a library user's process) it has no effect; results are the same either way.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = parser().parse_args(argv)
     from parity.run import Unsupported
 

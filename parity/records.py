@@ -61,8 +61,10 @@ class SpillFile:
         self.size = 0
 
     def put(self, t: Tensor) -> "Spilled":
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        os.pwrite(self.file.fileno(), data, self.size)
+        data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
+        done = 0
+        while done < len(data):  # one call writes at most about 2 GB
+            done += os.pwrite(self.file.fileno(), data[done:], self.size + done)
         handle = Spilled(self, self.size, len(data), t.dtype, tuple(t.shape))
         self.size += len(data)
         return handle
@@ -76,8 +78,13 @@ class Spilled:
         self.spill, self.offset, self.nbytes, self.dtype, self.shape = spill, offset, nbytes, dtype, shape
 
     def load(self) -> Tensor:
-        data = bytearray(os.pread(self.spill.file.fileno(), self.nbytes, self.offset))
-        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        flat = torch.empty(self.nbytes, dtype=torch.uint8)  # read straight into the tensor's storage
+        view, done = memoryview(flat.numpy()), 0
+        while done < self.nbytes:
+            got = os.preadv(self.spill.file.fileno(), [view[done:]], self.offset + done)
+            if got <= 0:
+                raise OSError(f"{self.spill.file.name}: the record spill file ended early")
+            done += got
         return flat.view(self.dtype).reshape(self.shape)
 
 

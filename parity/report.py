@@ -241,9 +241,12 @@ def format_table(report: Report, prompts: list[str], quiet: bool = False) -> str
         lines += [f"  {path}  {digest[:12]}" for path, digest in files.items()]
     lines += [f"note: {n}" for n in report.notes]
     if report.resources:
+        from parity.resources import table
+
         r = report.resources
-        lines.append(f"resources: peak RSS {r['peak_rss_mb'] / 1024:.2f} GB; "
-                     + ", ".join(f"{what} {t:.2f} s" for what, t in r["seconds"]))
+        lines.append(f"resources: peak RSS {r['peak_rss_mb'] / 1024:.2f} GB (the process)")
+        lines += table(r.get("stages") or [{"stage": what, "seconds": t, "peak_rss_mb": None, "components": []}
+                                           for what, t in r["seconds"]])
     lines += [f"prompt {i}: {p!r}" for i, p in enumerate(prompts)]
     return "\n".join(lines + ["", verdict(report)])
 

@@ -70,6 +70,7 @@ class Spec:
     mode: str = "propagated"  # "teacher-forced": impl's units on the reference's inputs (local error); "both"
     reference_dump: str | None = None  # a dump (parity.dump) as the reference instead of the profile's library
     stream: bool = False  # both sides' large models paged in one layer / block at a time (parity.stream)
+    max_memory: float | None = None  # GB a run may take: more needed in memory streams (None: what is available)
 
 
 def validate(s: Spec) -> None:
@@ -126,16 +127,11 @@ def validate(s: Spec) -> None:
          f"--comfyui-attention {s.comfyui_attention}: ComfyUI's import mode; the {s.profile} reference runs SDPA "
          "(use --profile comfyui, or --flag attention_kernel=sub_quad for impl alone)")
     values = flag_values(s)
+    need(s.max_memory is None or (math.isfinite(s.max_memory) and s.max_memory > 0),
+         f"--max-memory {s.max_memory}: a number of GB > 0")
     if s.stream:
-        need(s.profile == "diffusers" and s.reference_dump is None,
-             f"--stream: the {s.profile if s.reference_dump is None else 'dump'} reference is not streamed yet "
-             "(the diffusers profile is)")
-        need(s.checkpoint is None, "--stream reads diffusers-layout directories (--model); a single file is not "
-             "streamed yet")
-        need(s.mode == "propagated", f"--stream --mode {s.mode}: streamed runs compare propagated only, so far")
-        need(values["half_compute"] == "native" and values["text_encoder_storage"] == "as_loaded",
-             "--stream: weights are paged in the dtype they compute in; half_compute=float32 and "
-             "text_encoder_storage=float16 round them otherwise")
+        why = not_streamed(s, values)
+        need(why is None, f"--stream: {why}")
     need(not (s.reference_dump and s.noise_floor), "--noise-floor reruns the reference; a dump cannot be rerun")
     for flag, path in (("--model", s.model), ("--config", s.config), ("--sai-code", s.sai_code),
                        ("--comfyui", s.comfyui),
@@ -143,6 +139,17 @@ def validate(s: Spec) -> None:
         need(path is None or Path(path).is_dir(), f"{flag} {path}: not a directory")
     for flag, path in (("--checkpoint", s.checkpoint), ("--image", s.image), ("--workflow", s.workflow)):
         need(path is None or Path(path).is_file(), f"{flag} {path}: no such file")
+
+
+def not_streamed(s: Spec, values: dict) -> str | None:
+    """Why the run ``s`` cannot stream, or None when it can."""
+    if s.profile != "diffusers" or s.reference_dump is not None:
+        return (f"the {s.profile if s.reference_dump is None else 'dump'} reference is not streamed yet (the diffusers "
+                "profile is)")
+    if values["half_compute"] != "native" or values["text_encoder_storage"] != "as_loaded":
+        return ("weights are paged in the dtype they compute in; half_compute=float32 and "
+                "text_encoder_storage=float16 round them otherwise")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- resolved run
@@ -184,7 +191,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
     files: dict[str, list[Path]] = field(default_factory=dict)  # a component folder or single file -> files read
     warnings: list[str] = field(default_factory=list)  # suspect inputs: dtype casts on load, NaN / Inf weights
-    timings: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds) in the order they ran
+    meter: Any = None  # parity.resources.Meter: seconds and peak memory per stage and component, as they ran
 
     def sources(self, single_files: bool) -> dict[str, str]:
         """The files a side reads, each with its fingerprint (``file_fingerprint``): the text encoders', then per
@@ -555,6 +562,42 @@ def resolve(s: Spec) -> Run:
     return Run(s, values, text_model, models, reference, notes, files, stored_dtypes(files, s.dtype))
 
 
+IN_MEMORY_BYTES = 16  # per weight element: what a run holding both sides' models whole takes (see plan_memory)
+
+
+def plan_memory(run: Run) -> Run:
+    """A run of named models (--model / --checkpoint) that would not fit in memory streams (``--stream``), or is
+    refused before anything loads when it cannot stream. Its need in memory is estimated as ``IN_MEMORY_BYTES``
+    per element of the weight files it reads (a folder and a single file of one model both counted): impl's
+    float32 copy (4), the reference's model with the load's transient copies (about twice its float32 size) and
+    the records; measured, a check of diffusers-built models with 1.5 GB of float32 weights (0.375 G elements)
+    peaked at 6.2 GB, 16.5 bytes per element. The budget is ``--max-memory``, else the memory available now."""
+    s = run.spec
+    if s.stream or (s.model is None and s.checkpoint is None):
+        return run
+    from parity.resources import available_bytes
+    from impl.weights import read_safetensors_meta
+
+    budget = s.max_memory * 1e9 if s.max_memory is not None else available_bytes()
+    if budget is None:
+        return run
+    elements = sum(math.prod(t.shape) for f in {f for fs in run.files.values() for f in fs}
+                   for t in read_safetensors_meta(f).values())
+    need = elements * IN_MEMORY_BYTES
+    if need <= budget:
+        return run
+    what = f"--max-memory {s.max_memory:g} GB" if s.max_memory is not None else "the memory available now"
+    why = not_streamed(s, run.values)
+    if why is not None:
+        raise UsageError(f"in memory this run needs about {need / 1e9:.1f} GB ({elements / 1e9:.2f} G weights), more "
+                         f"than {what} ({budget / 1e9:.1f} GB), and it cannot stream: {why}. A larger --max-memory "
+                         "runs it in memory anyway")
+    run.spec = replace(s, stream=True)
+    run.notes.append(f"streamed by itself: in memory this run would need about {need / 1e9:.1f} GB "
+                     f"({elements / 1e9:.2f} G weights), more than {what} ({budget / 1e9:.1f} GB)")
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- execution
 
 def read_image(path: str, height: int, width: int):
@@ -605,21 +648,16 @@ def execute(run: Run, side_name: str, cache: dict | None = None, progress: Progr
     ``cache`` (a dict), a side whose inputs are unchanged is computed once (e.g. the reference of a flag sweep)."""
     from parity import records as R
     from parity.determinism import pinned
+    from parity.resources import metering
     from parity.sides import make_side
 
     side = make_side(side_name, run)
     key = (side_name, side.key(run)) if cache is not None else None
-    import time
-
-    def step(what: str) -> None:
-        nonlocal start
-        run.timings.append((what, time.perf_counter() - start))
-        start = time.perf_counter()
-        if progress is not None:
-            progress.step(what)
-    start = time.perf_counter()
+    meter = metered(run)
+    step = progress.step if progress is not None else lambda what: None
     if key is not None and key in cache:
         for what in ["text"] + [m.label for m in run.models]:
+            meter.skipped(f"{side_name} {what} (computed before)")
             step(f"{side_name} {what} (computed before)")
         return cache[key]
     if run.spec.stream:
@@ -627,16 +665,27 @@ def execute(run: Run, side_name: str, cache: dict | None = None, progress: Progr
 
         return_freed_memory()
     init = read_image(run.spec.image, run.spec.height, run.spec.width) if run.spec.image else None
-    with pinned(run.spec.threads):
-        parts = [side.text(run)]
+    with pinned(run.spec.threads), metering(meter):
+        with meter.stage(f"{side_name} text"):
+            parts = [side.text(run)]
         step(f"{side_name} text")
         for m in run.models:
-            parts.append(side.image(run, m, init))
+            with meter.stage(f"{side_name} {m.label}"):
+                parts.append(side.image(run, m, init))
             step(f"{side_name} {m.label}")
     out = R.merge(*parts), {**side.sources(run), **({"covers": sorted(side.covers)} if side.covers else {})}
     if key is not None:
         cache[key] = out
     return out
+
+
+def metered(run: Run):
+    """The run's ``parity.resources.Meter`` (made on first use)."""
+    if run.meter is None:
+        from parity.resources import Meter
+
+        run.meter = Meter()
+    return run.meter
 
 
 def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
@@ -653,10 +702,12 @@ def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
         k: v for k, v in side.items() if v[0]["component"] in covers}
     if covers:
         report.notes.append(f"{run.reference} produces {', '.join(covers)} only: impl is compared on those")
-    if mode == "teacher-forced":
-        report.add_pairs(keep(local), ref[0], noise, run.spec.tolerance)
-    else:
-        report.add_pairs(keep(impl[0]), ref[0], noise, run.spec.tolerance, keep(local))
+    meter = metered(run)
+    with meter.stage("comparison"):  # every record's metrics
+        if mode == "teacher-forced":
+            report.add_pairs(keep(local), ref[0], noise, run.spec.tolerance)
+        else:
+            report.add_pairs(keep(impl[0]), ref[0], noise, run.spec.tolerance, keep(local))
     import resource
     import sys
 
@@ -664,8 +715,12 @@ def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
 
     report.versions, report.text_dir = versions(), run.text_model.directory
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    stages = meter.stages
     report.resources = {"peak_rss_mb": round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1),
-                        "seconds": [[what, round(t, 3)] for what, t in run.timings]}
+                        "seconds": [[st["stage"], st["seconds"]] for st in stages], "stages": stages}
+    if run.spec.max_memory is not None and report.resources["peak_rss_mb"] * 2 ** 20 > run.spec.max_memory * 1e9:
+        report.warnings.append(f"peak RSS {report.resources['peak_rss_mb'] / 1024:.2f} GB: more than --max-memory "
+                               f"{run.spec.max_memory:g} GB")
     report.sides = (keep(local) if mode == "teacher-forced" else keep(impl[0]), ref[0])
     if mode != "propagated":
         report.notes.append(f"teacher forcing: each impl unit also ran on {run.reference}'s inputs; sources "
@@ -688,8 +743,10 @@ def compare(run: Run, impl, ref, noise: dict | None = None, local=None):
 
 
 def check(s: Spec, cache: dict | None = None, progress: Progress | None = None):
-    """impl against the profile's reference, every record: the ``sd3parity check`` command."""
-    run = resolve(s)
+    """impl against the profile's reference, every record: the ``sd3parity check`` command. A run that would not fit
+    in memory streams (``plan_memory``)."""
+    run = plan_memory(resolve(s))
+    s = run.spec
     progress = progress or Progress(False)
     progress.start((1 + len(run.models)) * (3 if s.noise_floor else 2) + (s.mode != "propagated"))
     try:
@@ -719,13 +776,12 @@ def _teacher(run: Run, impl, ref, progress: Progress):
     """impl's teacher-forced records against ``ref`` (``parity.teacher``), when the mode asks for them."""
     if run.spec.mode == "propagated":
         return None
-    import time
-
+    from parity.resources import metering
     from parity.teacher import local_side
 
-    start = time.perf_counter()
-    local = local_side(run, impl, ref)
-    run.timings.append(("teacher forcing", time.perf_counter() - start))
+    meter = metered(run)
+    with metering(meter), meter.stage("teacher forcing"):
+        local = local_side(run, impl, ref)
     progress.step("teacher forcing")
     return local
 

@@ -63,13 +63,16 @@ class Weights:
         """Every tensor's shape, from the files' headers."""
         return {k: w[4] for k, w in self._where.items()}
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._where[name][3]
+
     def get(self, name: str) -> Tensor:
+        """The tensor, in storage of its own read straight from the file (no zero-filled buffer, no copy)."""
         i, offset, n, dtype, shape = self._where[name]
-        data = bytearray(n)
-        got = os.preadv(self._fds[i], [data], offset) if n else 0
+        flat = torch.empty(n, dtype=torch.uint8)
+        got = os.preadv(self._fds[i], [flat.numpy()], offset) if n else 0
         if got != n:
             raise ValueError(f"{self.files[i]}: tensor {name!r}: read {got} of {n} bytes (the file changed?)")
-        flat = torch.frombuffer(data, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
         return flat.view(dtype).reshape(shape)
 
     def close(self) -> None:
@@ -79,6 +82,47 @@ class Weights:
 
     def __del__(self):
         self.close()
+
+
+class Converted:
+    """A single file's tensors under the names a library's own converter gives them, read one unit at a time.
+    ``convert(checkpoint) -> converted`` is the library's function (e.g. diffusers' single-file mapping); it runs on
+    the file's tensors named ``keys`` with every tensor outside the unit being read on the meta device, so it
+    computes the unit's tensors from the file and the others' names and shapes only. ``source_unit`` and
+    ``target_unit`` give a file key's and a converted name's unit (None: outside every unit). A converted tensor
+    of a unit that needed another unit's tensors comes out on the meta device, and is refused by name."""
+
+    def __init__(self, w: Weights, keys: Iterable[str], convert: Callable[[dict], dict],
+                 source_unit: Callable[[str], str | None], target_unit: Callable[[str], str | None], what: str):
+        self.w, self.keys, self.convert, self.what = w, list(keys), convert, what
+        self.source_unit, self.target_unit = source_unit, target_unit
+        shapes = w.shapes()
+        self._meta = {k: torch.empty(shapes[k], dtype=w.dtype(k), device="meta") for k in self.keys}
+        self._unit: tuple[str | None] | None = None
+        self._tensors: dict[str, Tensor] = {}
+        self.names = {k: tuple(v.shape) for k, v in convert(dict(self._meta)).items()}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.names)
+
+    def get(self, name: str) -> Tensor:
+        unit = self.target_unit(name)
+        if self._unit != (unit,) or name not in self._tensors:  # each unit converted once per paging in
+            self._tensors = {}  # the previous unit's, freed before the next is read
+            ckpt = {k: self.w.get(k) if self.source_unit(k) == unit else t for k, t in self._meta.items()}
+            try:
+                got = self.convert(ckpt)
+            except RuntimeError as e:  # e.g. a file tensor and a meta one in one op
+                raise ValueError(f"{self.what}: the converter failed on unit {unit} with the others unread "
+                                 f"({str(e).splitlines()[0]}); it cannot be read one unit at a time") from None
+            del ckpt
+            self._tensors = {k: v for k, v in got.items() if self.target_unit(k) == unit}
+            self._unit = (unit,)
+            bad = sorted(k for k, v in self._tensors.items() if v.device.type == "meta")
+            if bad:
+                raise ValueError(f"{self.what}: the converter computes {bad[0]} from tensors outside its unit "
+                                 f"{unit}; it cannot be read one unit at a time")
+        return self._tensors.pop(name)
 
 
 def return_freed_memory() -> None:
@@ -108,6 +152,11 @@ def meta_parameters():
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def _own(t: Tensor) -> bool:
+    """Whether ``t`` is contiguous and the whole of its storage."""
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
 
 
 class Pager:
@@ -140,10 +189,11 @@ class Pager:
                     self._load(names)
             for name, b in buffers:
                 b.data = fetch(name).to(dtype=b.dtype)
+        self._of = {u: [names for names in self.groups if self._unit(names[0]) == u] for u in self.units}
+        self.pending: dict[str, list[Callable[[], None]]] = {}  # per unit: work for when it is next paged in
         for u, sub in self.units.items():
-            mine = [names for names in self.groups if self._unit(names[0]) == u]
-            sub.register_forward_pre_hook(lambda _m, _a, g=mine: self._page_in(g))
-            sub.register_forward_hook(lambda _m, _a, _o, g=mine: self._page_out(g))
+            sub.register_forward_pre_hook(lambda _m, _a, u=u: self.page_in(u))
+            sub.register_forward_hook(lambda _m, _a, _o, u=u: self.page_out(u))
 
     def _check(self, buffers: list, what: str, ignore: set) -> None:
         used = set()
@@ -176,23 +226,39 @@ class Pager:
 
     def _load(self, names: list[str]) -> None:
         source = next(n for n in names if n in self.shapes)
-        t = self.fetch(source)  # a copy of its own (aligned storage, as a loaded model's own_storage gives)
-        self._set(names, nn.Parameter(t.to(self.dtype_of(source, t), copy=True), requires_grad=False))
+        t = self.fetch(source)
+        t = t.to(self.dtype_of(source, t))
+        if not _own(t):  # storage of its own (aligned, as a loaded model's own_storage gives), not a view of another
+            t = t.clone(memory_format=torch.contiguous_format)
+        self._set(names, nn.Parameter(t, requires_grad=False))
 
-    def _page_in(self, groups: list[list[str]]) -> None:
+    def page_in(self, unit: str) -> None:
+        """Loads ``unit``'s parameters, then runs the work deferred to it (``defer``)."""
         with torch.no_grad():
-            for names in groups:
+            for names in self._of[unit]:
                 self._load(names)
         self.resident += 1
         self.loads += 1
         self.peak = max(self.peak, self.resident)
+        for fn in self.pending.pop(unit, ()):
+            fn()
 
-    def _page_out(self, groups: list[list[str]]) -> None:
-        for names in groups:
+    def page_out(self, unit: str) -> None:
+        for names in self._of[unit]:
             owner, _, leaf = names[0].rpartition(".")
             p = self.module.get_submodule(owner)._parameters[leaf]
             self._set(names, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
         self.resident -= 1
+
+    def defer(self, unit: str, fn: Callable[[], None]) -> None:
+        """``fn`` runs while ``unit`` is paged in next (its forward, or ``finish``)."""
+        self.pending.setdefault(unit, []).append(fn)
+
+    def finish(self) -> None:
+        """Pages in (and out) each unit that still has deferred work, to run it."""
+        for unit in list(self.pending):
+            self.page_in(unit)
+            self.page_out(unit)
 
     def summary(self, what: str) -> str:
         """What paging did, for the report's notes."""
@@ -201,12 +267,6 @@ class Pager:
     def unit_of(self, name: str) -> str | None:
         """The unit holding parameter ``name`` (None: resident)."""
         return self._unit(name)
-
-    def page_in(self, unit: str) -> None:
-        self._page_in([g for g in self.groups if self._unit(g[0]) == unit])
-
-    def page_out(self, unit: str) -> None:
-        self._page_out([g for g in self.groups if self._unit(g[0]) == unit])
 
     def param(self, name: str) -> Tensor:
         """Parameter (or buffer) ``name`` as the module holds it now (a unit's: while it is paged in)."""
@@ -249,6 +309,23 @@ class LazyState(Mapping):
         finally:
             for u in units:
                 pager.page_out(u)
+
+    def record(self, put: Callable[[str, Tensor, int], None], tick: Callable[[], int]) -> None:
+        """Each entry given to ``put(name, tensor, at)`` with ``at`` its place in the run's order, taken now
+        (``tick``): an entry outside every unit now, a unit's while the run pages that unit in for its forward (no
+        read of its own), or at the pager's ``finish``."""
+        for name, (_, pager, sources, combine) in self.entries.items():
+            at = tick()
+            units = {pager.unit_of(s) for s in sources} - {None}
+            if len(units) > 1:
+                raise ValueError(f"{name}: sources in several units {sorted(units)}")
+
+            def take(name=name, pager=pager, sources=sources, combine=combine, at=at):
+                put(name, combine([pager.param(s).detach() for s in sources]), at)
+            if units:
+                pager.defer(units.pop(), take)
+            else:
+                take()
 
     def items(self):  # one unit in at a time, each loaded once for all its entries
         current: tuple[Pager, str] | None = None

@@ -105,11 +105,15 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
 
     from impl.clip import ClipOutput, pooled_index
     from impl.text import clip_result, conditioning, encoder_rows, t5_result
-    from parity.sides.impl import ENCODERS, load_stack, text_points
+    from parity.sides.impl import ENCODERS, load_stack, streamed_text_stack, text_points
 
-    stack, _ = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
     settings, label = run.text, run.text_model.label
     dtype = settings.encoder_dtype or run.dtype
+    pagers = {}
+    if run.spec.stream:  # each layer / block paged in for its unit's call, as in the propagated run
+        stack, pagers = streamed_text_stack(run.text_model, dtype, run.values["single_file_clip_l_projection"])
+    else:
+        stack, _ = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
     encoders = {comp: stack.encoder(attr, dtype, settings.weight_storage) for comp, attr in ENCODERS}
     for pi, prompt in enumerate(run.spec.prompts):
         outs: dict = {}
@@ -159,6 +163,7 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
             where = {"model": label, "prompt": pi, "component": "conditioning"}
             rec.put(context, layer="context", **where)
             rec.put(pooled, layer="pooled", **where)
+    run.notes.extend(pagers[a].summary(f"impl {c} (teacher forcing)") for c, a in ENCODERS if a in pagers)
 
 
 # ---------------------------------------------------------------------------------------------- image
@@ -168,11 +173,15 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
 
     from impl import sampling
     from impl.autocast import CudaAutocastFp16
-    from parity.sides.impl import compute_dtype, half_weights, load_image_parts, sampler_settings
+    from parity.sides.impl import compute_dtype, half_weights, load_image_parts, sampler_settings, streamed_image_parts
 
     opts, label, c, dtype = run.opts, model.label, model.mmdit, compute_dtype(run)
-    mmdit, vae, quantized = load_image_parts(model, opts, dtype)
-    mmdit, vae = half_weights(mmdit, run, quantized).to(dtype), vae.to(dtype)
+    if run.spec.stream:  # each joint block paged in for its unit's call; weights already in the dtype they compute in
+        mmdit, vae, pager = streamed_image_parts(model, opts, dtype)
+    else:
+        mmdit, vae, quantized = load_image_parts(model, opts, dtype)
+        mmdit = half_weights(mmdit, run, quantized)
+    mmdit, vae = mmdit.to(dtype), vae.to(dtype)
     scope = CudaAutocastFp16 if opts["autocast"] else contextlib.nullcontext
     points = N.points(N.mmdit_rows(c.depth, c.qk_norm, c.dual_attention_layers), "impl")
     vrows = N.vae_rows(model.vae.ch_mult, model.vae.num_res_blocks)
@@ -227,6 +236,8 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
     if pixels is not None:
         to_uint8 = sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8
         vae_units.put("image_uint8", to_uint8(pixels)[0])
+    if run.spec.stream:
+        run.notes.append(pager.summary(f"impl {label} mmdit (teacher forcing)"))
 
 
 def _calls(ref: R.Side, label: str, form) -> list[tuple[int, list[str]]]:

@@ -1,6 +1,7 @@
 """The report's forms: the verdict first, the table's columns, --quiet, the Markdown summary."""
 import re
 
+import pytest
 import torch
 
 from parity.cli import main
@@ -80,3 +81,19 @@ def test_noise_floor_tells_precision_from_op_semantics(monkeypatch, capsys):
     assert code == 1 and bad and all(r["component"] == "vae" for r in bad)
     assert {r["cause"] for r in bad if r["noise"]["max_abs"] > 0} == {"precision (within the reference's own jitter)"}
     assert main([*argv, "--tolerance", "noise"]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_nonfinite_counts_of_equal_tensors_are_read_from_the_exponent_bits(dtype):
+    """Bit-identical tensors take the fast path: an all-ones exponent (Inf or NaN) found on the integer view gives
+    the same counts as isnan / isinf, for every float dtype."""
+    from parity.metrics import all_finite, compare
+
+    x = torch.linspace(-3, 3, 1000, dtype=torch.float64).to(dtype)
+    assert all_finite(x) and all_finite(x[:0]) and compare(x, x.clone())["nan"] == [0, 0]
+    for bad, field in ((float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "inf")):
+        y = x.clone()
+        y[[3, 500]] = bad
+        m = compare(y, y.clone())
+        assert not all_finite(y) and m["bitwise_equal"] and m[field] == [2, 2]
+    assert all_finite(torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min], dtype=dtype))

@@ -17,6 +17,7 @@ import torch
 from parity import layermap as LM
 from parity import naming as N
 from parity import records as R
+from parity import resources
 
 INPUTS = ("latent_in", "timestep", "context", "pooled")
 
@@ -101,6 +102,10 @@ class ImageCapture:
         keep = lambda t: self.rec.keep(t, copy=True)  # noqa: E731 - past the budget, captures go to the spill file
         es.enter_context(LM.capture(model, self.mmdit, self.store["mmdit"], self.rec.tick, keep))
         es.enter_context(LM.capture(vae, {**self.encoder, **self.decoder}, self.store["vae"], self.rec.tick, keep))
+        resources.watch(es, "mmdit", model)
+        for part in ("encoder", "decoder"):
+            if isinstance(getattr(vae, part, None), torch.nn.Module):
+                resources.watch(es, f"vae {part}", getattr(vae, part))
 
         def pre(_m, args, kwargs):
             counts = {k: len(v) for k, v in self.store["mmdit"].items()}
@@ -175,23 +180,45 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
     parameters are taken in the run's ``dtype``, the values a run in it computes with (impl keeps float32 weights
     and casts them where the references store them cast). A streamed model's (``LazyState``) parameters of more
     than ``DIGEST_ABOVE`` elements are recorded as the sha256 of their bytes (32 uint8): equal exactly when the
-    tensors are, without a second copy of the model on disk."""
+    tensors are, without a second copy of the model on disk; a unit's are taken when the run pages it in for its
+    forward, at their place in the order (``LazyState.record``), so the weights are read once."""
     from parity.stream import LazyState
 
     digest = isinstance(state, LazyState)
+
+    def put(name: str, t: torch.Tensor, at: int | None = None) -> None:
+        with resources.span("weight records"):
+            t = t.to(dtype) if t.is_floating_point() else t
+            if digest and t.numel() > DIGEST_ABOVE:
+                t = sha256(t)
+            rec.put(t, at=at, model=label, component=component, layer=R.WEIGHT + name)
+    if digest:  # a block's while the run pages it in; the side calls its pagers' finish
+        state.record(put, rec.tick)
+        return
     for name, t in state.items():
-        t = t.to(dtype) if t.is_floating_point() else t
-        if digest and t.numel() > DIGEST_ABOVE:
-            t = sha256(t)
-        rec.put(t, model=label, component=component, layer=R.WEIGHT + name)
+        put(name, t)
+
+
+DIGEST_PIECE = 4 << 20  # bytes: a larger tensor is digested as the sha256 of its pieces' sha256s
 
 
 def sha256(t: torch.Tensor) -> torch.Tensor:
-    """The sha256 of a tensor's bytes (contiguous, its dtype), as 32 uint8."""
+    """A digest of a tensor's bytes (contiguous, its dtype), as 32 uint8: their sha256, or for more than
+    ``DIGEST_PIECE`` bytes the sha256 of the concatenated sha256s of its ``DIGEST_PIECE``-byte pieces, hashed on
+    torch's thread count at once (hashlib releases the GIL; a streamed run digests a block between its forwards,
+    when the cores are otherwise idle)."""
     import hashlib
 
-    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return torch.frombuffer(bytearray(hashlib.sha256(memoryview(raw)).digest()), dtype=torch.uint8)
+    raw = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    if len(raw) <= DIGEST_PIECE:
+        digest = hashlib.sha256(raw).digest()
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pieces = [raw[i: i + DIGEST_PIECE] for i in range(0, len(raw), DIGEST_PIECE)]
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            digest = hashlib.sha256(b"".join(pool.map(lambda b: hashlib.sha256(b).digest(), pieces))).digest()
+    return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
 
 
 def text_state(component: str, module) -> dict:
@@ -231,6 +258,7 @@ def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callabl
         with contextlib.ExitStack() as es:
             for comp, model in encoders.items():
                 es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
+                resources.watch(es, comp, model)
 
                 def pre(_m, args, kwargs, comp=comp):
                     if comp not in ids or ids_at is not None:

@@ -39,22 +39,28 @@ def _quiet():
         lg.disable_progress_bar()
 
 
-def _from_single_file(cls, path: Path, config_dir: Path | None, dtype: torch.dtype, **kw):
+def _need_configs(path: Path, config_dir: Path | None) -> None:
     if config_dir is None or not (config_dir / "model_index.json").is_file():
         raise Unsupported(f"{path}: diffusers' from_single_file needs the model's configs, and offline it can take "
                           "them only from a diffusers directory with model_index.json: give --config DIR (or put the "
                           "file in its diffusers repository)")
+
+
+def _from_single_file(cls, path: Path, config_dir: Path | None, dtype: torch.dtype, **kw):
+    _need_configs(path, config_dir)
     try:
         return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **kw)
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         raise Unsupported(f"{path}: diffusers' from_single_file refused it: {str(e).splitlines()[0]}") from None
 
 
-def streamed(cls, folder: Path, base: str, units, dtype: torch.dtype, pagers: dict, name: str):
+def streamed(cls, folder: Path, base: str | None, units, dtype: torch.dtype, pagers: dict, name: str, weights=None):
     """A model of the library's own class ``cls`` built from ``folder``'s config with its parameters on the meta
-    device, and a ``parity.stream.Pager`` giving it ``folder``'s weights (``base`` names the files) in ``dtype``,
-    each of ``units(model)`` for the length of its call; the pager goes into ``pagers[name]``. Float16 models keep
-    transformers' ``_keep_in_fp32_modules`` in float32, as its ``from_pretrained`` does."""
+    device, and a ``parity.stream.Pager`` giving it ``folder``'s weights (``base`` names the files; or ``weights``,
+    anything with ``get`` and ``shapes``, e.g. a single file through the library's converter) in ``dtype``, each
+    of ``units(model)`` for the length of its call; the pager goes into ``pagers[name]``. Float16 models keep
+    transformers' ``_keep_in_fp32_modules`` in float32, as its ``from_pretrained`` and diffusers' single-file
+    loader do."""
     from impl.weights import weight_files
     from parity.stream import Pager, Weights, meta_parameters
 
@@ -69,9 +75,80 @@ def streamed(cls, folder: Path, base: str, units, dtype: torch.dtype, pagers: di
         if not t.is_floating_point():
             return t.dtype
         return torch.float32 if keep & set(k.split(".")) else dtype
-    w = Weights(weight_files(folder, base))
-    pagers[name] = Pager(model, units(model), w.get, w.shapes(), dtype_of, str(folder))
+    w = weights if weights is not None else Weights(weight_files(folder, base))
+    pagers[name] = Pager(model, units(model), w.get, w.shapes(), dtype_of, getattr(w, "what", str(folder)))
     return model
+
+
+def _unit(pattern: str):
+    """The unit of a name: ``pattern``'s match, with its number, as the pager names the unit."""
+    import re
+
+    rx = re.compile(pattern)
+
+    def unit(k: str) -> str | None:
+        m = rx.match(k)
+        return None if m is None else m.group(1)
+    return unit
+
+
+def streamed_single_file(model, text_model, dtype: torch.dtype, pagers: dict) -> dict:
+    """The parts of an SAI single file's pipeline as diffusers' ``from_single_file`` builds them, streamed: the
+    transformer from its config in the model's directory, its weights converted by diffusers' own single-file
+    mapping one block at a time (``parity.stream.Converted``); the VAE by diffusers' own single-file loader on its
+    part of the file, whole; the text encoders as ``single_file_text`` gives them (or the model's folders', when
+    the file has none)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from impl.checkpoint import PREFIXES
+    from parity.stream import Converted, Weights
+
+    d, f = model.directory, model.single_file
+    w = Weights([f])
+    mapping = SINGLE_FILE_LOADABLE_CLASSES["SD3Transformer2DModel"]["checkpoint_mapping_fn"]
+    conv = Converted(w, [k for k in w.keys() if k.startswith(PREFIXES["mmdit"])], mapping,
+                     _unit(r"model\.diffusion_model\.joint_blocks\.(\d+)\."), _unit(r"transformer_blocks\.(\d+)\."),
+                     f"{f} (model.diffusion_model.*, diffusers' {mapping.__name__})")
+    blocks = lambda m: [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))]  # noqa: E731
+    parts = {"transformer": streamed(SD3Transformer2DModel, d / "transformer", None, blocks, dtype, pagers,
+                                     "transformer", conv),
+             "vae": AutoencoderKL.from_single_file({k: w.get(k) for k in w.keys() if k.startswith(PREFIXES["vae"])},
+                                                   config=str(d), subfolder="vae", torch_dtype=dtype,
+                                                   local_files_only=True)}
+    t = text_pipeline(text_model, dtype, pagers)
+    return parts | {sub: getattr(t, sub) for _, sub, _ in TEXT} | {tok: getattr(t, tok) for _, _, tok in TEXT}
+
+
+def single_file_text(text_model, dtype: torch.dtype, pagers: dict) -> dict:
+    """A single file's text encoders as diffusers' ``from_single_file`` builds them, T5 streamed: CLIP-L and
+    CLIP-G by diffusers' own ``create_diffusers_clip_model_from_ldm`` on the file's CLIP tensors (whole: the
+    small ones), T5 from its config with its weights converted by diffusers' own
+    ``convert_sd3_t5_checkpoint_to_diffusers`` one block at a time; the tokenizers from the configs' directory."""
+    from diffusers.loaders.single_file_utils import (convert_sd3_t5_checkpoint_to_diffusers,
+                                                     create_diffusers_clip_model_from_ldm)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    from impl.checkpoint import PREFIXES
+    from parity.stream import Converted, Weights
+
+    f, cfg = text_model.single_file, text_model.config_dir
+    _need_configs(f, cfg)
+    w, p = Weights([f]), PREFIXES["text_encoders"]
+    clips = {k: w.get(k) for k in w.keys() if k.startswith(p + "clip_")}
+    parts = {sub: create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, clips, subfolder=sub,
+                                                       config=str(cfg), torch_dtype=dtype, local_files_only=True)
+             for sub in ("text_encoder", "text_encoder_2")}
+    del clips
+    t5 = Converted(w, [k for k in w.keys() if k.startswith(p + "t5xxl.")], convert_sd3_t5_checkpoint_to_diffusers,
+                   _unit(r"text_encoders\.t5xxl\.transformer\.encoder\.block\.(\d+)\."),
+                   _unit(r"encoder\.block\.(\d+)\."),
+                   f"{f} (text_encoders.t5xxl.*, diffusers' convert_sd3_t5_checkpoint_to_diffusers)")
+    parts["text_encoder_3"] = streamed(T5EncoderModel, cfg / "text_encoder_3", None, TEXT_UNITS["text_encoder_3"],
+                                       dtype, pagers, "text_encoder_3", t5)
+    return parts | {"tokenizer": CLIPTokenizer.from_pretrained(cfg / "tokenizer"),
+                    "tokenizer_2": CLIPTokenizer.from_pretrained(cfg / "tokenizer_2"),
+                    "tokenizer_3": T5Tokenizer.from_pretrained(cfg / "tokenizer_3")}
 
 
 def text_pipeline(text_model, dtype: torch.dtype, pagers: dict | None = None):
@@ -82,7 +159,12 @@ def text_pipeline(text_model, dtype: torch.dtype, pagers: dict | None = None):
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     d = text_model.directory
-    if text_model.single_file is not None:
+    if text_model.single_file is not None and pagers is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None,
+                                            **single_file_text(text_model, dtype, pagers))
+    elif text_model.single_file is not None:
         pipe = _from_single_file(StableDiffusion3Pipeline, text_model.single_file, text_model.config_dir, dtype,
                                  transformer=None, vae=None, scheduler=None)
     else:
@@ -118,7 +200,7 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
     dtype = run.dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if pagers is not None:  # streamed: the transformer and text encoders paged, the rest loaded whole
+        if pagers is not None:  # streamed: the transformer and T5 (and the CLIPs from folders) paged, the rest whole
             import json
 
             import diffusers
@@ -127,14 +209,19 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
             from impl.weights import MODEL_WEIGHTS
 
             d = model.directory
-            t = text_pipeline(run.text_model, dtype, pagers)
-            text = {sub: getattr(t, sub) for _, sub, _ in TEXT} | {tok: getattr(t, tok) for _, _, tok in TEXT}
-            transformer = streamed(SD3Transformer2DModel, d / "transformer", MODEL_WEIGHTS,
-                                   lambda m: [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))],
-                                   dtype, pagers, "transformer")
-            pipe = cls(transformer=transformer, vae=AutoencoderKL.from_pretrained(d / "vae", dtype=dtype),
-                       scheduler=getattr(diffusers, json.loads((d / "model_index.json").read_text())["scheduler"][1])
-                       .from_pretrained(d / "scheduler"), **text)
+            if model.weights_in_directory:
+                t = text_pipeline(run.text_model, dtype, pagers)
+                parts = {sub: getattr(t, sub) for _, sub, _ in TEXT} | {tok: getattr(t, tok) for _, _, tok in TEXT}
+                parts["transformer"] = streamed(
+                    SD3Transformer2DModel, d / "transformer", MODEL_WEIGHTS,
+                    lambda m: [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))], dtype, pagers,
+                    "transformer")
+                parts["vae"] = AutoencoderKL.from_pretrained(d / "vae", dtype=dtype)
+            else:
+                _need_configs(model.single_file, d)
+                parts = streamed_single_file(model, run.text_model, dtype, pagers)
+            pipe = cls(scheduler=getattr(diffusers, json.loads((d / "model_index.json").read_text())["scheduler"][1])
+                       .from_pretrained(d / "scheduler"), **parts)
         elif not model.weights_in_directory:
             text = {}
             if run.text_model.single_file is None:  # the file has no text encoders: the model directory's
@@ -160,6 +247,9 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
 class DiffusersSide:
     name = "diffusers"
     covers = None  # every component
+
+    def __init__(self):
+        self._conds = {}  # streamed: the first prompt's (context, pooled) from the text run
 
     def key(self, run) -> tuple:
         s = run.spec
@@ -190,10 +280,14 @@ class DiffusersSide:
         def encode(prompt):
             context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
                                                        max_sequence_length=run.values["t5_max_length"])
+            if run.spec.stream and prompt == run.spec.prompts[0]:  # the image run's: not encoded (paged) twice
+                self._conds[prompt] = context, pooled
             return context, pooled
-        states = {c: pagers[sub].state() for c, sub, _ in TEXT if c in encoders} if pagers is not None else None
+        states = {c: pagers[sub].state() for c, sub, _ in TEXT if c in encoders and sub in (pagers or {})}
         out = text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "input_ids", run.dtype,
-                        states=states)
+                        states=states or None)
+        for p in (pagers or {}).values():
+            p.finish()
         run.notes.extend(p.summary(f"diffusers {sub}") for sub, p in (pagers or {}).items())
         return out
 
@@ -235,10 +329,14 @@ class DiffusersSide:
             cap.attach(es, pipe.transformer, pipe.vae, lambda a, k: (k["hidden_states"], k["timestep"],
                                                                      k["encoder_hidden_states"], k["pooled_projections"]),
                        f"{model.label} mmdit (diffusers)", N.MMDIT_SKIP["diffusers"])
-            image = pipe(s.prompts[0], negative_prompt="", height=s.height, width=s.width,
+            given = self._conds.get(s.prompts[0])  # streamed: the text run's encoding of it, by the same encoders
+            if given is not None:
+                kwargs.update(prompt_embeds=given[0], pooled_prompt_embeds=given[1])
+            image = pipe(None if given else s.prompts[0], negative_prompt="", height=s.height, width=s.width,
                          num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="pil",
                          max_sequence_length=run.values["t5_max_length"],
                          generator=torch.Generator("cpu").manual_seed(s.seed), **kwargs).images[0]
         if pagers is not None:
+            pagers["transformer"].finish()
             run.notes.append(pagers["transformer"].summary(f"diffusers {model.label} transformer"))
         return cap.assemble(torch.from_numpy(np.asarray(image).copy()), ("uncond", "cond"), s.steps - len(cap.steps))

@@ -102,48 +102,85 @@ def load_image_parts(model, opts: dict, dtype):
     return mmdit.eval(), vae.eval(), bool(layers)
 
 
-def streamed_text_stack(text_model, dtype):
-    """impl's text stack with each encoder streamed from its folder (``parity.stream``): parameters in ``dtype``
-    (T5's ``wo`` in float32 when it is float16, as transformers keeps them), each layer or block paged in for its
-    call. Returns the stack and its pagers."""
+def streamed_text_stack(text_model, dtype, clip_l_projection: str = "file"):
+    """impl's text stack with each encoder streamed (``parity.stream``): parameters in ``dtype`` (T5's ``wo`` in
+    float32 when it is float16, as transformers keeps them), each layer or block paged in for its call. From a
+    single file's ``text_encoders.*``, T5 is streamed and the CLIP encoders are loaded whole (as ``load_stack``
+    loads them; they are the small ones). Returns the stack and its pagers, by component."""
     import torch
 
     from impl.clip import ClipTextEncoder
-    from impl.t5 import T5Encoder
-    from impl.text import CLIP_DROP, T5_TIED, TextStack, check_encoder_folder, tokenizer_files
+    from impl.text import CLIP_DROP, TextStack, check_encoder_folder, tokenizer_files
     from impl.weights import TEXT_WEIGHTS, weight_files
     from parity.stream import Pager, Weights, meta_parameters
 
     d = text_model.directory
-    encoders, pagers = {}, []
-    for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5")):
-        if not (d / sub).is_dir():
-            encoders[name] = None
-            continue
-        w = Weights(weight_files(d / sub, TEXT_WEIGHTS))
-        shapes = w.shapes()
-        cfg = check_encoder_folder(d / sub, {k: torch.empty(v, device="meta") for k, v in shapes.items()})
-        fetch, ignore = w.get, set(CLIP_DROP)
-        if name == "t5":
-            (ours, theirs), = T5_TIED.items()
-            if ours in shapes:
-                ignore.add(theirs)
-            else:  # only the tied name stored: impl's parameter reads it
-                shapes[ours] = shapes.pop(theirs)
-                fetch = lambda k, w=w: w.get(theirs if k == ours else k)  # noqa: E731
-        with meta_parameters():
-            model = T5Encoder(cfg) if name == "t5" else ClipTextEncoder(cfg)
-        units = [f"encoder.block.{i}" for i in range(cfg.layers)] if name == "t5" else \
-            [f"text_model.encoder.layers.{i}" for i in range(cfg.layers)]
-        keep32 = name == "t5" and dtype == torch.float16
+    encoders, pagers = {}, {}
+    if text_model.single_file is not None:
+        from impl.checkpoint import PREFIXES, TEXT_PREFIXES, infer_t5, load_text_encoders
+        from parity.convert import given_configs
 
-        def dtype_of(k, t, keep32=keep32):
-            return t.dtype if not t.is_floating_point() else \
-                torch.float32 if keep32 and k.endswith("DenseReluDense.wo.weight") else dtype
-        bias = ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] if name == "t5" else []
-        pagers.append(Pager(model, units, fetch, shapes, dtype_of, str(d / sub), ignore, resident=bias))
-        encoders[name] = model.eval()
+        f, p = text_model.single_file, PREFIXES["text_encoders"]
+        w, t5p = Weights([f]), PREFIXES["text_encoders"] + TEXT_PREFIXES["t5"]
+        given = given_configs(text_model.config_dir)
+        clips = {k[len(p):]: w.get(k) for k in w.keys() if k.startswith(p) and not k.startswith(t5p)}
+        loaded, _, _, quantized = load_text_encoders(clips, str(f), given, clip_l_projection)
+        if quantized:
+            raise ValueError(f"{f}: its text encoders are scaled fp8, which streamed runs do not read")
+        encoders.update(clip_l=loaded["clip_l"], clip_g=loaded["clip_g"])
+        del clips, loaded
+        shapes = {k[len(t5p):]: v for k, v in w.shapes().items() if k.startswith(t5p)}
+        where = f"{f} (text_encoders.{TEXT_PREFIXES['t5']}*)"
+        cfg, _ = infer_t5({k: torch.empty(v, device="meta") for k, v in shapes.items()}, where, given.get("t5"))
+        encoders["t5"], pagers["t5"] = _streamed_t5(cfg, shapes, lambda k: w.get(t5p + k), where, dtype)
+    else:
+        for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5")):
+            if not (d / sub).is_dir():
+                encoders[name] = None
+                continue
+            w = Weights(weight_files(d / sub, TEXT_WEIGHTS))
+            shapes = w.shapes()
+            cfg = check_encoder_folder(d / sub, {k: torch.empty(v, device="meta") for k, v in shapes.items()})
+            if name == "t5":
+                encoders[name], pagers[name] = _streamed_t5(cfg, shapes, w.get, str(d / sub), dtype)
+                continue
+            with meta_parameters():
+                model = ClipTextEncoder(cfg)
+            units = [f"text_model.encoder.layers.{i}" for i in range(cfg.layers)]
+            pagers[name] = Pager(model, units, w.get, shapes, lambda k, t: dtype if t.is_floating_point() else t.dtype,
+                                 str(d / sub), set(CLIP_DROP))
+            encoders[name] = model.eval()
     return TextStack(*tokenizer_files(d), encoders["clip_l"], encoders["clip_g"], encoders["t5"]), pagers
+
+
+def _streamed_t5(cfg, shapes: dict, fetch, what: str, dtype):
+    """impl's T5 on the meta device and its pager: ``shapes`` and ``fetch`` give the stored tensors under
+    transformers' names (the tied embedding under either name); block 0's position-bias table stays resident,
+    because impl reads it before the blocks run."""
+    import torch
+
+    from impl.t5 import T5Encoder
+    from impl.text import T5_TIED
+    from parity.stream import Pager, meta_parameters
+
+    (ours, theirs), = T5_TIED.items()
+    shapes, ignore = dict(shapes), set()
+    if ours in shapes:
+        ignore.add(theirs)
+    else:  # only the tied name stored: impl's parameter reads it
+        shapes[ours] = shapes.pop(theirs)
+        fetch = lambda k, get=fetch: get(theirs if k == ours else k)  # noqa: E731
+    with meta_parameters():
+        model = T5Encoder(cfg)
+
+    def dtype_of(k, t):
+        if not t.is_floating_point():
+            return t.dtype
+        return torch.float32 if dtype == torch.float16 and k.endswith("DenseReluDense.wo.weight") else dtype
+    bias = ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    pager = Pager(model, [f"encoder.block.{i}" for i in range(cfg.layers)], fetch, shapes, dtype_of, what, ignore,
+                  resident=bias)
+    return model.eval(), pager
 
 
 def streamed_image_parts(model, opts: dict, dtype):
@@ -215,14 +252,15 @@ class ImplSide:
     covers = None  # every component
 
     def __init__(self):
-        self._stack, self._pagers = None, []
+        self._stack, self._pagers, self._conds = None, {}, {}
 
     def key(self, run) -> tuple:
         return (repr(run.spec), tuple(sorted(run.values.items(), key=str)))
 
     def stack(self, run):
         if self._stack is None and run.spec.stream:
-            self._stack, self._pagers = streamed_text_stack(run.text_model, run.text.encoder_dtype or run.dtype)
+            self._stack, self._pagers = streamed_text_stack(run.text_model, run.text.encoder_dtype or run.dtype,
+                                                            run.values["single_file_clip_l_projection"])
         if self._stack is None:
             self._stack, notes = load_stack(run.text_model, run.values["single_file_clip_l_projection"])
             if run.text_model.label == "embedded-default":  # the cached files hold what the manifest says
@@ -245,14 +283,18 @@ class ImplSide:
         models = {comp: stack.encoder(attr, out_dtype, settings.weight_storage) for comp, attr in ENCODERS}
         models = {c: m for c, m in models.items() if m is not None and not (c == "t5" and settings.t5_absent)}
         points = {c: text_points(c, m.config.layers, "impl") for c, m in models.items()}
-        states = {c: p.state() for c, p in zip(("clip-l", "clip-g", "t5"), self._pagers) if c in models}
+        states = {c: self._pagers[a].state() for c, a in ENCODERS if c in models and a in self._pagers}
 
         def encode(prompt):
             cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim)
+            if run.spec.stream and prompt == run.spec.prompts[0]:  # the image run's: not encoded (paged) twice
+                self._conds[prompt] = cond
             return cond.context, cond.pooled
         out = text_side(run.text_model.label, run.spec.prompts, models, points, encode, "ids", run.dtype,
                         states=states or None)
-        run.notes.extend(p.summary(f"impl {c}") for c, p in zip(("clip-l", "clip-g", "t5"), self._pagers))
+        for p in self._pagers.values():
+            p.finish()
+        run.notes.extend(self._pagers[a].summary(f"impl {c}") for c, a in ENCODERS if a in self._pagers)
         return out
 
     def image(self, run, model, init) -> R.Side:
@@ -285,9 +327,13 @@ class ImplSide:
             cap.attach(es, mmdit, vae, lambda a, k: (a[0], a[1], a[3], a[2]), f"{model.label} mmdit (impl)",
                        N.MMDIT_SKIP["impl"])
             cap.schedule(sampling.sigmas(plan)[start:])
+            width = run.text_model.joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
             result = generate(stack, mmdit, vae, s.prompts[0], ps, run.text, "", image,
-                              on_step=lambda i, d: cap.step(**{form.cfg_space: d[form.cfg_space], "latent": d["latent"]}))
+                              on_step=lambda i, d: cap.step(**{form.cfg_space: d[form.cfg_space], "latent": d["latent"]}),
+                              cond=self._conds.get(s.prompts[0]) if width == model.mmdit.context_dim
+                              and (run.text.encoder_dtype or run.dtype) == ps.sampler.dtype else None)
         order = ("uncond", "cond") if form.cfg_batch == "uncond_first" else ("cond", "uncond")
         if s.stream:
+            pager.finish()
             run.notes.append(pager.summary(f"impl {model.label} mmdit"))
         return cap.assemble(result.image, order, start)
