@@ -30,18 +30,6 @@ def _status_kb() -> tuple[int, int] | None:
     return (got["VmRSS"], got["VmHWM"]) if len(got) == 2 else None
 
 
-def available_bytes() -> int | None:
-    """The memory the system can give now (``MemAvailable``), or None where it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class _Interval:
     def __init__(self, now: tuple[int, int] | None):
         self.start = time.perf_counter()

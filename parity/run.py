@@ -575,12 +575,12 @@ def plan_memory(run: Run) -> Run:
     s = run.spec
     if s.stream or (s.model is None and s.checkpoint is None):
         return run
-    from parity.resources import available_bytes
+    import torch
+
+    from impl.math import available_memory  # MemAvailable (unknown: unlimited)
     from impl.weights import read_safetensors_meta
 
-    budget = s.max_memory * 1e9 if s.max_memory is not None else available_bytes()
-    if budget is None:
-        return run
+    budget = s.max_memory * 1e9 if s.max_memory is not None else available_memory(torch.device("cpu"))
     elements = sum(math.prod(t.shape) for f in {f for fs in run.files.values() for f in fs}
                    for t in read_safetensors_meta(f).values())
     need = elements * IN_MEMORY_BYTES
