@@ -105,7 +105,7 @@ def _dump(args) -> int:
     from parity import dump as D
     from parity import records as R
     from parity.golden import versions
-    from parity.run import execute, resolve, spec_json
+    from parity.run import execute, plan_memory, resolve, spec_json
 
     out = Path(args.out)
     if out.exists():
@@ -113,7 +113,7 @@ def _dump(args) -> int:
     s = spec_from(args)
     if args.side != "impl":
         s = replace(s, profile=args.side)
-    run = resolve(s)
+    run = plan_memory(resolve(s))
     side, sources = execute(run, args.side)
     if not args.weights:
         side = {k: v for k, v in side.items() if not R.is_weight(v[0])}
@@ -338,6 +338,14 @@ def _verify_markdown(rows, worst: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def _stream_options(p) -> None:
+    p.add_argument("--stream", action="store_true", help="page each side's text layers and MMDiT blocks in from the "
+                   "weight files one at a time instead of loading the models whole (diffusers profile); a run of "
+                   "--model / --checkpoint streams by itself when it would not fit in memory")
+    p.add_argument("--max-memory", type=float, metavar="GB", help="the memory the run may take (default: what is "
+                   "available): a larger need in memory streams, or is refused when the run cannot stream")
+
+
 def _run_options(p, check: bool = True) -> None:
     p.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
@@ -409,12 +417,7 @@ def parser() -> argparse.ArgumentParser:
                    help="propagated: impl's own run (default); teacher-forced: every impl unit (text layer, MMDiT "
                    "block, final layer, VAE module, sampler step) on the reference's input there, its local error; "
                    "both: each record's propagated and local error, and where error is introduced")
-    c.add_argument("--stream", action="store_true", help="page each side's text layers and MMDiT blocks in from the "
-                   "weight files one at a time instead of loading the models whole (diffusers profile, "
-                   "diffusers-layout directories); a run of --model / --checkpoint streams by itself when it "
-                   "would not fit in memory")
-    c.add_argument("--max-memory", type=float, metavar="GB", help="the memory the run may take (default: what is "
-                   "available): a larger need in memory streams, or is refused when the run cannot stream")
+    _stream_options(c)
     _report_options(c)
     c.set_defaults(fn=_check)
     e = sub.add_parser("explain", help="the smallest set of flag values (known quirks) that removes a divergence, and "
@@ -433,7 +436,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="DIR", help="the dump directory to create (must not exist)")
     d.add_argument("--scheme", choices=("impl", "diffusers"), default="impl",
                    help="record names: the harness's (default) or diffusers / transformers module names")
-    d.add_argument("--weights", action="store_true", help="also the loaded parameters (large for real models)")
+    d.add_argument("--weights", action="store_true", help="also the loaded parameters (large for real models; "
+                   "streamed, those of over 2**20 elements as digests)")
+    _stream_options(d)
     d.set_defaults(fn=_dump)
     cd = sub.add_parser("compare-dumps", help="dump A against dump B (the reference), record by record; exit 1 "
                         "where a record exceeds the tolerance")

@@ -96,7 +96,7 @@ def test_a_changed_block_weight_is_found_at_that_block(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--profile", "sai"], "the sai reference is not streamed yet"),
+    (["--profile", "sai"], "the sai profile is not streamed yet"),
     (["--flag", "text_encoder_storage=float16"], "paged in the dtype they compute in"),
 ])
 def test_what_is_not_streamed_is_refused(argv, message, capsys):
@@ -197,3 +197,37 @@ def test_single_files_stream_like_whole_ones(tmp_path, text):
         expect |= {"streamed impl clip-l", "streamed impl clip-g", "streamed diffusers text_encoder",
                    "streamed diffusers text_encoder_2"}
     assert paged == expect
+
+
+def test_a_changed_block_weight_is_found_against_a_dump(tmp_path, monkeypatch, capsys):
+    """The regression workflow on a model too large to run twice at once: a dump of impl's records with its
+    weights, then a streamed check against it. Unchanged, nothing diverges (the dump's full weights compared as
+    the digests the streamed run records); with one block's weight changed in the files, the first divergence is
+    that weight and the first differing activation is in that block."""
+    import json
+
+    import parity.sides as sides
+    from parity import stream
+    from parity.embedded import model_dir
+
+    monkeypatch.setattr(sides, "DIGEST_ABOVE", 100)
+    d, out = str(model_dir("sd3.5-medium")), str(tmp_path / "dump")
+    run = ["--model", d, "--prompt", "a cat"]
+    assert main(["dump", *run, "--weights", "--out", out]) == 0  # in memory: full weights
+    capsys.readouterr()
+    assert main(["check", *run, "--stream", "--reference-dump", out, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    digests = [r for r in report["records"] if r["layer"].startswith("weight:") and r["shape"] == [32]]
+    assert report["first_divergence"] is None and len(digests) > 50
+
+    get = stream.Weights.get
+
+    def changed(self, name):
+        t = get(self, name)
+        return t * (1 + 2 ** -10) if name == "transformer_blocks.1.attn.to_q.weight" else t
+    monkeypatch.setattr(stream.Weights, "get", changed)
+    assert main(["check", *run, "--stream", "--reference-dump", out, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["first_divergence"]["layer"] == "weight:joint_blocks.1.x_block.attn.qkv.weight"
+    first = next(r for r in report["records"] if not r["bitwise_equal"] and not r["layer"].startswith("weight:"))
+    assert first["component"] == "mmdit" and first["block"] == 1
