@@ -101,8 +101,9 @@ def to_diffusers(component: str, records: list[str]) -> dict[str, tuple[str, str
 # ---------------------------------------------------------------------------------------------- write
 
 def write(target: Path, side: R.Side, settings: dict, producer: dict, scheme: str = "impl") -> int:
-    """Write ``side`` (records in impl's scheme and form) as a dump at ``target`` (which must not exist)."""
-    from safetensors.torch import save_file
+    """Write ``side`` (records in impl's scheme and form) as a dump at ``target`` (which must not exist), one
+    record in memory at a time."""
+    from parity.stream import write_tensors
 
     if scheme not in SCHEMES:
         raise DumpError(f"--scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
@@ -114,21 +115,25 @@ def write(target: Path, side: R.Side, settings: dict, producer: dict, scheme: st
         for fields, _ in side.values():
             by_comp.setdefault(fields["component"], []).append(fields["layer"])
         names = {c: to_diffusers(c, layers) for c, layers in by_comp.items()}
-    entries, tensors = [], {}
+    entries, specs, sources = [], [], {}
     for n, (fields, t) in enumerate(side.values()):
-        t = R.load(t)
         layer, transform = names.get(fields["component"], {}).get(fields["layer"], (fields["layer"], ""))
-        t = N.apply_transform(transform, t).contiguous()
         name = f"r{n}"
+        sources[name] = (t, transform)
+        shape, dtype = _form(t, transform)
         entries.append({"name": name, **{k: fields.get(k) for k in R.KEY_FIELDS}, "layer": layer,
-                        "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")})
-        tensors[name] = t
+                        "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")})
+        specs.append((name, dtype, shape))
+
+    def get(name: str):  # one record in memory at a time
+        t, transform = sources[name]
+        return N.apply_transform(transform, R.load(t))
     manifest = {"format": FORMAT, "version": VERSION, "scheme": scheme, "producer": producer, "settings": settings,
                 "records": entries}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / "records.safetensors"))
+        write_tensors(tmp / "records.safetensors", specs, get)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)
         os.rename(tmp, target)
@@ -140,10 +145,22 @@ def write(target: Path, side: R.Side, settings: dict, producer: dict, scheme: st
 
 # ---------------------------------------------------------------------------------------------- read
 
+def _form(t, transform: str) -> tuple:
+    """The shape and dtype of record ``t`` (a tensor or a spilled one) once ``transform`` is applied."""
+    import torch
+
+    out = N.apply_transform(transform, torch.empty(tuple(t.shape), dtype=t.dtype, device="meta"))
+    return tuple(out.shape), out.dtype
+
+
 def read(path: Path) -> tuple[R.Side, dict]:
-    """A dump's records in impl's scheme and form, in its execution order, and its manifest."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """A dump's records in impl's scheme and form, in its execution order, and its manifest. The records are read
+    one at a time into a recorder (past its budget, its spill file)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from parity.stream import Weights
 
     mpath, tpath = path / "manifest.json", path / "records.safetensors"
     if not path.is_dir():
@@ -166,12 +183,14 @@ def read(path: Path) -> tuple[R.Side, dict]:
     entries = m.get("records")
     if not isinstance(entries, list) or not entries:
         raise DumpError(f"{mpath}: records must be a non-empty list")
+    if not tpath.is_file():
+        raise DumpError(f"{tpath}: missing")
     try:
-        tensors = load_file(str(tpath))
-    except FileNotFoundError:
-        raise DumpError(f"{tpath}: missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
+        stored = Weights([tpath])  # header checked; each record read when its turn comes (one in memory)
+    except (OSError, ValueError) as e:
         raise DumpError(f"{tpath}: unreadable ({e})") from None
+    shapes = stored.shapes()
+    tensors = {k: SimpleNamespace(shape=torch.Size(v), dtype=stored.dtype(k)) for k, v in shapes.items()}
     for i, e in enumerate(entries):
         _check_entry(e, i, mpath, tensors)
     names: dict[str, dict] = {}
@@ -181,13 +200,16 @@ def read(path: Path) -> tuple[R.Side, dict]:
             by_comp.setdefault(e["component"], []).append(e["layer"])
         names = {c: to_impl(c, layers, str(mpath)) for c, layers in by_comp.items()}
     rec = R.Recorder()
-    for e in entries:
-        layer, transform = names.get(e["component"], {}).get(e["layer"], (e["layer"], ""))
-        fields = {k: e.get(k) for k in R.KEY_FIELDS} | {"layer": layer}
-        try:
-            rec.put(N.apply_transform(transform, tensors[e["name"]]), **fields)
-        except ValueError as err:  # the same record twice
-            raise DumpError(f"{mpath}: record {e['name']!r}: {err}") from None
+    try:
+        for e in entries:
+            layer, transform = names.get(e["component"], {}).get(e["layer"], (e["layer"], ""))
+            fields = {k: e.get(k) for k in R.KEY_FIELDS} | {"layer": layer}
+            try:
+                rec.put(N.apply_transform(transform, stored.get(e["name"])), **fields)
+            except ValueError as err:  # the same record twice
+                raise DumpError(f"{mpath}: record {e['name']!r}: {err}") from None
+    finally:
+        stored.close()
     return rec.side(), m
 
 

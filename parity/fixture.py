@@ -147,30 +147,19 @@ def _transformed(t: torch.Tensor, transform: str) -> torch.Tensor:
 
 def write_safetensors(path: Path, entries: list[Entry], seed: int, dtype: str) -> str:
     """Write one safetensors file tensor by tensor; returns its sha256."""
-    torch_dtype, code = DTYPES[dtype]
-    size = torch.empty((), dtype=torch_dtype).element_size()
-    header, offset = {}, 0
-    for name, shape, *_ in entries:
-        n = math.prod(shape) * size
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    digest = hashlib.sha256()
+    from parity.stream import write_tensors
+
+    torch_dtype = DTYPES[dtype][0]
+    by_name = {e[0]: e for e in entries}
     cache: tuple[str, torch.Tensor] | None = None
-    with open(path, "wb") as f:
-        for chunk in (len(raw).to_bytes(8, "little"), raw):
-            f.write(chunk)
-            digest.update(chunk)
-        for name, shape, canonical, canonical_shape, transform in entries:
-            if cache is None or cache[0] != canonical:
-                cache = (canonical, value(canonical, canonical_shape, seed, torch_dtype))
-            t = _transformed(cache[1], transform).contiguous()
-            assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
-            data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            f.write(data)
-            digest.update(data)
-    return digest.hexdigest()
+
+    def get(name: str) -> torch.Tensor:
+        nonlocal cache
+        _, shape, canonical, canonical_shape, transform = by_name[name]
+        if cache is None or cache[0] != canonical:
+            cache = (canonical, value(canonical, canonical_shape, seed, torch_dtype))
+        return _transformed(cache[1], transform)
+    return write_tensors(path, [(name, torch_dtype, tuple(shape)) for name, shape, *_ in entries], get)
 
 
 def _configs(target: Path, preset: str) -> None:

@@ -49,16 +49,21 @@ def compare(a: Tensor, b: Tensor) -> dict:
     nan_a, nan_b = int(torch.isnan(a).sum()), int(torch.isnan(b).sum())
     inf_a, inf_b = int(torch.isinf(a).sum()), int(torch.isinf(b).sum())
     a64, b64 = a.double(), b.double()
-    finite = torch.isfinite(a64) & torch.isfinite(b64)
-    d = (a64 - b64).abs()[finite]
-    scale = torch.maximum(a64.abs(), b64.abs())[finite].clamp_min(1e-30)
-    na, nb = a64[finite].norm(), b64[finite].norm()
+    if nan_a + nan_b + inf_a + inf_b:  # the finite pairs only, in order
+        finite = torch.isfinite(a64) & torch.isfinite(b64)
+        af, bf = a64[finite], b64[finite]
+    else:  # every pair (the same elements in the same order, without building the mask and its copies)
+        af, bf = a64.reshape(-1), b64.reshape(-1)
+    diff = af - bf
+    d = diff.abs()
+    scale = torch.maximum(af.abs(), bf.abs()).clamp_min(1e-30)
+    na, nb = af.norm(), bf.norm()
     out = {
         "bitwise_equal": bool(torch.equal(a.contiguous().view(_INT_VIEW[a.dtype]), b.to(a.dtype).contiguous().view(_INT_VIEW[a.dtype]))) if a.dtype == b.dtype else False,
         "max_abs_err": float(d.max()) if d.numel() else 0.0,
         "max_rel_err": float((d / scale).max()) if d.numel() else 0.0,
-        "rel_l2": float((a64[finite] - b64[finite]).norm() / nb) if nb > 0 else float(d.norm() > 0),
-        "cosine": float((a64[finite] * b64[finite]).sum() / (na * nb)) if na > 0 and nb > 0 else 1.0 if na == nb else 0.0,
+        "rel_l2": float(diff.norm() / nb) if nb > 0 else float(d.norm() > 0),
+        "cosine": float((af * bf).sum() / (na * nb)) if na > 0 and nb > 0 else 1.0 if na == nb else 0.0,
         "max_ulp": int(ulp_distance(a, b.to(a.dtype)).max()) if a.numel() else 0,
         "mismatched": int((a64 != b64).sum()),
         "sign_flips": int(((a64 > 0) & (b64 < 0) | (a64 < 0) & (b64 > 0)).sum()),

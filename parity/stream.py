@@ -125,6 +125,38 @@ class Converted:
         return self._tensors.pop(name)
 
 
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+def write_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], get: Callable[[str], Tensor],
+                  metadata: dict | None = None) -> str:
+    """A safetensors file written tensor by tensor: ``specs`` (name, dtype, shape) in order make the header, then
+    ``get(name)`` gives each tensor in turn (at most one in memory). Returns the file's sha256."""
+    import hashlib
+    import json
+
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps({"__metadata__": metadata or {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (len(raw).to_bytes(8, "little"), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        for name, dtype, shape in specs:
+            t = get(name).contiguous()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+            f.write(data)
+            digest.update(data)
+    return digest.hexdigest()
+
+
 def return_freed_memory() -> None:
     """Have glibc give every freed allocation of 64 KiB or more back to the system at once (``mallopt``
     M_MMAP_THRESHOLD). A streamed run frees a block's weights after each call; left to its dynamic threshold, glibc
