@@ -1,5 +1,6 @@
-"""Time and peak memory of a run: per stage (a side's text part, each model's image part, teacher forcing) and per
-component inside it (each text encoder, the transformer, the VAE's parts, the weight records).
+"""Time and peak memory of a run: per stage (a side's text part, each model's image part, teacher forcing, the
+comparison of the records) and per component inside it (each text encoder, the transformer, the VAE's parts, the
+weight records).
 
 Peaks are resident set sizes (RSS) of the whole process, which is what a machine's memory limit counts. The
 process's high-water mark (``VmHWM``) is read at every boundary, never reset (a reset would also lower what
