@@ -53,6 +53,15 @@ def budget() -> int:
     return int(mb * 2 ** 20)
 
 
+def flat_bytes(t: Tensor) -> Tensor:
+    """``t``'s elements in order as bytes (uint8), a view where ``t`` is laid out densely. A tensor whose size-1
+    dimensions have stride 0 (an expanded scalar) counts as contiguous but flattens to stride 0: it is copied."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)
+
+
 class SpillFile:
     """An anonymous temporary file that record tensors are appended to."""
 
@@ -61,7 +70,7 @@ class SpillFile:
         self.size = 0
 
     def put(self, t: Tensor) -> "Spilled":
-        data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
+        data = memoryview(flat_bytes(t.cpu()).numpy())  # no copy
         done = 0
         while done < len(data):  # one call writes at most about 2 GB
             done += os.pwrite(self.file.fileno(), data[done:], self.size + done)

@@ -135,6 +135,8 @@ def write_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...
     import hashlib
     import json
 
+    from parity.records import flat_bytes
+
     header, offset = {}, 0
     for name, dtype, shape in specs:
         n = math.prod(shape) * dtype.itemsize
@@ -148,10 +150,10 @@ def write_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...
             f.write(chunk)
             digest.update(chunk)
         for name, dtype, shape in specs:
-            t = get(name).contiguous()
+            t = get(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+            data = memoryview(flat_bytes(t).numpy()) if t.numel() else b""
             f.write(data)
             digest.update(data)
     return digest.hexdigest()
