@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -86,6 +87,13 @@ class Spilled:
     def __init__(self, spill: SpillFile, offset: int, nbytes: int, dtype, shape: tuple):
         self.spill, self.offset, self.nbytes, self.dtype, self.shape = spill, offset, nbytes, dtype, shape
 
+    def rows(self, start: int, stop: int) -> "Spilled":
+        """Rows ``start:stop`` of the first dimension, where they lie in the file (nothing is read)."""
+        step = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+        start, stop = min(start, self.shape[0]), min(stop, self.shape[0])
+        return Spilled(self.spill, self.offset + start * step, (stop - start) * step, self.dtype,
+                       (stop - start, *self.shape[1:]))
+
     def load(self) -> Tensor:
         flat = torch.empty(self.nbytes, dtype=torch.uint8)  # read straight into the tensor's storage
         view, done = memoryview(flat.numpy()), 0
@@ -97,9 +105,28 @@ class Spilled:
         return flat.view(self.dtype).reshape(self.shape)
 
 
+class Later:
+    """A record tensor being computed on another thread: ``get()`` waits for it (once), ``done()`` says whether
+    it would wait. A recorder holds one until ``side()``."""
+    __slots__ = ("_get", "done", "_value")
+
+    def __init__(self, get: Callable[[], Tensor], done: Callable[[], bool]):
+        self._get, self.done, self._value = get, done, None
+
+    def get(self) -> Tensor:
+        if self._value is None:
+            self._value, self._get = self._get(), None
+        return self._value
+
+
 def load(t) -> Tensor | None:
     """A record's tensor, read back if it was spilled."""
     return t.load() if isinstance(t, Spilled) else t
+
+
+def rows(t, start: int, stop: int):
+    """Rows ``start:stop`` of a record's tensor, a spilled one left in the spill file."""
+    return t.rows(start, stop) if isinstance(t, Spilled) else t[start:stop]
 
 
 class Recorder:
@@ -115,14 +142,16 @@ class Recorder:
     def tick(self) -> int:
         return next(self._clock)
 
-    def put(self, tensor: Tensor, at: int | None = None, sub: int = 0, **fields) -> None:
+    def put(self, tensor: Tensor | Spilled | Later, at: int | None = None, sub: int = 0, **fields) -> None:
         fields = {f: fields.get(f) for f in KEY_FIELDS}
         if fields["component"] == "mmdit":
             fields.update(coords(fields["layer"]))
         k = key(fields)
         if k in self._items:
             raise ValueError(f"record {k} produced twice")
-        self._items[k] = (fields, self.keep(tensor.detach()), (self.tick() if at is None else at, sub))
+        # a spilled capture stays where it is; a tensor still being computed is taken when it is done
+        kept = tensor if isinstance(tensor, (Spilled, Later)) else self.keep(tensor.detach())
+        self._items[k] = (fields, kept, (self.tick() if at is None else at, sub))
 
     def keep(self, t: Tensor, copy: bool = False) -> Tensor | Spilled:
         """``t`` as this recorder holds it: in memory (a copy of its own when it views a larger storage, or when it
@@ -137,7 +166,8 @@ class Recorder:
 
     def side(self) -> Side:
         ordered = sorted(self._items.items(), key=lambda kv: kv[1][2])
-        return {k: ({**fields, "seq": n}, t) for n, (k, (fields, t, _)) in enumerate(ordered)}
+        return {k: ({**fields, "seq": n}, t.get() if isinstance(t, Later) else t)
+                for n, (k, (fields, t, _)) in enumerate(ordered)}
 
 
 def merge(*sides: Side) -> Side:
@@ -149,9 +179,13 @@ def merge(*sides: Side) -> Side:
     return out
 
 
-def paired(impl: Side, ref: Side):
+def paired(impl: Side, ref: Side, ahead: int = 2):
     """(fields, impl tensor or None, reference tensor or None) in the reference's execution order; a record only
-    impl produced comes right after the record impl produced before it."""
+    impl produced comes right after the record impl produced before it. Spilled records are read back on a
+    thread of their own, ``ahead`` pairs before they are asked for, while the caller compares the ones before."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     after: dict[str | None, list[str]] = {}
     prev = None
     for k in impl:
@@ -159,9 +193,23 @@ def paired(impl: Side, ref: Side):
             prev = k
         else:
             after.setdefault(prev, []).append(k)
-    for k in after.get(None, []):
-        yield impl[k][0], load(impl[k][1]), None
-    for k, (fields, want) in ref.items():
-        yield fields, (load(impl[k][1]) if k in impl else None), load(want)
-        for extra in after.get(k, []):
-            yield impl[extra][0], load(impl[extra][1]), None
+
+    def order():
+        for k in after.get(None, []):
+            yield impl[k][0], impl[k][1], None
+        for k, (fields, want) in ref.items():
+            yield fields, (impl[k][1] if k in impl else None), want
+            for extra in after.get(k, []):
+                yield impl[extra][0], impl[extra][1], None
+
+    def ready(item: tuple):
+        return tuple(t.result() if isinstance(t, Future) else t for t in item)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sd3parity-records") as pool:
+        queue: deque = deque()
+        for fields, a, b in order():
+            queue.append((fields, *(pool.submit(load, t) if isinstance(t, Spilled) else t for t in (a, b))))
+            if len(queue) > ahead:
+                yield ready(queue.popleft())
+        while queue:
+            yield ready(queue.popleft())

@@ -1,4 +1,4 @@
-"""Streamed models: parameters read from the weight files one unit (text layer, MMDiT block) at a time.
+"""Streamed models: parameters read from the weight files one unit (text layer, MMDiT block, VAE stage) at a time.
 
 A module built under ``meta_parameters()`` holds its parameters on the meta device (no memory; buffers are real).
 ``Pager`` then gives it weights: every parameter outside the units at once, and each unit's parameters from its
@@ -84,6 +84,9 @@ class Weights:
         self.close()
 
 
+_NOTHING = object()  # no unit converted yet
+
+
 class Converted:
     """A single file's tensors under the names a library's own converter gives them, read one unit at a time.
     ``convert(checkpoint) -> converted`` is the library's function (e.g. diffusers' single-file mapping); it runs on
@@ -94,11 +97,11 @@ class Converted:
 
     def __init__(self, w: Weights, keys: Iterable[str], convert: Callable[[dict], dict],
                  source_unit: Callable[[str], str | None], target_unit: Callable[[str], str | None], what: str):
-        self.w, self.keys, self.convert, self.what = w, list(keys), convert, what
+        self.w, self.convert, self.what = w, convert, what
         self.source_unit, self.target_unit = source_unit, target_unit
         shapes = w.shapes()
-        self._meta = {k: torch.empty(shapes[k], dtype=w.dtype(k), device="meta") for k in self.keys}
-        self._unit: tuple[str | None] | None = None
+        self._meta = {k: torch.empty(shapes[k], dtype=w.dtype(k), device="meta") for k in keys}
+        self._unit: object = _NOTHING  # the unit converted last: a unit's name, or None for the rest
         self._tensors: dict[str, Tensor] = {}
         self.names = {k: tuple(v.shape) for k, v in convert(dict(self._meta)).items()}
 
@@ -107,7 +110,7 @@ class Converted:
 
     def get(self, name: str) -> Tensor:
         unit = self.target_unit(name)
-        if self._unit != (unit,) or name not in self._tensors:  # each unit converted once per paging in
+        if self._unit != unit or name not in self._tensors:  # each unit converted once per paging in
             self._tensors = {}  # the previous unit's, freed before the next is read
             ckpt = {k: self.w.get(k) if self.source_unit(k) == unit else t for k, t in self._meta.items()}
             try:
@@ -117,7 +120,7 @@ class Converted:
                                  f"({str(e).splitlines()[0]}); it cannot be read one unit at a time") from None
             del ckpt
             self._tensors = {k: v for k, v in got.items() if self.target_unit(k) == unit}
-            self._unit = (unit,)
+            self._unit = unit
             bad = sorted(k for k, v in self._tensors.items() if v.device.type == "meta")
             if bad:
                 raise ValueError(f"{self.what}: the converter computes {bad[0]} from tensors outside its unit "
@@ -128,8 +131,7 @@ class Converted:
 CODES = {v: k for k, v in DTYPES.items()}
 
 
-def write_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], get: Callable[[str], Tensor],
-                  metadata: dict | None = None) -> str:
+def write_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], get: Callable[[str], Tensor]) -> str:
     """A safetensors file written tensor by tensor: ``specs`` (name, dtype, shape) in order make the header, then
     ``get(name)`` gives each tensor in turn (at most one in memory). Returns the file's sha256."""
     import hashlib
@@ -142,7 +144,7 @@ def write_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...
         n = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-    raw = json.dumps({"__metadata__": metadata or {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
@@ -198,8 +200,9 @@ class Pager:
     or persistent buffer name of ``module``: everything outside ``units`` (names of submodules) now, each unit's
     parameters for the length of its forward. ``shapes``: every name ``fetch`` has, with its shape; they are
     checked against the module first (a missing, misshapen or unused tensor is refused by name, ``what`` naming
-    the files; ``ignore``: stored names no parameter takes). ``dtype_of(name, tensor)``: the dtype a parameter
-    takes. Tied parameters (one object under several names) are read once, under their first stored name.
+    the files; ``ignore``: stored names no parameter takes). ``dtype_of(name, parameter)``: the dtype a parameter
+    takes (``parameter`` as the module built it); a unit's parameters wait on the meta device in that dtype, and
+    are loaded in the dtype they have there, so ``module.to(dtype)`` applies to them as to the others. Tied parameters (one object under several names) are read once, under their first stored name.
     ``resident``: parameters inside a unit that stay loaded (one the model reads outside the unit's call).
     ``peak``: the most units resident at once; ``loads``: unit loads."""
 
@@ -219,8 +222,12 @@ class Pager:
         self._check(buffers, what, set(ignore))
         with torch.no_grad():
             for names in self.groups:
+                p = self.param(names[0])
+                dtype = self.dtype_of(next(n for n in names if n in self.shapes), p)
                 if self._unit(names[0]) is None:
-                    self._load(names)
+                    self._load(names, dtype)
+                else:  # on the meta device in the dtype it is loaded in (code may read a unit's dtype first)
+                    self._set(names, nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"), requires_grad=False))
             for name, b in buffers:
                 b.data = fetch(name).to(dtype=b.dtype)
         self._of = {u: [names for names in self.groups if self._unit(names[0]) == u] for u in self.units}
@@ -258,10 +265,8 @@ class Pager:
             owner, _, leaf = name.rpartition(".")
             self.module.get_submodule(owner)._parameters[leaf] = param
 
-    def _load(self, names: list[str]) -> None:
-        source = next(n for n in names if n in self.shapes)
-        t = self.fetch(source)
-        t = t.to(self.dtype_of(source, t))
+    def _load(self, names: list[str], dtype: torch.dtype) -> None:
+        t = self.fetch(next(n for n in names if n in self.shapes)).to(dtype)
         if not _own(t):  # storage of its own (aligned, as a loaded model's own_storage gives), not a view of another
             t = t.clone(memory_format=torch.contiguous_format)
         self._set(names, nn.Parameter(t, requires_grad=False))
@@ -270,7 +275,7 @@ class Pager:
         """Loads ``unit``'s parameters, then runs the work deferred to it (``defer``)."""
         with torch.no_grad():
             for names in self._of[unit]:
-                self._load(names)
+                self._load(names, self.param(names[0]).dtype)  # the meta parameter's: it follows module.to(dtype)
         self.resident += 1
         self.loads += 1
         self.peak = max(self.peak, self.resident)

@@ -70,14 +70,14 @@ class _Units:
         with LM.capture(self.module, self.points, store, self.rec.tick, lambda t: self.rec.keep(t, copy=True)):
             result = fn(*args)
         for layer, got in store.items():
-            self.put(layer, R.load(got[0][1]), got[0][0])
+            self.put(layer, got[0][1], got[0][0])
         return result
 
     def put(self, layer: str, t, at: int | None = None) -> None:
         if self.batch is None:
             self.rec.put(t, at=at, layer=layer, **self.where)
         for b, fields in enumerate(self.batch or ()):
-            self.rec.put(t[b: b + 1], at=at, sub=b, layer=layer, **self.where, **fields)
+            self.rec.put(R.rows(t, b, b + 1), at=at, sub=b, layer=layer, **self.where, **fields)
 
 
 def _getter(ref: R.Side, **where):
@@ -177,7 +177,7 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
 
     opts, label, c, dtype = run.opts, model.label, model.mmdit, compute_dtype(run)
     if run.spec.stream:  # each joint block paged in for its unit's call; weights already in the dtype they compute in
-        mmdit, vae, pager = streamed_image_parts(model, opts, dtype)
+        mmdit, vae, pagers = streamed_image_parts(model, opts, dtype)
     else:
         mmdit, vae, quantized = load_image_parts(model, opts, dtype)
         mmdit = half_weights(mmdit, run, quantized)
@@ -237,7 +237,7 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
         to_uint8 = sampling.to_uint8 if opts["uint8"] == "round" else sampling.sai_to_uint8
         vae_units.put("image_uint8", to_uint8(pixels)[0])
     if run.spec.stream:
-        run.notes.append(pager.summary(f"impl {label} mmdit (teacher forcing)"))
+        run.notes.extend(p.summary(f"impl {label} {part} (teacher forcing)") for part, p in pagers.items())
 
 
 def _calls(ref: R.Side, label: str, form) -> list[tuple[int, list[str]]]:

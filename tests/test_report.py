@@ -84,9 +84,10 @@ def test_noise_floor_tells_precision_from_op_semantics(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_nonfinite_counts_of_equal_tensors_are_read_from_the_exponent_bits(dtype):
-    """Bit-identical tensors take the fast path: an all-ones exponent (Inf or NaN) found on the integer view gives
-    the same counts as isnan / isinf, for every float dtype."""
+def test_nonfinite_counts_of_equal_tensors_take_the_fast_path(dtype):
+    """Bit-identical tensors take the fast path: an Inf or NaN found by ``all_finite`` (at any place of a vector,
+    so in every lane of a vectorized reduction and in its tail) gives the same counts as isnan / isinf, for every
+    float dtype."""
     from parity.metrics import all_finite, compare
 
     x = torch.linspace(-3, 3, 1000, dtype=torch.float64).to(dtype)
@@ -97,3 +98,9 @@ def test_nonfinite_counts_of_equal_tensors_are_read_from_the_exponent_bits(dtype
         m = compare(y, y.clone())
         assert not all_finite(y) and m["bitwise_equal"] and m[field] == [2, 2]
     assert all_finite(torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min], dtype=dtype))
+    assert all_finite(x[:1].reshape(())) and all_finite(x.reshape(10, 100).t())  # a scalar, a strided view
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for i in range(67):  # 64 + 3: past the widest vector of 2-byte values
+            y = x[:67].clone()
+            y[i] = bad
+            assert not all_finite(y) and not all_finite(y[i:].flip(0)), (bad, i)

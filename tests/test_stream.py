@@ -1,4 +1,4 @@
-"""Streamed runs (``check --stream``): each side's text layers and MMDiT blocks paged in one at a time from the
+"""Streamed runs (``check --stream``): each side's text layers, MMDiT blocks and VAE stages paged in one at a time from the
 weight files give exactly the records of the models loaded whole."""
 from dataclasses import replace
 
@@ -33,20 +33,49 @@ def same_records(whole: dict, streamed: dict) -> int:
     return digests
 
 
+def test_weight_digest_is_the_sha256_of_its_pieces():
+    """A digest is the sha256 of the tensor's bytes, or past ``DIGEST_PIECE`` bytes the sha256 of its pieces'
+    sha256s (hashed on background threads); a recorder takes it when it is done."""
+    import hashlib
+
+    from parity.sides import DIGEST_PIECE, sha256, sha256_later
+
+    small = torch.arange(1000, dtype=torch.float32)
+    assert bytes(sha256(small).tolist()) == hashlib.sha256(small.numpy().tobytes()).digest()
+    big = torch.randn(DIGEST_PIECE // 4 * 2 + 5)  # two whole pieces and 20 bytes
+    raw = big.numpy().tobytes()
+    pieces = b"".join(hashlib.sha256(raw[i: i + DIGEST_PIECE]).digest() for i in range(0, len(raw), DIGEST_PIECE))
+    rec = R.Recorder()
+    rec.put(sha256_later(big), model="m", component="mmdit", layer="weight:w")
+    (fields, got), = rec.side().values()
+    assert bytes(got.tolist()) == hashlib.sha256(pieces).digest() and fields["seq"] == 0
+    assert bytes(got.tolist()) != hashlib.sha256(raw).digest()  # pieces, not the whole
+
+
 @pytest.mark.parametrize("options", [
     {},  # float32, every embedded family
     {"dtype": "float16", "families": ("sd3.5-large",), "steps": 3},  # T5's wo kept in float32, as transformers does
-], ids=["float32", "float16"])
-def test_streamed_records_are_the_in_memory_records(options):
+    {"families": ("sd3-medium",), "image": "in.png", "steps": 4, "strength": 0.6},  # the VAE encoder's stages too
+], ids=["float32", "float16", "img2img"])
+def test_streamed_records_are_the_in_memory_records(options, tmp_path):
     """Both sides, record for record and bit for bit (fields, execution order, tensors; a streamed parameter of
     over 2**20 elements as the sha256 of the one loaded whole), streamed or not; and the streamed run held at most
-    one unit of each model at a time."""
+    one unit (text layer, MMDiT block, VAE stage) of each model at a time."""
+    if "image" in options:
+        import numpy as np
+        from PIL import Image
+
+        pixels = (np.arange(64 * 64 * 3).reshape(64, 64, 3) * 37 % 256).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / options["image"])
+        options = {**options, "image": str(tmp_path / options["image"])}
     spec = Spec(**options)
     whole, _ = side_records(spec)
     streamed, run = side_records(replace(spec, stream=True))
     assert same_records(whole, streamed) >= 4  # digests: the CLIP token embeddings, at least
     paged = [n for n in run.notes if n.startswith("streamed ")]
-    assert len(paged) == 2 * (3 + len(run.models)) and all(n.endswith("at most 1 resident") for n in paged)
+    assert len(paged) == 2 * (3 + 2 * len(run.models)) and all(n.endswith("at most 1 resident") for n in paged)
+    vae = [n for n in paged if n.split(":")[0].endswith(" vae")]
+    assert len(vae) == 2 * len(run.models) and all(" 0 units" not in n for n in vae), vae
 
 
 def test_streamed_teacher_forcing_is_the_in_memory_teacher_forcing():
@@ -66,7 +95,8 @@ def test_streamed_teacher_forcing_is_the_in_memory_teacher_forcing():
     assert sum(f["component"] == "mmdit" and "block" in f for f, _ in streamed["impl"].values()) > 100
     paged = [n for n in run.notes if "(teacher forcing)" in n]
     assert [n.split(":")[0] for n in paged] == [
-        f"streamed impl {c} (teacher forcing)" for c in ("clip-l", "clip-g", "t5", run.models[0].label + " mmdit")]
+        f"streamed impl {c} (teacher forcing)" for c in ("clip-l", "clip-g", "t5", run.models[0].label + " mmdit",
+                                                           run.models[0].label + " vae")]
     assert all(n.endswith("at most 1 resident") and " 0 times" not in n for n in paged), paged
 
 
@@ -147,7 +177,7 @@ def test_a_run_that_would_not_fit_streams_by_itself(capsys):
     assert main(["check", "--model", d, "--max-memory", "0.001", "--prompt", "a cat", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     paged = [n for n in report["notes"] if n.startswith("streamed impl ") or n.startswith("streamed diffusers ")]
-    assert len(paged) == 8 and all(n.endswith("at most 1 resident") for n in paged), paged
+    assert len(paged) == 10 and all(n.endswith("at most 1 resident") for n in paged), paged
     assert any("more than --max-memory 0.001 GB" in w for w in report["warnings"])
     stages = {s["stage"]: s for s in report["resources"]["stages"]}
     label = list(stages)[1].removeprefix("impl ")
@@ -191,8 +221,9 @@ def test_single_files_stream_like_whole_ones(tmp_path, text):
     streamed, run = side_records(replace(spec, stream=True))
     same_records(whole, streamed)
     paged = {n.split(":")[0] for n in run.notes if n.startswith("streamed ")}
-    expect = {"streamed impl t5", "streamed diffusers text_encoder_3", f"streamed impl {run.models[0].label} mmdit",
-              f"streamed diffusers {run.models[0].label} transformer"}
+    label = run.models[0].label  # diffusers' single-file loader reads the VAE whole
+    expect = {"streamed impl t5", "streamed diffusers text_encoder_3", f"streamed impl {label} mmdit",
+              f"streamed impl {label} vae", f"streamed diffusers {label} transformer"}
     if text == "folders":
         expect |= {"streamed impl clip-l", "streamed impl clip-g", "streamed diffusers text_encoder",
                    "streamed diffusers text_encoder_2"}

@@ -135,7 +135,7 @@ class ImageCapture:
         rec, label = self.rec, self.label
         for layer, at in self.encoder.items():
             t, v = self.store["vae"][layer][0]
-            rec.put(N.apply_transform(at.transform, R.load(v)), at=t, model=label, component="vae", layer=layer)
+            rec.put(in_impl_form(at, v), at=t, model=label, component="vae", layer=layer)
         if self.sigmas is not None:
             rec.put(self.sigmas[1], at=self.sigmas[0], model=label, component="sampler", layer="sigmas")
         step, prev = step0 - 1, 0
@@ -157,18 +157,25 @@ class ImageCapture:
                 for layer, at in self.mmdit.items():
                     got = self._of_call(layer, n)
                     if got is not None:
-                        rec.put(N.apply_transform(at.transform, R.load(got[1])[b: b + 1]), at=got[0], sub=b,
+                        rec.put(in_impl_form(at, got[1], b), at=got[0], sub=b,
                                 component="mmdit", layer=layer, **where)
         for i, d in enumerate(self.steps):
             for k, (name, (time, t)) in enumerate(d.items()):
                 rec.put(t, at=time, sub=k, model=label, component="sampler", layer=name, step=step0 + i)
         for layer, at in self.decoder.items():
             t, v = self.store["vae"][layer][0]
-            rec.put(N.apply_transform(at.transform, R.load(v)), at=t, model=label, component="vae", layer=layer)
+            rec.put(in_impl_form(at, v), at=t, model=label, component="vae", layer=layer)
         rec.put(pixels, model=label, component="vae", layer="image_uint8")
         return rec.side()
 
 
+def in_impl_form(at: N.At, captured, row: int | None = None):
+    """A captured value (row ``row`` of its batch, or all of it) in impl's form: without a transform, a spilled
+    capture stays in the spill file, recorded where it lies."""
+    if not at.transform:
+        return captured if row is None else R.rows(captured, row, row + 1)
+    t = R.load(captured)
+    return N.apply_transform(at.transform, t if row is None else t[row: row + 1])
 
 
 DIGEST_ABOVE = 2 ** 20  # elements: a streamed model's larger parameters are recorded as their sha256
@@ -179,9 +186,10 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
     zeroed, transposed or mis-mapped tensor is reported at its parameter, not as a wrong op downstream. Floating
     parameters are taken in the run's ``dtype``, the values a run in it computes with (impl keeps float32 weights
     and casts them where the references store them cast). A streamed model's (``LazyState``) parameters of more
-    than ``DIGEST_ABOVE`` elements are recorded as the sha256 of their bytes (32 uint8): equal exactly when the
-    tensors are, without a second copy of the model on disk; a unit's are taken when the run pages it in for its
-    forward, at their place in the order (``LazyState.record``), so the weights are read once."""
+    than ``DIGEST_ABOVE`` elements are recorded as the sha256 of their bytes (32 uint8, ``sha256``): equal exactly
+    when the tensors are, without a second copy of the model on disk; a unit's are taken when the run pages it in
+    for its forward, at their place in the order (``LazyState.record``), so the weights are read once, and hashed
+    on background threads while the run goes on (``sha256_later``)."""
     from parity.stream import LazyState
 
     digest = isinstance(state, LazyState)
@@ -190,7 +198,7 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
         with resources.span("weight records"):
             t = t.to(dtype) if t.is_floating_point() else t
             if digest and t.numel() > DIGEST_ABOVE:
-                t = sha256(t)
+                t = sha256_later(t)
             rec.put(t, at=at, model=label, component=component, layer=R.WEIGHT + name)
     if digest:  # a block's while the run pages it in; the side calls its pagers' finish
         state.record(put, rec.tick)
@@ -200,25 +208,43 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
 
 
 DIGEST_PIECE = 4 << 20  # bytes: a larger tensor is digested as the sha256 of its pieces' sha256s
+DIGEST_BACKLOG = 1 << 30  # bytes: tensors kept alive at most while they wait for their digest
+_hashing: dict = {"pool": None, "waiting": []}  # the hashing threads, and the digests not known to be done
+
+
+def sha256_later(t: torch.Tensor) -> R.Later:
+    """A digest of a tensor's bytes (contiguous, its dtype), as 32 uint8: their sha256, or for more than
+    ``DIGEST_PIECE`` bytes the sha256 of the concatenated sha256s of its ``DIGEST_PIECE``-byte pieces. The pieces
+    are hashed on background threads, half as many as torch's (hashlib releases the GIL), so a streamed run hashes
+    a block's weights while it reads the next tensors and computes (measured on the synthetic SD3.5-Medium with 2
+    threads: the check took 119.5 s with 2 hashing threads, 109.6 s with 1); the tensor is kept until its digest
+    is done, and past ``DIGEST_BACKLOG`` bytes of such tensors this waits for the oldest."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # keeps the tensor alive
+    if _hashing["pool"] is None:
+        _hashing["pool"] = ThreadPoolExecutor(max(1, torch.get_num_threads() // 2),
+                                              thread_name_prefix="sd3parity-sha256")
+    waiting = _hashing["waiting"]
+    waiting[:] = [w for w in waiting if not w[1].done()]
+    while waiting and sum(n for n, _ in waiting) + len(raw) > DIGEST_BACKLOG:
+        waiting.pop(0)[1].get()
+    hash_ = lambda b: hashlib.sha256(b).digest()  # noqa: E731
+    pieces = [_hashing["pool"].submit(hash_, raw[i: i + DIGEST_PIECE]) for i in range(0, len(raw), DIGEST_PIECE)]
+
+    def combine() -> torch.Tensor:
+        got = [p.result() for p in pieces]
+        digest = hash_(b"".join(got)) if len(got) > 1 else (got[0] if got else hash_(b""))
+        return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+    later = R.Later(combine, lambda: all(p.done() for p in pieces))
+    waiting.append((len(raw), later))
+    return later
 
 
 def sha256(t: torch.Tensor) -> torch.Tensor:
-    """A digest of a tensor's bytes (contiguous, its dtype), as 32 uint8: their sha256, or for more than
-    ``DIGEST_PIECE`` bytes the sha256 of the concatenated sha256s of its ``DIGEST_PIECE``-byte pieces, hashed on
-    torch's thread count at once (hashlib releases the GIL; a streamed run digests a block between its forwards,
-    when the cores are otherwise idle)."""
-    import hashlib
-
-    raw = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-    if len(raw) <= DIGEST_PIECE:
-        digest = hashlib.sha256(raw).digest()
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pieces = [raw[i: i + DIGEST_PIECE] for i in range(0, len(raw), DIGEST_PIECE)]
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            digest = hashlib.sha256(b"".join(pool.map(lambda b: hashlib.sha256(b).digest(), pieces))).digest()
-    return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+    """``sha256_later(t)``, waited for."""
+    return sha256_later(t).get()
 
 
 def text_state(component: str, module) -> dict:
@@ -257,7 +283,8 @@ def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callabl
         ids: dict[str, list] = {}
         with contextlib.ExitStack() as es:
             for comp, model in encoders.items():
-                es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick))
+                es.enter_context(LM.capture(model, points[comp], stores[comp], rec.tick,
+                                            lambda t: rec.keep(t, copy=True)))  # past the budget: to the spill file
                 resources.watch(es, comp, model)
 
                 def pre(_m, args, kwargs, comp=comp):
@@ -274,8 +301,8 @@ def text_side(label: str, prompts, encoders: dict, points: dict, encode: Callabl
             for layer, at in points[comp].items():
                 if stores[comp].get(layer):
                     got = stores[comp][layer] if ids_at is not None else stores[comp][layer][:1]
-                    v = got[0][1] if len(got) == 1 else torch.cat([v for _, v in got])
-                    rec.put(N.apply_transform(at.transform, v), at=got[0][0], layer=layer, **where)
+                    v = got[0][1] if len(got) == 1 else torch.cat([R.load(v) for _, v in got])
+                    rec.put(in_impl_form(at, v), at=got[0][0], layer=layer, **where)
         where = {"model": label, "prompt": pi, "component": "conditioning"}
         rec.put(context, layer="context", **where)
         rec.put(pooled, layer="pooled", **where)

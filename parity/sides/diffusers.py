@@ -30,6 +30,16 @@ TEXT_UNITS = {"text_encoder": _CLIP_UNITS, "text_encoder_2": _CLIP_UNITS,  # str
               "text_encoder_3": lambda m: [f"encoder.block.{i}" for i in range(m.config.num_layers)]}
 
 
+def _vae_units(m) -> list[str]:
+    """An ``AutoencoderKL``'s stages, streamed: each down and up block and the middle block of its coders."""
+    out = []
+    for part in ("encoder", "decoder"):
+        coder = getattr(m, part)
+        out += [f"{part}.{kind}.{i}" for kind in ("down_blocks", "up_blocks") for i in range(len(getattr(coder, kind, ())))]
+        out.append(f"{part}.mid_block")
+    return out
+
+
 def _quiet():
     from diffusers.utils import logging as d_logging
     from transformers.utils import logging as hf_logging
@@ -200,7 +210,7 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
     dtype = run.dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if pagers is not None:  # streamed: the transformer and T5 (and the CLIPs from folders) paged, the rest whole
+        if pagers is not None:  # streamed: the transformer, T5 (and from folders the CLIPs and the VAE) paged
             import json
 
             import diffusers
@@ -216,7 +226,7 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
                     SD3Transformer2DModel, d / "transformer", MODEL_WEIGHTS,
                     lambda m: [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))], dtype, pagers,
                     "transformer")
-                parts["vae"] = AutoencoderKL.from_pretrained(d / "vae", dtype=dtype)
+                parts["vae"] = streamed(AutoencoderKL, d / "vae", MODEL_WEIGHTS, _vae_units, dtype, pagers, "vae")
             else:
                 _need_configs(model.single_file, d)
                 parts = streamed_single_file(model, run.text_model, dtype, pagers)
@@ -296,18 +306,19 @@ class DiffusersSide:
         pagers = {} if s.stream else None
         pipe = image_pipeline(model, run, init is not None, pagers)
         cap = ImageCapture(model.label, "diffusers", model.mmdit, model.vae, init is not None)
-        from parity.convert import combiner, diffusers_to_sai, mmdit_rules  # the naming table's rules
+        from parity.convert import combiner, diffusers_to_sai, mmdit_rules, vae_rules  # the naming table's rules
 
-        if pagers is not None:  # read through the pager: each block paged in once for its records
-            from parity.stream import LazyState
+        states = {}
+        for part, name, config, rules in (("transformer", "mmdit", model.mmdit, mmdit_rules),
+                                          ("vae", "vae", model.vae, vae_rules)):
+            if part in (pagers or {}):  # read through the pager: each unit paged in once for its records
+                from parity.stream import LazyState
 
-            mmdit_state = LazyState([(r.sai, pagers["transformer"], list(r.diffusers), combiner(r))
-                                     for r in mmdit_rules(model.mmdit)])
-        else:
-            mmdit_state = diffusers_to_sai(pipe.transformer.state_dict(), model.mmdit,
-                                           f"{model.label} transformer (diffusers)")
-        cap.weights(mmdit_state, diffusers_to_sai(pipe.vae.state_dict(), model.vae, f"{model.label} vae (diffusers)"),
-                    run.dtype)
+                states[name] = LazyState([(r.sai, pagers[part], list(r.diffusers), combiner(r)) for r in rules(config)])
+            else:
+                states[name] = diffusers_to_sai(getattr(pipe, part).state_dict(), config,
+                                                f"{model.label} {part} (diffusers)")
+        cap.weights(states["mmdit"], states["vae"], run.dtype)
         ref_step = pipe.scheduler.step  # wrapped to see the guided velocity and the new latent
 
         def step(model_output, t, sample, **kw):
@@ -336,7 +347,8 @@ class DiffusersSide:
                          num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="pil",
                          max_sequence_length=run.values["t5_max_length"],
                          generator=torch.Generator("cpu").manual_seed(s.seed), **kwargs).images[0]
-        if pagers is not None:
-            pagers["transformer"].finish()
-            run.notes.append(pagers["transformer"].summary(f"diffusers {model.label} transformer"))
+        for part in ("transformer", "vae"):
+            if part in (pagers or {}):
+                pagers[part].finish()
+                run.notes.append(pagers[part].summary(f"diffusers {model.label} {part}"))
         return cap.assemble(torch.from_numpy(np.asarray(image).copy()), ("uncond", "cond"), s.steps - len(cap.steps))

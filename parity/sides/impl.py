@@ -184,42 +184,42 @@ def _streamed_t5(cfg, shapes: dict, fetch, what: str, dtype):
 
 
 def streamed_image_parts(model, opts: dict, dtype):
-    """impl's MMDiT streamed block by block (``parity.stream``) from the SAI single file by identity or from the
-    diffusers directory through the naming table's rules, parameters in ``dtype``; the VAE loaded whole. Returns
-    (mmdit, vae, pager)."""
+    """impl's MMDiT and VAE streamed (``parity.stream``): the MMDiT block by block, its parameters in ``dtype``; the
+    VAE stage by stage (each block of its levels and of its middle, as ``stages()`` runs them), its parameters in
+    float32 as when it is loaded whole (a run casts it with ``vae.to``); from the SAI single file by identity or
+    from the diffusers directory through the naming table's rules. Returns (mmdit, vae, pagers by part)."""
     import torch
 
     from impl.checkpoint import PREFIXES
     from impl.mmdit import MMDiT
     from impl.vae import VAE
-    from impl.weights import MODEL_WEIGHTS, load_strict, read_weights_dir, weight_files
-    from parity.convert import combiner, diffusers_to_sai, mmdit_rules
+    from impl.weights import MODEL_WEIGHTS, weight_files
+    from parity.convert import combiner, diffusers_to_sai, mmdit_rules, vae_rules
     from parity.stream import Pager, Weights, meta_parameters
 
-    if model.single_file is not None:
-        w, prefix, what = Weights([model.single_file]), PREFIXES["mmdit"], f"{model.single_file} (model.diffusion_model.*)"
-        shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
-        fetch = lambda k: w.get(prefix + k)  # noqa: E731
-        vp = PREFIXES["vae"]
-        vae_state = {k[len(vp):]: w.get(k) for k in w.keys() if k.startswith(vp)}
-        vae_what = f"{model.single_file} (first_stage_model.*)"
-    else:
-        d = model.directory / "transformer"
+    def source(part: str, config, rules):  # (shapes, fetch, what) of one part under impl's names
+        if model.single_file is not None:
+            w, prefix = Weights([model.single_file]), PREFIXES[part]
+            shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
+            return shapes, lambda k: w.get(prefix + k), f"{model.single_file} ({prefix}*)"
+        d = model.directory / ("transformer" if part == "mmdit" else "vae")
         w, what = Weights(weight_files(d, MODEL_WEIGHTS)), str(d)
         meta = {k: torch.empty(v, device="meta") for k, v in w.shapes().items()}
-        shapes = {k: tuple(v.shape) for k, v in diffusers_to_sai(meta, model.mmdit, what).items()}  # names, shapes
-        rules = {r.sai: r for r in mmdit_rules(model.mmdit)}
-        fetch = lambda k: combiner(rules[k])([w.get(x) for x in rules[k].diffusers])  # noqa: E731
-        vae_state = diffusers_to_sai(read_weights_dir(model.directory / "vae", MODEL_WEIGHTS), model.vae,
-                                     str(model.directory / "vae"))
-        vae_what = str(model.directory / "vae")
+        shapes = {k: tuple(v.shape) for k, v in diffusers_to_sai(meta, config, what).items()}  # names, shapes
+        by = {r.sai: r for r in rules(config)}
+        return shapes, lambda k: combiner(by[k])([w.get(x) for x in by[k].diffusers]), what
+
     with meta_parameters():
-        mmdit = MMDiT(model.mmdit, opts["mmdit"])
-    pager = Pager(mmdit, [f"joint_blocks.{i}" for i in range(model.mmdit.depth)], fetch, shapes,
-                  lambda k, t: dtype if t.is_floating_point() else t.dtype, what)
-    vae = VAE(model.vae, opts["vae_attention"])
-    load_strict(vae, vae_state, vae_what)
-    return mmdit.eval(), vae.eval(), pager
+        mmdit, vae = MMDiT(model.mmdit, opts["mmdit"]), VAE(model.vae, opts["vae_attention"])
+    in_dtype = lambda d: lambda k, t: d if t.is_floating_point() else t.dtype  # noqa: E731
+    shapes, fetch, what = source("mmdit", model.mmdit, mmdit_rules)
+    pagers = {"mmdit": Pager(mmdit, [f"joint_blocks.{i}" for i in range(model.mmdit.depth)], fetch, shapes,
+                             in_dtype(dtype), what)}
+    shapes, fetch, what = source("vae", model.vae, vae_rules)
+    stages = [f"{part}.{name}" for part in ("encoder", "decoder") for name, _ in getattr(vae, part).stages()
+              if name.startswith(("down.", "mid.", "up."))]
+    pagers["vae"] = Pager(vae, stages, fetch, shapes, in_dtype(torch.float32), what)
+    return mmdit.eval(), vae.eval(), pagers
 
 
 def nonfinite(module, where: str) -> list[str]:
@@ -305,13 +305,13 @@ class ImplSide:
         form = opts["form"]
         stack = self.stack(run)
         if s.stream:
-            mmdit, vae, pager = streamed_image_parts(model, opts, compute_dtype(run))
-            mmdit_state = pager.state()
+            mmdit, vae, pagers = streamed_image_parts(model, opts, compute_dtype(run))
+            mmdit_state, vae_state = pagers["mmdit"].state(), pagers["vae"].state()
         else:
             mmdit, vae, quantized = load_image_parts(model, opts, compute_dtype(run))
             mmdit = half_weights(mmdit, run, quantized)
             run.warnings += nonfinite(mmdit, f"{model.label} mmdit") + nonfinite(vae, f"{model.label} vae")
-            mmdit_state = mmdit.state_dict()
+            mmdit_state, vae_state = mmdit.state_dict(), vae.state_dict()
         ss = sampler_settings(run, model)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
                               uint8=opts["uint8"], autocast=opts["autocast"],
@@ -322,7 +322,7 @@ class ImplSide:
             image = to_tensor(init)
             plan, start = sampling.img2img_plan(ss, s.strength)
         cap = ImageCapture(model.label, "impl", model.mmdit, model.vae, init is not None)
-        cap.weights(mmdit_state, vae.state_dict(), run.dtype)
+        cap.weights(mmdit_state, vae_state, run.dtype)
         with contextlib.ExitStack() as es:
             cap.attach(es, mmdit, vae, lambda a, k: (a[0], a[1], a[3], a[2]), f"{model.label} mmdit (impl)",
                        N.MMDIT_SKIP["impl"])
@@ -334,6 +334,7 @@ class ImplSide:
                               and (run.text.encoder_dtype or run.dtype) == ps.sampler.dtype else None)
         order = ("uncond", "cond") if form.cfg_batch == "uncond_first" else ("cond", "uncond")
         if s.stream:
-            pager.finish()
-            run.notes.append(pager.summary(f"impl {model.label} mmdit"))
+            for part, pager in pagers.items():
+                pager.finish()
+                run.notes.append(pager.summary(f"impl {model.label} {part}"))
         return cap.assemble(result.image, order, start)
