@@ -102,12 +102,12 @@ def _unit(pattern: str):
     return unit
 
 
-def streamed_single_file(model, text_model, dtype: torch.dtype, pagers: dict) -> dict:
+def streamed_single_file(model, text_model, dtype: torch.dtype, pagers: dict, text=None) -> dict:
     """The parts of an SAI single file's pipeline as diffusers' ``from_single_file`` builds them, streamed: the
     transformer from its config in the model's directory, its weights converted by diffusers' own single-file
     mapping one block at a time (``parity.stream.Converted``); the VAE by diffusers' own single-file loader on its
     part of the file, whole; the text encoders as ``single_file_text`` gives them (or the model's folders', when
-    the file has none)."""
+    the file has none; ``text``: a text pipeline already built for the run)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
@@ -126,7 +126,7 @@ def streamed_single_file(model, text_model, dtype: torch.dtype, pagers: dict) ->
              "vae": AutoencoderKL.from_single_file({k: w.get(k) for k in w.keys() if k.startswith(PREFIXES["vae"])},
                                                    config=str(d), subfolder="vae", torch_dtype=dtype,
                                                    local_files_only=True)}
-    t = text_pipeline(text_model, dtype, pagers)
+    t = text if text is not None else text_pipeline(text_model, dtype, pagers)
     return parts | {sub: getattr(t, sub) for _, sub, _ in TEXT} | {tok: getattr(t, tok) for _, _, tok in TEXT}
 
 
@@ -202,7 +202,9 @@ def text_pipeline(text_model, dtype: torch.dtype, pagers: dict | None = None):
     return pipe
 
 
-def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
+def image_pipeline(model, run, img2img: bool, pagers: dict | None = None, text=None):
+    """The run's diffusers pipeline for ``model`` (with ``pagers``, streamed; ``text``: the streamed text pipeline
+    the run built already, whose encoders it takes instead of building them again)."""
     _quiet()
     from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
@@ -220,7 +222,7 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
 
             d = model.directory
             if model.weights_in_directory:
-                t = text_pipeline(run.text_model, dtype, pagers)
+                t = text if text is not None else text_pipeline(run.text_model, dtype, pagers)
                 parts = {sub: getattr(t, sub) for _, sub, _ in TEXT} | {tok: getattr(t, tok) for _, _, tok in TEXT}
                 parts["transformer"] = streamed(
                     SD3Transformer2DModel, d / "transformer", MODEL_WEIGHTS,
@@ -229,7 +231,7 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None):
                 parts["vae"] = streamed(AutoencoderKL, d / "vae", MODEL_WEIGHTS, _vae_units, dtype, pagers, "vae")
             else:
                 _need_configs(model.single_file, d)
-                parts = streamed_single_file(model, run.text_model, dtype, pagers)
+                parts = streamed_single_file(model, run.text_model, dtype, pagers, text)
             pipe = cls(scheduler=getattr(diffusers, json.loads((d / "model_index.json").read_text())["scheduler"][1])
                        .from_pretrained(d / "scheduler"), **parts)
         elif not model.weights_in_directory:
@@ -260,6 +262,7 @@ class DiffusersSide:
 
     def __init__(self):
         self._conds = {}  # streamed: the first prompt's (context, pooled) from the text run
+        self._text = None  # streamed: the text run's pipeline, whose encoders the image runs take
 
     def key(self, run) -> tuple:
         s = run.spec
@@ -299,12 +302,14 @@ class DiffusersSide:
         for p in (pagers or {}).values():
             p.finish()
         run.notes.extend(p.summary(f"diffusers {sub}") for sub, p in (pagers or {}).items())
+        if run.spec.stream:
+            self._text = pipe
         return out
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
         pagers = {} if s.stream else None
-        pipe = image_pipeline(model, run, init is not None, pagers)
+        pipe = image_pipeline(model, run, init is not None, pagers, self._text)
         cap = ImageCapture(model.label, "diffusers", model.mmdit, model.vae, init is not None)
         from parity.convert import combiner, diffusers_to_sai, mmdit_rules, vae_rules  # the naming table's rules
 
