@@ -222,7 +222,7 @@ def sha256_later(t: torch.Tensor) -> R.Later:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    raw = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # keeps the tensor alive
+    raw = memoryview(R.flat_bytes(t).numpy())  # keeps the tensor alive
     if _hashing["pool"] is None:
         _hashing["pool"] = ThreadPoolExecutor(max(1, torch.get_num_threads() // 2),
                                               thread_name_prefix="sd3parity-sha256")

@@ -197,9 +197,11 @@ def streamed_image_parts(model, opts: dict, dtype):
     from parity.convert import combiner, diffusers_to_sai, mmdit_rules, vae_rules
     from parity.stream import Pager, Weights, meta_parameters
 
+    whole = Weights([model.single_file]) if model.single_file is not None else None
+
     def source(part: str, config, rules):  # (shapes, fetch, what) of one part under impl's names
-        if model.single_file is not None:
-            w, prefix = Weights([model.single_file]), PREFIXES[part]
+        if whole is not None:
+            w, prefix = whole, PREFIXES[part]
             shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
             return shapes, lambda k: w.get(prefix + k), f"{model.single_file} ({prefix}*)"
         d = model.directory / ("transformer" if part == "mmdit" else "vae")
