@@ -25,6 +25,11 @@ final modulation in diffusers' (scale, shift) order. Other layers (``input_ids``
 ``latent``, ``image_uint8``, the transformer's ``output``, ...) have one name in both schemes. A record's tensor is what the module computed for
 one prompt (text) or one CFG branch (``cond``, ``uncond``, ``skip``) of one step, batch dimension 1.
 
+A weight record (layer ``weight:<name>``) holds the parameter, or for one of more than 2**20 elements a digest of
+its bytes in the run's dtype: the hash of the bytes, or past 4 MiB the hash of the concatenated hashes of its 4 MiB
+pieces, as uint8, 16 bytes for XXH3-128 (what ``sd3parity dump --stream`` writes) or 32 for sha256. A check against
+the dump records its digests in the kind the dump holds.
+
 Reading checks every entry (fields, shape and dtype against the stored tensor) and names the dump, the record and
 the field at fault. Writing is atomic: a temporary directory beside the target, renamed into place.
 """
@@ -153,6 +158,38 @@ def _form(t, transform: str) -> tuple:
     return tuple(out.shape), out.dtype
 
 
+def _manifest(path: Path):
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise DumpError(f"{path}: not a directory (a dump is a directory with manifest.json and records.safetensors)")
+    try:
+        return json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DumpError(f"{mpath}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DumpError(f"{mpath}: not JSON ({e})") from None
+
+
+def digest_kind(path: Path) -> str | None:
+    """The kind of the weight digests a dump holds (``parity.sides.DIGESTS``, by their length), None when it holds
+    none; a dump with digests of two kinds is refused, naming a record of each."""
+    from parity.sides import DIGESTS
+
+    m = _manifest(path)
+    entries = m.get("records") if isinstance(m, dict) else None
+    kinds: dict[str, str] = {}
+    for e in entries if isinstance(entries, list) else []:
+        if (isinstance(e, dict) and str(e.get("layer")).startswith(R.WEIGHT) and e.get("dtype") == "uint8"
+                and isinstance(e.get("shape"), list) and len(e["shape"]) == 1):
+            for kind, (n, _) in DIGESTS.items():
+                if e["shape"][0] == n:
+                    kinds.setdefault(kind, str(e.get("name")))
+    if len(kinds) > 1:
+        raise DumpError(f"{path / 'manifest.json'}: weight digests of two kinds: "
+                        + ", ".join(f"record {name!r} is {kind}" for kind, name in kinds.items()))
+    return next(iter(kinds), None)
+
+
 def read(path: Path) -> tuple[R.Side, dict]:
     """A dump's records in impl's scheme and form, in its execution order, and its manifest. The records are read
     one at a time into a recorder (past its budget, its spill file)."""
@@ -163,14 +200,7 @@ def read(path: Path) -> tuple[R.Side, dict]:
     from parity.stream import Weights
 
     mpath, tpath = path / "manifest.json", path / "records.safetensors"
-    if not path.is_dir():
-        raise DumpError(f"{path}: not a directory (a dump is a directory with manifest.json and records.safetensors)")
-    try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DumpError(f"{mpath}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DumpError(f"{mpath}: not JSON ({e})") from None
+    m = _manifest(path)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DumpError(f"{mpath}: format is not {FORMAT!r}")
     if m.get("version") != VERSION:

@@ -191,6 +191,7 @@ class Run:
     files: dict[str, list[Path]] = field(default_factory=dict)  # a component folder or single file -> files read
     warnings: list[str] = field(default_factory=list)  # suspect inputs: dtype casts on load, NaN / Inf weights
     meter: Any = None  # parity.resources.Meter: seconds and peak memory per stage and component, as they ran
+    digest: str = "xxh3-128"  # the kind of a streamed run's weight digests (parity.sides.DIGESTS)
 
     def sources(self, single_files: bool) -> dict[str, str]:
         """The files a side reads, each with its fingerprint (``file_fingerprint``): the text encoders', then per
@@ -648,10 +649,10 @@ def execute(run: Run, side_name: str, cache: dict | None = None, progress: Progr
     from parity import records as R
     from parity.determinism import pinned
     from parity.resources import metering
-    from parity.sides import make_side
+    from parity.sides import digesting, make_side
 
     side = make_side(side_name, run)
-    key = (side_name, side.key(run)) if cache is not None else None
+    key = (side_name, side.key(run), run.digest) if cache is not None else None
     meter = metered(run)
     step = progress.step if progress is not None else lambda what: None
     if key is not None and key in cache:
@@ -664,7 +665,7 @@ def execute(run: Run, side_name: str, cache: dict | None = None, progress: Progr
 
         return_freed_memory()
     init = read_image(run.spec.image, run.spec.height, run.spec.width) if run.spec.image else None
-    with pinned(run.spec.threads), metering(meter):
+    with pinned(run.spec.threads), metering(meter), digesting(run.digest):
         with meter.stage(f"{side_name} text"):
             parts = [side.text(run)]
         step(f"{side_name} text")
@@ -755,6 +756,13 @@ def check(s: Spec, cache: dict | None = None, progress: Progress | None = None):
 
 
 def _check(s: Spec, run: Run, cache: dict | None, progress: Progress):
+    if s.reference_dump:  # weight digests of the kind the dump holds
+        from parity.dump import digest_kind
+
+        kind = digest_kind(Path(s.reference_dump))
+        if kind and kind != run.digest:
+            run.digest = kind
+            run.notes.append(f"weight digests: {kind}, the kind the dump holds")
     impl = execute(run, "impl", cache, progress)
     if s.reference_dump:
         return _against_dump(s, run, impl, progress)
@@ -803,23 +811,19 @@ def _against_dump(s: Spec, run: Run, impl, progress: Progress):
 
 def _as_digests(impl: dict, dump: dict) -> tuple[dict, dict]:
     """impl's records and a dump's, with a weight record that one of them holds as a digest (a streamed run's
-    parameter of over 2**20 elements) and the other in full replaced by the digest of the full one
-    (``parity.sides.sha256`` of the same bytes), so that the two compare."""
-    import torch
-
+    parameter of over 2**20 elements) and the other in full replaced by the digest of the full one, of the same
+    kind (``parity.sides.digest`` of the same bytes), so that the two compare."""
     from parity import records as R
-    from parity.sides import DIGEST_ABOVE, sha256
+    from parity.sides import DIGEST_ABOVE, digest, digest_kind
 
-    def digest(t) -> bool:
-        return t.dtype == torch.uint8 and tuple(t.shape) == (32,)
     impl, dump = dict(impl), dict(dump)
     for k, (fields, t) in list(impl.items()):
         if R.is_weight(fields) and k in dump:
             a, b = R.load(t), R.load(dump[k][1])
-            if digest(a) and not digest(b) and b.numel() > DIGEST_ABOVE:
-                dump[k] = (dump[k][0], sha256(b))
-            elif digest(b) and not digest(a) and a.numel() > DIGEST_ABOVE:
-                impl[k] = (fields, sha256(a))
+            if digest_kind(a) and not digest_kind(b) and b.numel() > DIGEST_ABOVE:
+                dump[k] = (dump[k][0], digest(b, digest_kind(a)))
+            elif digest_kind(b) and not digest_kind(a) and a.numel() > DIGEST_ABOVE:
+                impl[k] = (fields, digest(a, digest_kind(b)))
     return impl, dump
 
 

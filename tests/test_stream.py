@@ -1,6 +1,7 @@
 """Streamed runs (``check --stream``): each side's text layers, MMDiT blocks and VAE stages paged in one at a time from the
 weight files give exactly the records of the models loaded whole."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ def side_records(spec: Spec) -> dict:
 
 def same_records(whole: dict, streamed: dict) -> int:
     """Asserts both sides' records equal, streamed or not: keys in order, fields, tensors bit for bit, a streamed
-    parameter of over 2**20 elements (a paged model's, not one loaded whole) as the sha256 of the one loaded whole.
+    parameter of over 2**20 elements (a paged model's, not one loaded whole) as the digest of the one loaded whole.
     Returns how many were digests."""
-    from parity.sides import DIGEST_ABOVE, sha256
+    from parity.sides import DIGEST_ABOVE, digest, digest_kind
 
     digests = 0
     for name in ("impl", "diffusers"):
@@ -27,29 +28,36 @@ def same_records(whole: dict, streamed: dict) -> int:
         assert list(a) == list(b)
         for k in a:
             want, got = R.load(a[k][1]), R.load(b[k][1])
-            if a[k][0]["layer"].startswith("weight:") and want.numel() > DIGEST_ABOVE and got.shape == (32,):
-                want, digests = sha256(want), digests + 1
+            if a[k][0]["layer"].startswith("weight:") and want.numel() > DIGEST_ABOVE and digest_kind(got):
+                want, digests = digest(want, "xxh3-128"), digests + 1
             assert a[k][0] == b[k][0] and torch.equal(want, got), (name, k)
     return digests
 
 
-def test_weight_digest_is_the_sha256_of_its_pieces():
-    """A digest is the sha256 of the tensor's bytes, or past ``DIGEST_PIECE`` bytes the sha256 of its pieces'
-    sha256s (hashed on background threads); a recorder takes it when it is done."""
+@pytest.mark.parametrize("kind", ["xxh3-128", "sha256"])
+def test_weight_digest_is_the_hash_of_its_pieces(kind):
+    """A digest is the hash of the tensor's bytes, or past ``DIGEST_PIECE`` bytes the hash of its pieces' hashes
+    (hashed on background threads), checked against hashlib and xxhash themselves; a recorder takes it when it is
+    done, and its length names its kind."""
     import hashlib
 
-    from parity.sides import DIGEST_PIECE, sha256, sha256_later
+    import xxhash
 
+    from parity.sides import DIGEST_PIECE, digest, digest_kind, digest_later, digesting
+
+    hash_ = {"xxh3-128": lambda b: xxhash.xxh3_128(b).digest(), "sha256": lambda b: hashlib.sha256(b).digest()}[kind]
     small = torch.arange(1000, dtype=torch.float32)
-    assert bytes(sha256(small).tolist()) == hashlib.sha256(small.numpy().tobytes()).digest()
+    assert bytes(digest(small, kind).tolist()) == hash_(small.numpy().tobytes())
     big = torch.randn(DIGEST_PIECE // 4 * 2 + 5)  # two whole pieces and 20 bytes
     raw = big.numpy().tobytes()
-    pieces = b"".join(hashlib.sha256(raw[i: i + DIGEST_PIECE]).digest() for i in range(0, len(raw), DIGEST_PIECE))
+    pieces = b"".join(hash_(raw[i: i + DIGEST_PIECE]) for i in range(0, len(raw), DIGEST_PIECE))
     rec = R.Recorder()
-    rec.put(sha256_later(big), model="m", component="mmdit", layer="weight:w")
+    with digesting(kind):
+        rec.put(digest_later(big), model="m", component="mmdit", layer="weight:w")
     (fields, got), = rec.side().values()
-    assert bytes(got.tolist()) == hashlib.sha256(pieces).digest() and fields["seq"] == 0
-    assert bytes(got.tolist()) != hashlib.sha256(raw).digest()  # pieces, not the whole
+    assert bytes(got.tolist()) == hash_(pieces) and fields["seq"] == 0 and digest_kind(got) == kind
+    assert bytes(got.tolist()) != hash_(raw)  # pieces, not the whole
+    assert digest_kind(torch.zeros(len(got), dtype=torch.float32)) is None
 
 
 @pytest.mark.parametrize("options", [
@@ -59,7 +67,7 @@ def test_weight_digest_is_the_sha256_of_its_pieces():
 ], ids=["float32", "float16", "img2img"])
 def test_streamed_records_are_the_in_memory_records(options, tmp_path):
     """Both sides, record for record and bit for bit (fields, execution order, tensors; a streamed parameter of
-    over 2**20 elements as the sha256 of the one loaded whole), streamed or not; and the streamed run held at most
+    over 2**20 elements as the digests of the one loaded whole), streamed or not; and the streamed run held at most
     one unit (text layer, MMDiT block, VAE stage) of each model at a time."""
     if "image" in options:
         import numpy as np
@@ -118,9 +126,9 @@ def test_a_changed_block_weight_is_found_at_that_block(monkeypatch):
     monkeypatch.setattr(stream.Weights, "get", changed)
     report = check(Spec(stream=True, families=("sd3.5-medium",), prompts=("a cat",)))
     fd = report.first_divergence
-    assert fd["layer"] == "weight:joint_blocks.1.x_block.attn.qkv.weight" and list(fd["shape"]) == [32]
+    assert fd["layer"] == "weight:joint_blocks.1.x_block.attn.qkv.weight" and list(fd["shape"]) == [16]
     weights = [r for r in report.records if r["layer"].startswith("weight:")]
-    assert all(r["bitwise_equal"] for r in weights if r is not fd) and sum(r["shape"] == [32] for r in weights) > 50
+    assert all(r["bitwise_equal"] for r in weights if r is not fd) and sum(r["shape"] == [16] for r in weights) > 50
     first = next(r for r in report.records if not r["bitwise_equal"] and not r["layer"].startswith("weight:"))
     assert first["component"] == "mmdit" and first["block"] == 1
 
@@ -248,8 +256,21 @@ def test_a_changed_block_weight_is_found_against_a_dump(tmp_path, monkeypatch, c
     capsys.readouterr()
     assert main(["check", *run, "--stream", "--reference-dump", out, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    digests = [r for r in report["records"] if r["layer"].startswith("weight:") and r["shape"] == [32]]
+    digests = [r for r in report["records"] if r["layer"].startswith("weight:") and r["dtype"] == "uint8"]
     assert report["first_divergence"] is None and len(digests) > 50
+
+    # a producer's dump with sha256 digests: the check records that kind; digests of two kinds are refused
+    made = digests_in_dump(out, str(tmp_path / "sha256"), "sha256")
+    assert main(["check", *run, "--stream", "--reference-dump", made, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    sha = [r for r in report["records"] if r["layer"].startswith("weight:") and r["dtype"] == "uint8"]
+    assert report["first_divergence"] is None and len(sha) == len(digests) > 50
+    assert {len(r["shape"]) == 1 and r["shape"][0] for r in digests} == {16} and {r["shape"][0] for r in sha} == {32}
+    assert "weight digests: sha256, the kind the dump holds" in report["notes"]
+    one = digests_in_dump(out, str(tmp_path / "one"), "xxh3-128", only=1)
+    mixed = digests_in_dump(one, str(tmp_path / "mixed"), "sha256")
+    assert main(["check", *run, "--stream", "--reference-dump", mixed]) == 2
+    assert "weight digests of two kinds: record" in capsys.readouterr().err
 
     get = stream.Weights.get
 
@@ -262,3 +283,26 @@ def test_a_changed_block_weight_is_found_against_a_dump(tmp_path, monkeypatch, c
     assert report["first_divergence"]["layer"] == "weight:joint_blocks.1.x_block.attn.qkv.weight"
     first = next(r for r in report["records"] if not r["bitwise_equal"] and not r["layer"].startswith("weight:"))
     assert first["component"] == "mmdit" and first["block"] == 1
+
+
+def digests_in_dump(src: str, dst: str, kind: str, only: int | None = None) -> str:
+    """A copy of dump ``src`` whose weight records of over ``DIGEST_ABOVE`` elements held in full (the first
+    ``only`` of them, or all) are held as ``kind`` digests, as a producer writes them."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from parity.sides import DIGEST_ABOVE, digest
+
+    shutil.copytree(src, dst)
+    m = json.loads((Path(dst) / "manifest.json").read_text())
+    tensors = load_file(str(Path(dst) / "records.safetensors"))
+    big = [e for e in m["records"] if e["layer"].startswith("weight:") and tensors[e["name"]].numel() > DIGEST_ABOVE
+           and tensors[e["name"]].dtype != torch.uint8]
+    for e in big[:only]:
+        tensors[e["name"]] = digest(tensors[e["name"]], kind)
+        e["shape"], e["dtype"] = [tensors[e["name"]].numel()], "uint8"
+    save_file(tensors, str(Path(dst) / "records.safetensors"))
+    (Path(dst) / "manifest.json").write_text(json.dumps(m))
+    return dst

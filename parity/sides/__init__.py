@@ -10,9 +10,11 @@ hooks on the side's own transformer and VAE and from what its sampler computes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Callable
 
 import torch
+import xxhash
 
 from parity import layermap as LM
 from parity import naming as N
@@ -43,7 +45,6 @@ def checkout(arg: str | None, env: str, flag: str, markers, what: str):
 def code_fingerprint(d, files) -> dict:
     """A reference checkout's fingerprint: the sha256 of ``files`` (each named by its path relative to ``d``), and
     the commit when ``d`` is a git checkout."""
-    import hashlib
     import subprocess
 
     h = hashlib.sha256()
@@ -178,7 +179,7 @@ def in_impl_form(at: N.At, captured, row: int | None = None):
     return N.apply_transform(at.transform, t if row is None else t[row: row + 1])
 
 
-DIGEST_ABOVE = 2 ** 20  # elements: a streamed model's larger parameters are recorded as their sha256
+DIGEST_ABOVE = 2 ** 20  # elements: a streamed model's larger parameters are recorded as a digest
 
 
 def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype) -> None:
@@ -186,10 +187,10 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
     zeroed, transposed or mis-mapped tensor is reported at its parameter, not as a wrong op downstream. Floating
     parameters are taken in the run's ``dtype``, the values a run in it computes with (impl keeps float32 weights
     and casts them where the references store them cast). A streamed model's (``LazyState``) parameters of more
-    than ``DIGEST_ABOVE`` elements are recorded as the sha256 of their bytes (32 uint8, ``sha256``): equal exactly
-    when the tensors are, without a second copy of the model on disk; a unit's are taken when the run pages it in
-    for its forward, at their place in the order (``LazyState.record``), so the weights are read once, and hashed
-    on background threads while the run goes on (``sha256_later``)."""
+    than ``DIGEST_ABOVE`` elements are recorded as a digest of their bytes (``digest_later``): equal when the
+    tensors are, without a second copy of the model on disk; a unit's are taken when the run pages it in for its
+    forward, at their place in the order (``LazyState.record``), so the weights are read once, and hashed on
+    background threads while the run goes on."""
     from parity.stream import LazyState
 
     digest = isinstance(state, LazyState)
@@ -198,7 +199,7 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
         with resources.span("weight records"):
             t = t.to(dtype) if t.is_floating_point() else t
             if digest and t.numel() > DIGEST_ABOVE:
-                t = sha256_later(t)
+                t = digest_later(t)
             rec.put(t, at=at, model=label, component=component, layer=R.WEIGHT + name)
     if digest:  # a block's while the run pages it in; the side calls its pagers' finish
         state.record(put, rec.tick)
@@ -207,30 +208,52 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
         put(name, t)
 
 
-DIGEST_PIECE = 4 << 20  # bytes: a larger tensor is digested as the sha256 of its pieces' sha256s
+# A weight digest's kind, named by its length. XXH3-128 (a 128-bit non-cryptographic hash, about 8.8 GB/s on one
+# core here against sha256's 1.1 GB/s) is what runs record; sha256 is read too, for producers without xxhash: a
+# run against a dump records the kind the dump holds (``digesting``).
+DIGESTS = {"xxh3-128": (16, lambda b: xxhash.xxh3_128(b).digest()),
+           "sha256": (32, lambda b: hashlib.sha256(b).digest())}
+DIGEST_PIECE = 4 << 20  # bytes: a larger tensor is digested as the digest of its pieces' digests
 DIGEST_BACKLOG = 1 << 30  # bytes: tensors kept alive at most while they wait for their digest
-_hashing: dict = {"pool": None, "waiting": []}  # the hashing threads, and the digests not known to be done
+_hashing: dict = {"pool": None, "waiting": [], "kind": "xxh3-128"}  # threads, digests not known done, the kind
 
 
-def sha256_later(t: torch.Tensor) -> R.Later:
-    """A digest of a tensor's bytes (contiguous, its dtype), as 32 uint8: their sha256, or for more than
-    ``DIGEST_PIECE`` bytes the sha256 of the concatenated sha256s of its ``DIGEST_PIECE``-byte pieces. The pieces
-    are hashed on background threads, half as many as torch's (hashlib releases the GIL), so a streamed run hashes
-    a block's weights while it reads the next tensors and computes (measured on the synthetic SD3.5-Medium with 2
-    threads: the check took 119.5 s with 2 hashing threads, 109.6 s with 1); the tensor is kept until its digest
-    is done, and past ``DIGEST_BACKLOG`` bytes of such tensors this waits for the oldest."""
-    import hashlib
+def digest_kind(t: torch.Tensor) -> str | None:
+    """The kind of a weight record that is a digest (uint8 of a digest's length), None for any other tensor."""
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        return None
+    return next((kind for kind, (n, _) in DIGESTS.items() if t.numel() == n), None)
+
+
+@contextlib.contextmanager
+def digesting(kind: str):
+    """Weight digests taken inside are of ``kind`` (a key of ``DIGESTS``)."""
+    saved, _hashing["kind"] = _hashing["kind"], kind
+    try:
+        yield
+    finally:
+        _hashing["kind"] = saved
+
+
+def digest_later(t: torch.Tensor, kind: str | None = None) -> R.Later:
+    """A digest of a tensor's bytes (contiguous, its dtype) as uint8: the hash (``kind``, by default the one
+    ``digesting`` set) of the bytes, or for more than ``DIGEST_PIECE`` bytes the hash of the concatenated hashes
+    of its ``DIGEST_PIECE``-byte pieces. The pieces are hashed on background threads, half as many as torch's
+    (both hashes release the GIL), so a streamed run hashes a block's weights while it reads the next tensors and
+    computes (measured with sha256 on the synthetic SD3.5-Medium with 2 threads: the check took 119.5 s with 2
+    hashing threads, 109.6 s with 1); the tensor is kept until its digest is done, and past ``DIGEST_BACKLOG``
+    bytes of such tensors this waits for the oldest."""
     from concurrent.futures import ThreadPoolExecutor
 
+    hash_ = DIGESTS[kind or _hashing["kind"]][1]
     raw = memoryview(R.flat_bytes(t).numpy())  # keeps the tensor alive
     if _hashing["pool"] is None:
         _hashing["pool"] = ThreadPoolExecutor(max(1, torch.get_num_threads() // 2),
-                                              thread_name_prefix="sd3parity-sha256")
+                                              thread_name_prefix="sd3parity-digest")
     waiting = _hashing["waiting"]
     waiting[:] = [w for w in waiting if not w[1].done()]
     while waiting and sum(n for n, _ in waiting) + len(raw) > DIGEST_BACKLOG:
         waiting.pop(0)[1].get()
-    hash_ = lambda b: hashlib.sha256(b).digest()  # noqa: E731
     pieces = [_hashing["pool"].submit(hash_, raw[i: i + DIGEST_PIECE]) for i in range(0, len(raw), DIGEST_PIECE)]
 
     def combine() -> torch.Tensor:
@@ -242,9 +265,9 @@ def sha256_later(t: torch.Tensor) -> R.Later:
     return later
 
 
-def sha256(t: torch.Tensor) -> torch.Tensor:
-    """``sha256_later(t)``, waited for."""
-    return sha256_later(t).get()
+def digest(t: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    """``digest_later(t, kind)``, waited for."""
+    return digest_later(t, kind).get()
 
 
 def text_state(component: str, module) -> dict:
