@@ -143,8 +143,8 @@ def validate(s: Spec) -> None:
 
 def not_streamed(s: Spec, values: dict) -> str | None:
     """Why the run ``s`` cannot stream, or None when it can."""
-    if s.profile != "diffusers":
-        return f"the {s.profile} profile is not streamed yet (the diffusers profile is)"
+    if s.profile not in ("diffusers", "sai"):
+        return f"the {s.profile} profile is not streamed yet (the diffusers and sai profiles are)"
     if values["half_compute"] != "native" or values["text_encoder_storage"] != "as_loaded":
         return ("weights are paged in the dtype they compute in; half_compute=float32 and "
                 "text_encoder_storage=float16 round them otherwise")
@@ -771,6 +771,9 @@ def _check(s: Spec, run: Run, cache: dict | None, progress: Progress):
     except Unsupported as e:
         inferred = [n for n in run.notes if "inferred" in n]
         raise Unsupported(str(e) + "".join(f"\n  impl {n}" for n in inferred)) from None
+    if s.stream:  # a weight one side pages and the other loads whole (the SD3.5 code's CLIP encoders)
+        held, records = _as_digests(impl[0], ref[0])
+        impl, ref = (held, impl[1]), (records, ref[1])
     noise = None
     if s.noise_floor:  # the reference against itself on another thread count: CPU reductions in another order
         other = execute(resolve(replace(s, threads=s.threads + 1)), run.reference, cache, progress)
@@ -809,22 +812,25 @@ def _against_dump(s: Spec, run: Run, impl, progress: Progress):
     return compare(run, (held, impl[1]), ref, None, _teacher(run, impl[0], records, progress))
 
 
-def _as_digests(impl: dict, dump: dict) -> tuple[dict, dict]:
-    """impl's records and a dump's, with a weight record that one of them holds as a digest (a streamed run's
-    parameter of over 2**20 elements) and the other in full replaced by the digest of the full one, of the same
-    kind (``parity.sides.digest`` of the same bytes), so that the two compare."""
+def _as_digests(impl: dict, ref: dict) -> tuple[dict, dict]:
+    """impl's records and the reference's (a dump's, or a side that loads a model whole while the other pages it),
+    with a weight record that one of them holds as a digest (a streamed run's parameter of over 2**20 elements)
+    and the other in full replaced by the digest of the full one, of the same kind (``parity.sides.digest`` of
+    the same bytes), so that the two compare."""
+    import math
+
     from parity import records as R
     from parity.sides import DIGEST_ABOVE, digest, digest_kind
 
-    impl, dump = dict(impl), dict(dump)
+    impl, ref = dict(impl), dict(ref)
     for k, (fields, t) in list(impl.items()):
-        if R.is_weight(fields) and k in dump:
-            a, b = R.load(t), R.load(dump[k][1])
-            if digest_kind(a) and not digest_kind(b) and b.numel() > DIGEST_ABOVE:
-                dump[k] = (dump[k][0], digest(b, digest_kind(a)))
-            elif digest_kind(b) and not digest_kind(a) and a.numel() > DIGEST_ABOVE:
-                impl[k] = (fields, digest(a, digest_kind(b)))
-    return impl, dump
+        if R.is_weight(fields) and k in ref:
+            u = ref[k][1]
+            if digest_kind(t) and not digest_kind(u) and math.prod(u.shape) > DIGEST_ABOVE:
+                ref[k] = (ref[k][0], digest(R.load(u), digest_kind(t)))
+            elif digest_kind(u) and not digest_kind(t) and math.prod(t.shape) > DIGEST_ABOVE:
+                impl[k] = (fields, digest(R.load(t), digest_kind(u)))
+    return impl, ref
 
 
 def noise_floor(a, b) -> dict[str, dict]:

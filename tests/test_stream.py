@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAI_CODE, needs_sai
 
 from parity import records as R
 from parity.cli import main
@@ -16,14 +17,14 @@ def side_records(spec: Spec) -> dict:
     return {name: execute(run, name)[0] for name in ("impl", "diffusers")}, run
 
 
-def same_records(whole: dict, streamed: dict) -> int:
+def same_records(whole: dict, streamed: dict, sides=("impl", "diffusers")) -> int:
     """Asserts both sides' records equal, streamed or not: keys in order, fields, tensors bit for bit, a streamed
     parameter of over 2**20 elements (a paged model's, not one loaded whole) as the digest of the one loaded whole.
     Returns how many were digests."""
     from parity.sides import DIGEST_ABOVE, digest, digest_kind
 
     digests = 0
-    for name in ("impl", "diffusers"):
+    for name in sides:
         a, b = whole[name], streamed[name]
         assert list(a) == list(b)
         for k in a:
@@ -86,6 +87,26 @@ def test_streamed_records_are_the_in_memory_records(options, tmp_path):
     assert len(vae) == 2 * len(run.models) and all(" 0 units" not in n for n in vae), vae
 
 
+@needs_sai
+def test_streamed_sai_side_is_the_in_memory_sai_side():
+    """The sai profile streamed: the SD3.5 code's T5 (its float32 blocks) and MMDiT paged from the files by their
+    names there, its CLIP encoders and VAE loaded whole by its ``load_into``: both sides' records are those of the
+    models loaded whole, in the same order, bit for bit; the streamed run is compared bitwise with impl."""
+    spec = Spec(profile="sai", sai_code=SAI_CODE, families=("sd3.5-large",), prompts=("a cat",), slg=(1,), steps=6)
+
+    def records(spec):
+        run = resolve(spec)
+        return {name: execute(run, name)[0] for name in ("impl", "sai")}, run
+    whole, _ = records(spec)
+    streamed, run = records(replace(spec, stream=True))
+    assert same_records(whole, streamed, ("impl", "sai")) >= 2  # impl's CLIP token embeddings
+    sai = [n.split(":")[0] for n in run.notes if n.startswith("streamed SD3.5 code")]
+    assert sai == ["streamed SD3.5 code t5", f"streamed SD3.5 code {run.models[0].label} mmdit"]
+    assert all(n.endswith("at most 1 resident") for n in run.notes if n.startswith("streamed SD3.5 code"))
+    report = check(replace(spec, stream=True))
+    assert report.first_divergence is None and len(report.records) == len(whole["sai"])
+
+
 def test_streamed_teacher_forcing_is_the_in_memory_teacher_forcing():
     """Teacher forcing (each impl unit on the reference's inputs) streamed: the local records are those of the
     models loaded whole, bit for bit, and impl's units were paged in for them."""
@@ -134,7 +155,7 @@ def test_a_changed_block_weight_is_found_at_that_block(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--profile", "sai"], "the sai profile is not streamed yet"),
+    (["--profile", "comfyui"], "the comfyui profile is not streamed yet"),
     (["--flag", "text_encoder_storage=float16"], "paged in the dtype they compute in"),
 ])
 def test_what_is_not_streamed_is_refused(argv, message, capsys):

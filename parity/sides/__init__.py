@@ -218,11 +218,12 @@ DIGEST_BACKLOG = 1 << 30  # bytes: tensors kept alive at most while they wait fo
 _hashing: dict = {"pool": None, "waiting": [], "kind": "xxh3-128"}  # threads, digests not known done, the kind
 
 
-def digest_kind(t: torch.Tensor) -> str | None:
-    """The kind of a weight record that is a digest (uint8 of a digest's length), None for any other tensor."""
-    if t.dtype != torch.uint8 or t.dim() != 1:
+def digest_kind(t) -> str | None:
+    """The kind of a weight record that is a digest (uint8 of a digest's length), None for any other tensor (a
+    tensor, or a spilled one: read from its dtype and shape)."""
+    if t.dtype != torch.uint8 or len(t.shape) != 1:
         return None
-    return next((kind for kind, (n, _) in DIGESTS.items() if t.numel() == n), None)
+    return next((kind for kind, (n, _) in DIGESTS.items() if t.shape[0] == n), None)
 
 
 @contextlib.contextmanager
@@ -283,8 +284,8 @@ def text_state(component: str, module) -> dict:
     state = dict(module if isinstance(module, Mapping) else module.state_dict())
     tied = "encoder.embed_tokens.weight"
     if component == "t5" and tied in state:
-        if "shared.weight" not in state:
-            state["shared.weight"] = state.pop(tied)
+        if "shared.weight" not in state:  # renamed where it stands (the order a streamed side records in)
+            state = {"shared.weight" if k == tied else k: v for k, v in state.items()}
         elif state[tied].data_ptr() == state["shared.weight"].data_ptr():
             del state[tied]
     return state

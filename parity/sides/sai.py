@@ -35,6 +35,13 @@ What the harness adapts, all at the boundary, none of it computing:
   the file's alignment, and single-row GEMMs round differently by alignment on CPU.
 * The img2img posterior is ``randn_like`` on the unseeded global generator: the harness seeds it with seed + 1
   right before ``vae_encode`` (impl draws the same).
+* Streamed (``--stream``): T5 and the MMDiT are built by the code's own constructors with their parameters on the
+  meta device (``T5XXL`` while its ``load_into`` does nothing), and a ``parity.stream.Pager`` fills them from the
+  files by the names ``load_into`` reads, cast to the dtype it casts to (T5 float32, the MMDiT the run's dtype),
+  each ``encoder.block.N`` / ``joint_blocks.N`` for the length of its call; T5's ``encoder.embed_tokens.weight``
+  comes from ``shared.weight`` where the file holds only that. ``t5xxl.safetensors`` in the models folder is then a
+  link to T5's file, which the wrapper only opens. ``Module.cpu()`` is the identity (the sampler moves the model
+  back to the CPU it is on). The CLIP encoders and the VAE load whole, as without streaming.
 
 Checkouts differ in their API (``get_empty_latent``, ``do_sampling``'s parameters, MMDiT-X, skip-layer guidance):
 ``check_api`` compares the checkout with what the harness calls and names any difference (``run.Unsupported``).
@@ -223,6 +230,20 @@ def on_this_machine():
 
 
 @contextlib.contextmanager
+def modules_stay():
+    """Streamed, on a machine without CUDA: ``Module.cpu()`` is the identity too (every module is on the CPU
+    already; the sampler's ``self.sd3.model.cpu()`` would copy a paged model's meta parameters)."""
+    if torch.cuda.is_available():
+        raise Unsupported("a streamed SD3.5-code side runs on machines without CUDA only (its sampler moves the whole "
+                          "model to the GPU)")
+    saved, torch.nn.Module.cpu = torch.nn.Module.cpu, lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.nn.Module.cpu = saved
+
+
+@contextlib.contextmanager
 def cuda_autocast(ref: Reference):
     """Without CUDA, run what the reference decorates with ``@torch.autocast("cuda", dtype=torch.float16)``
     (``sample_euler``, ``sample_dpmpp_2m``, ``SDVAE.encode``, ``SDVAE.decode``) under ``impl.autocast``'s
@@ -352,9 +373,12 @@ def check_vae_config(config_dir: Path | None) -> None:
             raise Unsupported(f"{path}: {k} {cfg[k]!r}, but the SD3.5 code fixes {fixed}")
 
 
-def load_image_models(ref: Reference, path: Path, dtype: torch.dtype, shift: float):
-    """(BaseModel, SDVAE) from the SAI single file, as ``sd3_infer.SD3`` / ``VAE`` build them (in ``dtype``)."""
+def load_image_models(ref: Reference, path: Path, dtype: torch.dtype, shift: float, pagers: dict | None = None):
+    """(BaseModel, SDVAE) from the SAI single file, as ``sd3_infer.SD3`` / ``VAE`` build them (in ``dtype``). With
+    ``pagers``, the MMDiT streamed (``streamed_mmdit``, its pager in ``pagers["mmdit"]``); the VAE loads whole."""
     from safetensors import safe_open
+
+    from parity.stream import meta_parameters
 
     with safe_open(path, framework="pt", device="cpu") as f:
         keys = list(f.keys())
@@ -364,21 +388,48 @@ def load_image_models(ref: Reference, path: Path, dtype: torch.dtype, shift: flo
             raise Unsupported(f"{path}: the SD3.5 code builds hidden = 64 * depth (BaseModel: depth = hidden / 64 = "
                               f"{depth}), but the file has {len(blocks)} joint blocks: heads of 64 are the only "
                               "shape it runs")
-        model = call(ref.impls.BaseModel, shift=shift, file=f, prefix="model.diffusion_model.", device="cpu",
-                     dtype=dtype).eval()
-        load_into(ref, f, model, "model.", dtype, {}, f"{path} (model.*)")
+        with meta_parameters() if pagers is not None else contextlib.nullcontext():
+            model = call(ref.impls.BaseModel, shift=shift, file=f, prefix="model.diffusion_model.", device="cpu",
+                         dtype=dtype).eval()
+        if pagers is not None:
+            pagers["mmdit"] = streamed_mmdit(model, path, keys, dtype)
+        else:
+            load_into(ref, f, model, "model.", dtype, {}, f"{path} (model.*)")
         vae = build_vae(ref, _vae_dims(f, "first_stage_model."), dtype)
         load_into(ref, f, vae, "first_stage_model.", dtype, {}, f"{path} (first_stage_model.*)")
     return model, vae
+
+
+def streamed_mmdit(model, path: Path, keys: list[str], dtype: torch.dtype):
+    """A ``parity.stream.Pager`` giving ``model.diffusion_model`` (built on the meta device) the file's
+    ``model.diffusion_model.*`` tensors, each ``joint_blocks.N`` for the length of its call, in ``dtype`` as the
+    code's ``load_into`` casts them (int32 tensors as stored)."""
+    from parity.stream import Pager, Weights
+
+    prefix = "model.diffusion_model."
+    other = [k for k in keys if k.startswith("model.") and not k.startswith(prefix)]
+    if other:
+        raise Unsupported(f"{path}: the SD3.5 code's modules do not match the file: no module for {other[:6]}")
+    w = Weights([path])
+    shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
+    m = model.diffusion_model
+    return Pager(m, [f"joint_blocks.{i}" for i in range(len(m.joint_blocks))], lambda k: w.get(prefix + k), shapes,
+                 lambda k, t: torch.int32 if w.dtype(prefix + k) == torch.int32 else dtype, f"{path} ({prefix}*)")
+
+
+def _impl_t5_name(name: str) -> str:
+    """impl's name of a parameter of the code's T5 (impl holds the input embedding as ``shared.weight``)."""
+    return "shared.weight" if name == "encoder.embed_tokens.weight" else name
 
 
 def _released(config: dict, constant: dict) -> bool:
     return all(config.get(k) == v for k, v in constant.items())
 
 
-def text_folder(text_model, tmp: Path, notes: list[str]) -> Path:
+def text_folder(text_model, tmp: Path, notes: list[str], streamed: bool = False) -> Path:
     """A models folder holding ``clip_l.safetensors``, ``clip_g.safetensors``, ``t5xxl.safetensors`` for the
-    code's wrappers: links to the model's files, or the same tensors under the names the code reads."""
+    code's wrappers: links to the model's files, or the same tensors under the names the code reads. ``streamed``:
+    ``t5xxl.safetensors`` links to a file of T5's source (``t5_source``), which its wrapper only opens."""
     from safetensors.torch import load_file, save_file
 
     from impl.weights import TEXT_WEIGHTS, read_weights_dir, weight_files
@@ -387,7 +438,9 @@ def text_folder(text_model, tmp: Path, notes: list[str]) -> Path:
     folder.mkdir()
     for _, name, sub, _, _ in TEXT_FILES:
         target = folder / f"{name}.safetensors"
-        if text_model.single_file is not None:
+        if streamed and name == "t5xxl":
+            target.symlink_to(t5_source(text_model)[0][0].resolve())
+        elif text_model.single_file is not None:
             prefix = f"text_encoders.{name}.transformer."
             from safetensors import safe_open
 
@@ -435,17 +488,59 @@ def local_tokenizers(ref: Reference, directory: Path):
             setattr(ref.other, n, cls)
 
 
-def load_text(ref: Reference, text_model, tmp: Path, notes: list[str]):
-    """An ``SD3Inferencer`` with the code's own tokenizers and text encoders (what its ``load`` builds)."""
+def t5_source(text_model) -> tuple[list[Path], str]:
+    """The files holding the model's T5 and the prefix of its tensors' names there."""
+    from impl.weights import TEXT_WEIGHTS, weight_files
+
+    if text_model.single_file is not None:
+        return [text_model.single_file], "text_encoders.t5xxl.transformer."
+    return weight_files(text_model.directory / "text_encoder_3", TEXT_WEIGHTS), ""
+
+
+def streamed_t5(module, text_model):
+    """A ``parity.stream.Pager`` giving the code's T5 (built on the meta device) the model's T5 tensors, each
+    ``encoder.block.N`` for the length of its call, in float32 (what the wrapper's ``load_into`` casts them to):
+    ``encoder.embed_tokens.weight`` is read from ``shared.weight`` where the file holds only that."""
+    from parity.stream import Pager, Weights
+
+    files, prefix = t5_source(text_model)
+    w = Weights(files)
+    shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
+    alias = {}
+    if "encoder.embed_tokens.weight" not in shapes and "shared.weight" in shapes:
+        alias["encoder.embed_tokens.weight"] = "shared.weight"
+        shapes["encoder.embed_tokens.weight"] = shapes["shared.weight"]
+    skipped = [k for k in shapes if any(re.fullmatch(p, k) for p in SKIPPED_TEXT_KEYS)]
+    blocks = [f"encoder.block.{i}" for i in range(len(module.encoder.block))]
+    return Pager(module, blocks, lambda k: w.get(prefix + alias.get(k, k)), shapes,
+                 lambda k, t: torch.float32 if t.is_floating_point() else t.dtype,
+                 f"{', '.join(map(str, files))} (the SD3.5 code's T5XXL)", ignore=skipped)
+
+
+@contextlib.contextmanager
+def without_load_into(ref: Reference):
+    """The code's ``load_into`` does nothing while a wrapper is built (a pager fills the module instead)."""
+    saved, ref.infer.load_into = ref.infer.load_into, lambda *a, **k: None
+    try:
+        yield
+    finally:
+        ref.infer.load_into = saved
+
+
+def load_text(ref: Reference, text_model, tmp: Path, notes: list[str], pagers: dict | None = None):
+    """An ``SD3Inferencer`` with the code's own tokenizers and text encoders (what its ``load`` builds); with
+    ``pagers``, T5 streamed (``streamed_t5``, its pager in ``pagers["t5"]``)."""
     from impl.weights import read_config
+    from parity.stream import meta_parameters
 
     inferencer = ref.infer.SD3Inferencer()
     inferencer.verbose = False
     with local_tokenizers(ref, text_model.directory), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inferencer.tokenizer = ref.other.SD3Tokenizer()
-    folder = text_folder(text_model, tmp, notes)
+    folder = text_folder(text_model, tmp, notes, streamed=pagers is not None)
     for comp, name, sub, wrapper, constant in TEXT_FILES:
+        paged = pagers is not None and comp == "t5"
         released = getattr(ref.infer, constant)
         config, path = dict(released), text_model.directory / sub / "config.json"
         if path.is_file():
@@ -461,16 +556,21 @@ def load_text(ref: Reference, text_model, tmp: Path, notes: list[str]):
             # current checkouts take the models folder; older ones read models/*.safetensors from the working directory
             here = contextlib.nullcontext() if "model_folder" in inspect.signature(cls).parameters else \
                 contextlib.chdir(folder.parent)
-            with contextlib.redirect_stdout(out), here, refusing(ref, f"the {comp} encoder ({wrapper})"):
+            with contextlib.redirect_stdout(out), here, refusing(ref, f"the {comp} encoder ({wrapper})"), \
+                    meta_parameters() if paged else contextlib.nullcontext(), \
+                    without_load_into(ref) if paged else contextlib.nullcontext():
                 obj = call(cls, model_folder=str(folder), device="cpu", dtype=torch.float32)
         finally:
             setattr(ref.infer, constant, released)
+        setattr(inferencer, {"clip-l": "clip_l", "clip-g": "clip_g", "t5": "t5xxl"}[comp], obj)
+        if paged:
+            pagers["t5"] = streamed_t5(obj.model.transformer, text_model)
+            continue
         own_storage(obj.model)
         module, path = obj.model.transformer, folder / f"{name}.safetensors"
         check_loaded([n for n, _ in (*module.named_parameters(), *module.named_buffers())], set(safetensors_keys(path)),
                      out.getvalue(), SKIPPED_TEXT_KEYS, ("text_projection.weight",),
                      f"{path}: the SD3.5 code's {wrapper} does not match the file")
-        setattr(inferencer, {"clip-l": "clip_l", "clip-g": "clip_g", "t5": "t5xxl"}[comp], obj)
     return inferencer
 
 
@@ -514,7 +614,7 @@ class SaiSide:
     def key(self, run) -> tuple:
         s = run.spec
         return (str(self.code), s.model, s.checkpoint, s.config, s.prompts, s.dtype, s.threads, s.families, s.steps,
-                s.guidance, s.seed, s.height, s.width, s.image, s.strength, s.slg, s.text_only, self.sampler(run),
+                s.guidance, s.seed, s.height, s.width, s.image, s.strength, s.slg, s.text_only, s.stream, self.sampler(run),
                 tuple((m.label, m.shift["sai"]) for m in run.models))
 
     def sources(self, run) -> dict:
@@ -536,8 +636,9 @@ class SaiSide:
             yield ref, Path(tmp)
 
     def text(self, run) -> R.Side:
+        pagers = {} if run.spec.stream else None
         with self._reference(run) as (ref, tmp):
-            inferencer = load_text(ref, run.text_model, tmp, run.notes)
+            inferencer = load_text(ref, run.text_model, tmp, run.notes, pagers)
             encoders = {"clip-l": inferencer.clip_l.model.transformer, "clip-g": inferencer.clip_g.model.transformer,
                         "t5": inferencer.t5xxl.model.transformer}
             points = {}
@@ -549,7 +650,13 @@ class SaiSide:
             def encode(prompt):
                 self._conditioning[prompt] = get_cond(inferencer, prompt)
                 return self._conditioning[prompt]
-            return text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "tokens", run.dtype)
+            states = {"t5": pagers["t5"].state(_impl_t5_name)} if pagers else None
+            out = text_side(run.text_model.label, run.spec.prompts, encoders, points, encode, "tokens", run.dtype,
+                            states=states)
+            for p in (pagers or {}).values():
+                p.finish()
+            run.notes.extend(p.summary(f"SD3.5 code {comp}") for comp, p in (pagers or {}).items())
+            return out
 
     def image(self, run, model, init) -> R.Side:
         s = run.spec
@@ -560,19 +667,22 @@ class SaiSide:
         with self._reference(run) as (ref, tmp), torch.random.fork_rng(devices=[]):
             missing = [p for p in (s.prompts[0], "") if p not in self._conditioning]
             if missing:  # the text side computed the prompts' conditioning already; the negative once per run
-                text = load_text(ref, run.text_model, tmp, [])
+                text = load_text(ref, run.text_model, tmp, [], {} if s.stream else None)
                 self._conditioning.update({p: get_cond(text, p) for p in missing})
             cond, neg = self._conditioning[s.prompts[0]], self._conditioning[""]
             inferencer = ref.infer.SD3Inferencer()
             inferencer.verbose = False
             check_vae_config(model.directory)
             check_transformer_config(model.directory, model.mmdit.depth)
+            pagers = {} if s.stream else None
             with refusing(ref, f"{model.single_file}"):
-                mmdit, vae = load_image_models(ref, model.single_file, run.dtype, model.shift["sai"])
+                mmdit, vae = load_image_models(ref, model.single_file, run.dtype, model.shift["sai"], pagers)
             inferencer.sd3, inferencer.vae = SimpleNamespace(model=mmdit), SimpleNamespace(model=vae)
-            cap.weights(mmdit.diffusion_model.state_dict(), vae.state_dict(), run.dtype)  # the code's names are impl's
+            mmdit_state = pagers["mmdit"].state() if pagers else mmdit.diffusion_model.state_dict()
+            cap.weights(mmdit_state, vae.state_dict(), run.dtype)  # the code's names are impl's
             with contextlib.ExitStack() as es:
                 es.enter_context(cuda_autocast(ref))
+                es.enter_context(modules_stay() if pagers is not None else contextlib.nullcontext())
                 es.enter_context(self._steps(ref, cap))
                 used = es.enter_context(_used_modules(mmdit.diffusion_model))
                 cap.attach(es, mmdit.diffusion_model, vae, lambda a, k: (a[0], a[1], k["context"], k["y"]),
@@ -593,6 +703,9 @@ class SaiSide:
                                    neg_cond=neg, steps=s.steps, cfg_scale=s.guidance, sampler=sampler,
                                    controlnet_cond=None, denoise=s.strength if img2img else 1.0, skip_layer_config=slg)
                 image = inferencer.vae_decode(sampled)
+            if pagers:
+                pagers["mmdit"].finish()
+                run.notes.append(pagers["mmdit"].summary(f"SD3.5 code {model.label} mmdit"))
             unused = sorted(n for n, m in mmdit.diffusion_model.named_modules()
                             if any(True for _ in m.parameters(recurse=False)) and n not in used)
             if unused:
