@@ -107,6 +107,31 @@ def test_streamed_sai_side_is_the_in_memory_sai_side():
     assert report.first_divergence is None and len(report.records) == len(whole["sai"])
 
 
+def test_files_a_streamed_sai_model_cannot_hold_are_refused_by_name():
+    """The SD3.5 code's T5 or MMDiT paged from files it has no place for (here: modules without their tensors) is
+    refused as ``Unsupported`` (exit 3) naming the file and tensors, as ``check_loaded`` refuses a model loaded
+    whole."""
+    from types import SimpleNamespace
+
+    from parity.embedded import model_dir
+    from parity.run import Unsupported
+    from parity.sides import sai
+
+    empty = torch.nn.Module()
+    empty.encoder = torch.nn.Module()
+    empty.encoder.block = torch.nn.ModuleList()
+    d = model_dir("sd3.5-medium")
+    with pytest.raises(Unsupported, match=r"text_encoder_3/model.safetensors: the SD3.5 code's T5XXL does not match "
+                                          r"the file: .*tensors the model has no place for: encoder\.block\.0\."):
+        sai.streamed_t5(empty, SimpleNamespace(single_file=None, directory=d))
+    f = d / "sd3.5-medium.safetensors"
+    empty.diffusion_model = torch.nn.Module()
+    empty.diffusion_model.joint_blocks = torch.nn.ModuleList()
+    keys = [k for k in sai.safetensors_keys(f) if k.startswith("model.diffusion_model.")]
+    with pytest.raises(Unsupported, match=r"sd3.5-medium.safetensors: the SD3.5 code's MMDiT does not match the file"):
+        sai.streamed_mmdit(empty, f, keys, torch.float32)
+
+
 def test_streamed_teacher_forcing_is_the_in_memory_teacher_forcing():
     """Teacher forcing (each impl unit on the reference's inputs) streamed: the local records are those of the
     models loaded whole, bit for bit, and impl's units were paged in for them."""

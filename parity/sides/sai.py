@@ -413,8 +413,20 @@ def streamed_mmdit(model, path: Path, keys: list[str], dtype: torch.dtype):
     w = Weights([path])
     shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
     m = model.diffusion_model
-    return Pager(m, [f"joint_blocks.{i}" for i in range(len(m.joint_blocks))], lambda k: w.get(prefix + k), shapes,
-                 lambda k, t: torch.int32 if w.dtype(prefix + k) == torch.int32 else dtype, f"{path} ({prefix}*)")
+    with not_matching(f"{path}: the SD3.5 code's MMDiT does not match the file"):
+        return Pager(m, [f"joint_blocks.{i}" for i in range(len(m.joint_blocks))], lambda k: w.get(prefix + k),
+                     shapes, lambda k, t: torch.int32 if w.dtype(prefix + k) == torch.int32 else dtype,
+                     f"{path} ({prefix}*)")
+
+
+@contextlib.contextmanager
+def not_matching(what: str):
+    """A pager's refusal of the files (a missing, misshapen or unused tensor, named) as ``Unsupported``, as
+    ``check_loaded`` refuses them for a model loaded whole."""
+    try:
+        yield
+    except (KeyError, ValueError) as e:
+        raise Unsupported(f"{what}: {e.args[0] if e.args else e}") from None
 
 
 def _impl_t5_name(name: str) -> str:
@@ -512,9 +524,10 @@ def streamed_t5(module, text_model):
         shapes["encoder.embed_tokens.weight"] = shapes["shared.weight"]
     skipped = [k for k in shapes if any(re.fullmatch(p, k) for p in SKIPPED_TEXT_KEYS)]
     blocks = [f"encoder.block.{i}" for i in range(len(module.encoder.block))]
-    return Pager(module, blocks, lambda k: w.get(prefix + alias.get(k, k)), shapes,
-                 lambda k, t: torch.float32 if t.is_floating_point() else t.dtype,
-                 f"{', '.join(map(str, files))} (the SD3.5 code's T5XXL)", ignore=skipped)
+    where = ", ".join(map(str, files))
+    with not_matching(f"{where}: the SD3.5 code's T5XXL does not match the file"):
+        return Pager(module, blocks, lambda k: w.get(prefix + alias.get(k, k)), shapes,
+                     lambda k, t: torch.float32 if t.is_floating_point() else t.dtype, where, ignore=skipped)
 
 
 @contextlib.contextmanager
