@@ -173,17 +173,21 @@ def _manifest(path: Path):
 def digest_kind(path: Path) -> str | None:
     """The kind of the weight digests a dump holds (``parity.sides.DIGESTS``, by their length), None when it holds
     none; a dump with digests of two kinds is refused, naming a record of each."""
-    from parity.sides import DIGESTS
+    from types import SimpleNamespace
+
+    import torch
+
+    from parity.sides import digest_kind as kind_of
 
     m = _manifest(path)
     entries = m.get("records") if isinstance(m, dict) else None
     kinds: dict[str, str] = {}
     for e in entries if isinstance(entries, list) else []:
         if (isinstance(e, dict) and str(e.get("layer")).startswith(R.WEIGHT) and e.get("dtype") == "uint8"
-                and isinstance(e.get("shape"), list) and len(e["shape"]) == 1):
-            for kind, (n, _) in DIGESTS.items():
-                if e["shape"][0] == n:
-                    kinds.setdefault(kind, str(e.get("name")))
+                and isinstance(e.get("shape"), list)):
+            kind = kind_of(SimpleNamespace(dtype=torch.uint8, shape=e["shape"]))
+            if kind:
+                kinds.setdefault(kind, str(e.get("name")))
     if len(kinds) > 1:
         raise DumpError(f"{path / 'manifest.json'}: weight digests of two kinds: "
                         + ", ".join(f"record {name!r} is {kind}" for kind, name in kinds.items()))

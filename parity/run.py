@@ -191,7 +191,7 @@ class Run:
     files: dict[str, list[Path]] = field(default_factory=dict)  # a component folder or single file -> files read
     warnings: list[str] = field(default_factory=list)  # suspect inputs: dtype casts on load, NaN / Inf weights
     meter: Any = None  # parity.resources.Meter: seconds and peak memory per stage and component, as they ran
-    digest: str = "xxh3-128"  # the kind of a streamed run's weight digests (parity.sides.DIGESTS)
+    digest: str | None = None  # a streamed run's weight digests: the kind a dump holds (None: parity.sides's default)
 
     def sources(self, single_files: bool) -> dict[str, str]:
         """The files a side reads, each with its fingerprint (``file_fingerprint``): the text encoders', then per
@@ -759,8 +759,10 @@ def _check(s: Spec, run: Run, cache: dict | None, progress: Progress):
     if s.reference_dump:  # weight digests of the kind the dump holds
         from parity.dump import digest_kind
 
+        from parity.sides import DIGEST_DEFAULT
+
         kind = digest_kind(Path(s.reference_dump))
-        if kind and kind != run.digest:
+        if kind and kind != DIGEST_DEFAULT:
             run.digest = kind
             run.notes.append(f"weight digests: {kind}, the kind the dump holds")
     impl = execute(run, "impl", cache, progress)

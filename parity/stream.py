@@ -59,9 +59,10 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor's shape, from the files' headers."""
-        return {k: w[4] for k, w in self._where.items()}
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers; with ``prefix``, those whose names start with it, under
+        their names without it."""
+        return {k[len(prefix):]: w[4] for k, w in self._where.items() if k.startswith(prefix)}
 
     def dtype(self, name: str) -> torch.dtype:
         return self._where[name][3]

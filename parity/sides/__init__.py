@@ -213,9 +213,10 @@ def put_weights(rec: R.Recorder, label: str, component: str, state: dict, dtype)
 # run against a dump records the kind the dump holds (``digesting``).
 DIGESTS = {"xxh3-128": (16, lambda b: xxhash.xxh3_128(b).digest()),
            "sha256": (32, lambda b: hashlib.sha256(b).digest())}
+DIGEST_DEFAULT = "xxh3-128"
 DIGEST_PIECE = 4 << 20  # bytes: a larger tensor is digested as the digest of its pieces' digests
 DIGEST_BACKLOG = 1 << 30  # bytes: tensors kept alive at most while they wait for their digest
-_hashing: dict = {"pool": None, "waiting": [], "kind": "xxh3-128"}  # threads, digests not known done, the kind
+_hashing: dict = {"pool": None, "waiting": [], "kind": DIGEST_DEFAULT}  # threads, digests not known done, the kind
 
 
 def digest_kind(t) -> str | None:
@@ -227,9 +228,9 @@ def digest_kind(t) -> str | None:
 
 
 @contextlib.contextmanager
-def digesting(kind: str):
-    """Weight digests taken inside are of ``kind`` (a key of ``DIGESTS``)."""
-    saved, _hashing["kind"] = _hashing["kind"], kind
+def digesting(kind: str | None):
+    """Weight digests taken inside are of ``kind`` (a key of ``DIGESTS``; None: ``DIGEST_DEFAULT``)."""
+    saved, _hashing["kind"] = _hashing["kind"], kind or DIGEST_DEFAULT
     try:
         yield
     finally:

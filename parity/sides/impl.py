@@ -129,7 +129,7 @@ def streamed_text_stack(text_model, dtype, clip_l_projection: str = "file"):
             raise ValueError(f"{f}: its text encoders are scaled fp8, which streamed runs do not read")
         encoders.update(clip_l=loaded["clip_l"], clip_g=loaded["clip_g"])
         del clips, loaded
-        shapes = {k[len(t5p):]: v for k, v in w.shapes().items() if k.startswith(t5p)}
+        shapes = w.shapes(t5p)
         where = f"{f} (text_encoders.{TEXT_PREFIXES['t5']}*)"
         cfg, _ = infer_t5({k: torch.empty(v, device="meta") for k, v in shapes.items()}, where, given.get("t5"))
         encoders["t5"], pagers["t5"] = _streamed_t5(cfg, shapes, lambda k: w.get(t5p + k), where, dtype)
@@ -202,8 +202,7 @@ def streamed_image_parts(model, opts: dict, dtype):
     def source(part: str, config, rules):  # (shapes, fetch, what) of one part under impl's names
         if whole is not None:
             w, prefix = whole, PREFIXES[part]
-            shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
-            return shapes, lambda k: w.get(prefix + k), f"{model.single_file} ({prefix}*)"
+            return w.shapes(prefix), lambda k: w.get(prefix + k), f"{model.single_file} ({prefix}*)"
         d = model.directory / ("transformer" if part == "mmdit" else "vae")
         w, what = Weights(weight_files(d, MODEL_WEIGHTS)), str(d)
         meta = {k: torch.empty(v, device="meta") for k, v in w.shapes().items()}

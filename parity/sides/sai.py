@@ -411,7 +411,7 @@ def streamed_mmdit(model, path: Path, keys: list[str], dtype: torch.dtype):
     if other:
         raise Unsupported(f"{path}: the SD3.5 code's modules do not match the file: no module for {other[:6]}")
     w = Weights([path])
-    shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
+    shapes = w.shapes(prefix)
     m = model.diffusion_model
     with not_matching(f"{path}: the SD3.5 code's MMDiT does not match the file"):
         return Pager(m, [f"joint_blocks.{i}" for i in range(len(m.joint_blocks))], lambda k: w.get(prefix + k),
@@ -517,7 +517,7 @@ def streamed_t5(module, text_model):
 
     files, prefix = t5_source(text_model)
     w = Weights(files)
-    shapes = {k[len(prefix):]: v for k, v in w.shapes().items() if k.startswith(prefix)}
+    shapes = w.shapes(prefix)
     alias = {}
     if "encoder.embed_tokens.weight" not in shapes and "shared.weight" in shapes:
         alias["encoder.embed_tokens.weight"] = "shared.weight"
