@@ -16,7 +16,7 @@ from torch import Tensor
 
 from impl import sampling
 from impl.autocast import CudaAutocastFp16
-from impl.text import Conditioning, TextSettings, TextStack, encode_prompt, unpadded_empty
+from impl.text import Conditioning, Prompt, TextSettings, TextStack, encode_prompt
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,7 @@ class PipelineSettings:
     uint8: str = "round"  # V3: "round" (diffusers) or "truncate" (the reference)
     autocast: bool = False  # N2/V2: the sampler and the VAE under CUDA autocast's float16 policy (the reference)
     unpadded_negative: bool = False  # the empty negative without padding (ComfyUI's CLIPTextEncodeSD3 "none")
+    unpadded_prompt: bool = False  # the prompt's empty per-encoder texts without padding (the same node's "none")
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Result:
     latent: Tensor  # the final latent in the transformer's space
 
 
-def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, text: TextSettings,
+def generate(stack: TextStack, model, vae, prompt: Prompt, s: PipelineSettings, text: TextSettings,
              negative: str = "", init_image: Tensor | None = None, posterior_noise: Tensor | None = None,
              on_step: Callable[[int, dict], None] | None = None, cond: Conditioning | None = None) -> Result:
     """One image. ``init_image``: (1, 3, H, W) in [-1, 1] for img2img (``sampling.image_to_tensor`` builds it from
@@ -52,13 +53,12 @@ def generate(stack: TextStack, model, vae, prompt: str, s: PipelineSettings, tex
     model, vae = model.to(ss.dtype), vae.to(ss.dtype)
     text_dtype = text.encoder_dtype or ss.dtype  # the reference's get_cond returns its float32 encoders' output
     if cond is None:
-        cond = encode_prompt(stack, prompt, text, text_dtype, model.config.context_dim)
+        cond = encode_prompt(stack, prompt, text, text_dtype, model.config.context_dim, s.unpadded_prompt)
     if s.unpadded_negative:
         if negative:
             raise ValueError("unpadded_negative encodes the empty negative; the negative is not empty")
-        unc = sampling.Conditioning(*unpadded_empty(stack, text, text_dtype, model.config.pooled_dim))
-    else:
-        unc = encode_prompt(stack, negative, text, text_dtype, model.config.context_dim)
+        negative = ("", "", "")
+    unc = encode_prompt(stack, negative, text, text_dtype, model.config.context_dim, s.unpadded_negative)
     conds = sampling.Conditioning(cond.context, cond.pooled), sampling.Conditioning(unc.context, unc.pooled)
     f = vae.config.downscale
     shape = (1, model.config.in_channels, s.height // f, s.width // f)

@@ -45,6 +45,8 @@ class TextSettings:
     encoder_dtype: torch.dtype | None = None  # None: run encoders in the pipeline dtype (diffusers); else e.g. fp32 (T7)
     weight_storage: torch.dtype | None = None  # encoder weights rounded through this dtype, computed in the encoder
     #                                            dtype (ComfyUI stores text encoders in float16 and casts per op)
+    empty_encoder_text: str = "prompt"  # per-encoder texts: an empty CLIP-G or T5 text is replaced by the CLIP-L
+    #                                     text (diffusers' ``prompt_2 or prompt``), or "empty": encoded as empty (T12)
 
 
 SAI_T5_CHARS = 226  # sd3_infer / other_impls: text[:226]
@@ -99,6 +101,21 @@ class TextStack:
 
 SPLITS = ("whole", "words", "segments")
 Chunks = list[list[tuple[int, float]]]  # 77-slot chunks of (id, weight)
+Prompt = str | tuple[str, str, str]  # one text for the three encoders, or CLIP-L's, CLIP-G's and T5's
+
+
+def encoder_texts(prompt: Prompt, s: TextSettings) -> tuple[str, str, str]:
+    """The texts CLIP-L, CLIP-G and T5 encode (``empty_encoder_text``: what an empty CLIP-G / T5 text means)."""
+    if isinstance(prompt, str):
+        return prompt, prompt, prompt
+    if not (isinstance(prompt, tuple) and len(prompt) == 3 and all(isinstance(x, str) for x in prompt)):
+        raise ValueError(f"prompt {prompt!r}: a string, or a tuple of CLIP-L's, CLIP-G's and T5's texts")
+    if s.empty_encoder_text not in ("prompt", "empty"):
+        raise ValueError(f"empty_encoder_text {s.empty_encoder_text!r}: expected 'prompt' or 'empty'")
+    l, g, t5 = prompt
+    if s.empty_encoder_text == "prompt":
+        return l, g or l, t5 or l
+    return prompt
 
 
 def clip_chunks(stack: TextStack, prompt: str, mode: str, pad: int, split: str) -> Chunks:
@@ -155,8 +172,8 @@ class Conditioning:
     context: Tensor  # (B, 77 + L_t5, joint)
     pooled: Tensor  # (B, W_l + W_g)
     ids: dict[str, list[int]]
-    clip_l: ClipOutput
-    clip_g: ClipOutput
+    clip_l: ClipOutput | None  # None: no CLIP rows (``encode_prompt``'s ``unpadded`` empty texts)
+    clip_g: ClipOutput | None
     t5: Tensor | None
 
 
@@ -181,17 +198,30 @@ def batch(rows: Chunks, s: TextSettings, start: int | None, end: int, pad: int) 
     return rows, len(rows)
 
 
-def encoder_rows(stack: TextStack, prompt: str, s: TextSettings) -> dict[str, tuple[Chunks, int]]:
+def encoder_rows(stack: TextStack, prompt: Prompt, s: TextSettings, unpadded: bool = False) -> dict[str, tuple[Chunks, int]]:
     """Per encoder (``clip-l``, ``clip-g``, ``t5`` unless absent), the sequences its one call runs and how many of
-    them are the prompt's (``batch``)."""
+    them are the prompt's (``batch``). Per-encoder texts (ComfyUI's ``CLIPTextEncodeSD3``): the CLIP encoder with
+    fewer chunks gets its empty text's first chunk appended until both have as many. ``unpadded`` (that node's
+    ``empty_padding="none"``): an empty text has no tokens; both CLIP texts empty leave the CLIP encoders out, and
+    an empty T5 text runs T5's end token alone."""
     v, out = stack.vocab, {}
-    for key, mode, pad in (("clip-l", s.clip_l_mode, s.clip_l_pad), ("clip-g", s.clip_g_mode, s.clip_g_pad)):
-        out[key] = batch(clip_chunks(stack, prompt, mode, pad, s.split), s, v.bos_id, v.eos_id, pad)
+    texts = dict(zip(("clip-l", "clip-g", "t5"), encoder_texts(prompt, s)))
+    tokenizers = (("clip-l", s.clip_l_mode, s.clip_l_pad), ("clip-g", s.clip_g_mode, s.clip_g_pad))
+    clip = {key: [] if unpadded and not texts[key] else clip_chunks(stack, texts[key], mode, pad, s.split)
+            for key, mode, pad in tokenizers}
+    if any(clip.values()):
+        n = max(map(len, clip.values()))
+        for key, mode, pad in tokenizers:
+            rows = clip[key] + clip_chunks(stack, "", mode, pad, s.split)[:1] * (n - len(clip[key]))
+            out[key] = batch(rows, s, v.bos_id, v.eos_id, pad)
     if s.t5_absent is None:
         if stack.t5 is None:
             raise ValueError("this model has no T5 encoder; choose a t5_absent rule")
         tok = stack.t5_tokenizer(s.t5_mode)
-        out["t5"] = batch([t5_chunk(stack, prompt, s)], s, None, tok.eos_id, tok.pad_id)
+        rows = [[(tok.eos_id, 1.0)]] if unpadded and not texts["t5"] else [t5_chunk(stack, texts["t5"], s)]
+        out["t5"] = batch(rows, s, None, tok.eos_id, tok.pad_id)
+    elif not out:
+        raise ValueError("no CLIP rows (empty unpadded texts) and no T5 rows (t5_absent): an empty context")
     return out
 
 
@@ -206,19 +236,21 @@ def t5_result(hidden: Tensor, rows: Chunks, n: int) -> Tensor:
     return weighted(hidden, rows, n) if len(rows) > n else hidden
 
 
-def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.dtype = torch.float32,
-                  joint_dim: int | None = None) -> Conditioning:
-    """Run the three encoders on one prompt; outputs are cast to ``dtype`` (the pipeline dtype). Each encoder
-    runs once on its batch of sequences (``encoder_rows``); ``ids`` holds them concatenated."""
+def encode_prompt(stack: TextStack, prompt: Prompt, s: TextSettings, dtype: torch.dtype = torch.float32,
+                  joint_dim: int | None = None, unpadded: bool = False) -> Conditioning:
+    """Run the three encoders on one prompt (``encoder_rows``: per-encoder texts, ``unpadded``); outputs are cast to
+    ``dtype`` (the pipeline dtype). Each encoder runs once on its batch of sequences; ``ids`` holds them
+    concatenated. Without CLIP rows the context is T5's rows alone and the pooled vector zeros."""
     run_dtype = s.encoder_dtype or dtype
-    plan = encoder_rows(stack, prompt, s)
+    plan = encoder_rows(stack, prompt, s, unpadded)
     ids = {key: [i for r in rows for i, _ in r] for key, (rows, _) in plan.items()}
     outs = {}
     for key, name in (("clip-l", "clip_l"), ("clip-g", "clip_g")):
-        rows, n = plan[key]
-        out = stack.encoder(name, run_dtype, s.weight_storage)(torch.tensor([[i for i, _ in r] for r in rows]),
-                                                              pool=s.clip_pool, attention=s.clip_attention)
-        outs[key] = clip_result(out, rows, n)
+        if key in plan:
+            rows, n = plan[key]
+            out = stack.encoder(name, run_dtype, s.weight_storage)(torch.tensor([[i for i, _ in r] for r in rows]),
+                                                                  pool=s.clip_pool, attention=s.clip_attention)
+            outs[key] = clip_result(out, rows, n)
     t5_hidden = None
     if "t5" in plan:
         rows, n = plan["t5"]
@@ -226,21 +258,14 @@ def encode_prompt(stack: TextStack, prompt: str, s: TextSettings, dtype: torch.d
         mask = (t5_in != stack.t5_tokenizer(s.t5_mode).pad_id) if s.t5_mask else None  # EOS (1) is never pad (0)
         t5_hidden = t5_result(stack.encoder("t5", run_dtype, s.weight_storage)(
             t5_in, attention_mask=mask, attention=s.t5_attention, activation=s.t5_activation), rows, n)
+    if not outs:
+        widths = [c.config.projection_dim if projected else c.config.width
+                  for c, projected in ((stack.clip_l, s.clip_l_pooled_projected), (stack.clip_g, True))]
+        t5_rows = t5_hidden.to(dtype)
+        return Conditioning(t5_rows, torch.zeros(1, sum(widths), dtype=dtype), ids, None, None, t5_rows)
     width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
     context, pooled, t5_hidden = conditioning(outs["clip-l"], outs["clip-g"], t5_hidden, s, dtype, width)
     return Conditioning(context, pooled, ids, outs["clip-l"], outs["clip-g"], t5_hidden)
-
-
-def unpadded_empty(stack: TextStack, s: TextSettings, dtype: torch.dtype, pooled_width: int) -> tuple[Tensor, Tensor]:
-    """(context, pooled) of three empty texts encoded without padding (ComfyUI's ``CLIPTextEncodeSD3`` with
-    ``empty_padding="none"``): no CLIP rows; T5 runs its empty sequence, the end token alone, as one row; the pooled
-    vector is zeros, ``pooled_width`` wide."""
-    if stack.t5 is None:
-        raise ValueError("an unpadded empty prompt is T5's end token alone; this model has no T5")
-    tok = stack.t5_tokenizer(s.t5_mode)
-    hidden = stack.encoder("t5", s.encoder_dtype or dtype, s.weight_storage)(
-        torch.tensor([[tok.eos_id]]), attention=s.t5_attention, activation=s.t5_activation)
-    return hidden.to(dtype), torch.zeros(1, pooled_width, dtype=dtype)
 
 
 def conditioning(l_out: ClipOutput, g_out: ClipOutput, t5_hidden: Tensor | None, s: TextSettings, dtype: torch.dtype,

@@ -30,7 +30,7 @@ def spec_from(args):
     height, width = _size(args.size)
     overrides = tuple(F.parse_override(f) for f in args.flag)
     s = Spec(model=args.model, checkpoint=getattr(args, "checkpoint", None), config=getattr(args, "config", None),
-             prompts=tuple(args.prompt or DEFAULT_PROMPTS), profile=args.profile, overrides=overrides,
+             prompts=_prompts(args, DEFAULT_PROMPTS), profile=args.profile, overrides=overrides,
              dtype=args.dtype, threads=args.threads, text_only=args.text_only, families=tuple(args.family or ()),
              steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift, height=height, width=width,
              image=getattr(args, "image", None), strength=getattr(args, "strength", 0.6), slg=tuple(args.slg),
@@ -45,6 +45,19 @@ def spec_from(args):
         s = from_workflow(s, args.workflow)
     validate(s)
     return s
+
+
+def _prompts(args, default: tuple) -> tuple:
+    """The prompts; with ``--prompt-clip-g`` / ``--prompt-t5``, the one ``--prompt`` as CLIP-L's text and theirs
+    (each the prompt unless given)."""
+    g, t5 = getattr(args, "prompt_clip_g", None), getattr(args, "prompt_t5", None)
+    if g is None and t5 is None:
+        return tuple(args.prompt or default)
+    if len(args.prompt or ()) != 1:
+        raise ValueError("--prompt-clip-g / --prompt-t5 give one prompt's other texts: give exactly one --prompt "
+                         "(CLIP-L's text)")
+    p = args.prompt[0]
+    return ((p, p if g is None else g, p if t5 is None else t5),)
 
 
 def from_workflow(s, path: str):
@@ -349,6 +362,10 @@ def _stream_options(p) -> None:
 def _run_options(p, check: bool = True) -> None:
     p.add_argument("--model", help="diffusers-layout SD3/SD3.5 directory (default: the embedded tiny model)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; default: a built-in set)")
+    p.add_argument("--prompt-clip-g", metavar="TEXT", help="CLIP-G's own text (diffusers' prompt_2, "
+                   "CLIPTextEncodeSD3's clip_g); --prompt is then CLIP-L's (default: the prompt)")
+    p.add_argument("--prompt-t5", metavar="TEXT", help="T5's own text (diffusers' prompt_3, CLIPTextEncodeSD3's "
+                   "t5xxl; default: the prompt)")
     p.add_argument("--profile", choices=("diffusers", "sai", "comfyui"), default="diffusers",
                    help="impl's flag values and the reference they are checked against (default diffusers)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -370,8 +387,9 @@ def _run_options(p, check: bool = True) -> None:
                    "FRACTION of the schedule (ConditioningSetTimestepRange), then ConditioningZeroOut's zeros; 0: "
                    "zeros throughout (default: the empty prompt throughout)")
     p.add_argument("--empty-padding", choices=("empty_prompt", "none"), default="empty_prompt",
-                   help="comfyui: the empty negative as CLIPTextEncodeSD3 encodes it with this empty_padding; none: "
-                   "no CLIP rows, T5's end token alone, a zero pooled vector (default empty_prompt, as "
+                   help="comfyui: CLIPTextEncodeSD3's empty_padding, for the empty negative and per-encoder texts; "
+                   "none: an empty text has no tokens (both CLIP texts empty: no CLIP rows and a zero pooled "
+                   "vector; T5's: its end token alone) (default empty_prompt: encoded as the empty prompt, as "
                    "CLIPTextEncode)")
     p.add_argument("--comfyui-attention", choices=("sdpa", "sub_quad"), default="sdpa",
                    help="comfyui: import ComfyUI with --use-pytorch-cross-attention (sdpa, its choice on NVIDIA GPUs) "

@@ -97,6 +97,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("text_encoder_storage", "T7", ("as_loaded", "float16"), "as_loaded", "as_loaded",
          "diffusers and sd3.5 keep the encoder weights in the dtype they compute in",
          "every text state: the weights rounded to float16 (3e-3 to 7e-3 on the embedded model's states)"),
+    Flag("empty_encoder_text", "T12", ("prompt", "empty"), "prompt", "prompt",
+         "diffusers StableDiffusion3Pipeline.encode_prompt: prompt_2 = prompt_2 or prompt, prompt_3 = prompt_3 or "
+         "prompt (an empty CLIP-G or T5 text is the CLIP-L text); sd3.5 sd3_infer.get_cond encodes one prompt for "
+         "the three encoders (per-encoder texts are refused there)",
+         "per-encoder texts (--prompt-clip-g / --prompt-t5) given as empty: the ids and states of that encoder"),
     # image side
     Flag("attention_order", "M3", ("image_first", "context_first"), "image_first", "context_first",
          "diffusers JointAttnProcessor2_0 cat([image, context]); sd3.5 mmditx.block_mixing cat([context, x])",
@@ -230,6 +235,8 @@ COMFYUI: dict[str, tuple[Any, str]] = {
     "encoder_dtype": ("float32", C + "comfy/sd.py:239 set_model_compute_dtype(torch.float32); comfy/sd1_clip.py:213"),
     "text_encoder_storage": ("float16", C + "comfy/model_management.py:996 text_encoder_dtype: float16 on the CPU "
                              "unless --fp32-text-enc (weights cast per op by comfy.ops.manual_cast)"),
+    "empty_encoder_text": ("empty", C + "comfy_extras/nodes_sd3.py:86-98 CLIPTextEncodeSD3 tokenizes each text as "
+                           "given: an empty one is the empty prompt (empty_padding empty_prompt) or no tokens (none)"),
     "attention_order": ("context_first", C + "comfy/ldm/modules/diffusionmodules/mmdit.py:621 cat((context, x))"),
     "qkv_fusion": ("fused", C + "comfy/ldm/modules/diffusionmodules/mmdit.py SelfAttention.qkv one Linear"),
     "qk_norm_form": ("fused", C + "comfy/ldm/modules/diffusionmodules/mmdit.py:345-346 RMSNorm -> "
@@ -353,6 +360,7 @@ def settings(values: dict[str, Any]):
         clip_pool=values["clip_pool"], clip_l_pooled_projected=values["clip_l_pooled_projected"],
         encoder_dtype=torch.float32 if values["encoder_dtype"] == "float32" else None,
         weight_storage=torch.float16 if values["text_encoder_storage"] == "float16" else None,
+        empty_encoder_text=values["empty_encoder_text"],
     )
 
 

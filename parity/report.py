@@ -247,7 +247,9 @@ def format_table(report: Report, prompts: list[str], quiet: bool = False) -> str
         lines.append(f"resources: peak RSS {r['peak_rss_mb'] / 1024:.2f} GB (the process)")
         lines += table(r.get("stages") or [{"stage": what, "seconds": t, "peak_rss_mb": None, "components": []}
                                            for what, t in r["seconds"]])
-    lines += [f"prompt {i}: {p!r}" for i, p in enumerate(prompts)]
+    lines += [f"prompt {i}: " + (repr(p) if isinstance(p, str) else
+                                 ", ".join(f"{k} {x!r}" for k, x in zip(("clip-l", "clip-g", "t5"), p)))
+              for i, p in enumerate(prompts)]
     return "\n".join(lines + ["", verdict(report)])
 
 

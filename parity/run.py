@@ -42,7 +42,7 @@ class Spec:
     model: str | None = None  # a diffusers-layout directory
     checkpoint: str | None = None  # an SAI single file
     config: str | None = None  # a diffusers directory holding the configs a single file lacks
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    prompts: tuple[str | tuple[str, str, str], ...] = DEFAULT_PROMPTS  # a tuple: CLIP-L's, CLIP-G's and T5's texts
     profile: str = "diffusers"
     overrides: tuple[tuple[str, Any], ...] = ()
     dtype: str = "float32"
@@ -73,6 +73,12 @@ class Spec:
     max_memory: float | None = None  # GB a run may take: more needed in memory streams (None: what is available)
 
 
+def unpadded(s: Spec, prompt) -> bool:
+    """Whether the empty texts of ``prompt`` get no tokens: per-encoder texts are ComfyUI's ``CLIPTextEncodeSD3``,
+    whose ``empty_padding`` is the run's (``--empty-padding``); one text is ``CLIPTextEncode``, which pads."""
+    return s.empty_padding == "none" and not isinstance(prompt, str)
+
+
 def validate(s: Spec) -> None:
     """Every option checked before any work (no torch import, no model loaded)."""
     from parity import flags as F
@@ -89,6 +95,13 @@ def validate(s: Spec) -> None:
     need(s.mode in MODES, f"--mode {s.mode!r}: expected one of {', '.join(MODES)}")
     need(s.tolerance != "noise" or s.noise_floor, "--tolerance noise needs the noise floor (--noise-floor)")
     need(len(s.prompts) > 0, "at least one prompt")
+    for p in s.prompts:
+        need(isinstance(p, str) or (isinstance(p, tuple) and len(p) == 3 and all(isinstance(x, str) for x in p)),
+             f"prompt {p!r}: a string, or CLIP-L's, CLIP-G's and T5's texts")
+    need(all(isinstance(p, str) for p in s.prompts) or s.profile != "sai" or s.reference_dump is not None,
+         "--prompt-clip-g / --prompt-t5: the SD3.5 code encodes one prompt for the three encoders "
+         "(sd3_infer.get_cond); per-encoder texts run against diffusers (prompt_2, prompt_3) or ComfyUI "
+         "(CLIPTextEncodeSD3)")
     need(s.steps >= 1, f"--steps {s.steps}: at least 1")
     need(s.steps <= 1000, f"--steps {s.steps}: at most 1000 (the schedule has 1000 training timesteps)")
     need(math.isfinite(s.guidance) and s.guidance >= 0, f"--guidance {s.guidance}: a finite value >= 0")
@@ -120,8 +133,8 @@ def validate(s: Spec) -> None:
     need(not (s.text_only and s.negative_zero is not None), "--text-only runs no image: drop --negative-zero")
     need(s.empty_padding in ("empty_prompt", "none"), f"--empty-padding {s.empty_padding!r}: empty_prompt or none")
     need(s.empty_padding == "empty_prompt" or s.profile == "comfyui" or s.reference_dump is not None,
-         f"--empty-padding none: CLIPTextEncodeSD3's unpadded empty prompt is ComfyUI's; the {s.profile} reference "
-         "pads the empty negative (use --profile comfyui)")
+         f"--empty-padding none: CLIPTextEncodeSD3's unpadded empty texts are ComfyUI's; the {s.profile} reference "
+         "pads the empty negative and empty texts (use --profile comfyui)")
     need(s.comfyui_attention in ("sdpa", "sub_quad"), f"--comfyui-attention {s.comfyui_attention!r}: sdpa or sub_quad")
     need(s.comfyui_attention == "sdpa" or s.profile == "comfyui",
          f"--comfyui-attention {s.comfyui_attention}: ComfyUI's import mode; the {s.profile} reference runs SDPA "

@@ -105,6 +105,7 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
 
     from impl.clip import ClipOutput, pooled_index
     from impl.text import clip_result, conditioning, encoder_rows, t5_result
+    from parity.run import unpadded
     from parity.sides.impl import ENCODERS, load_stack, streamed_text_stack, text_points
 
     settings, label = run.text, run.text_model.label
@@ -117,7 +118,7 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
     encoders = {comp: stack.encoder(attr, dtype, settings.weight_storage) for comp, attr in ENCODERS}
     for pi, prompt in enumerate(run.spec.prompts):
         outs: dict = {}
-        plan = encoder_rows(stack, prompt, settings)  # impl's own weights and batch layout (a source)
+        plan = encoder_rows(stack, prompt, settings, unpadded(run.spec, prompt))  # impl's own batch layout (a source)
         for comp, enc in encoders.items():
             get = _getter(ref, model=label, prompt=pi, component=comp)
             ids = get("input_ids")
@@ -241,17 +242,21 @@ def _image(run, model, ref: R.Side, rec: R.Recorder) -> None:
 
 
 def _calls(ref: R.Side, label: str, form) -> list[tuple[int, list[str]]]:
-    """The MMDiT calls impl makes, per step: its CFG batch (the branches in impl's batch order) and the
-    skip-layer call, where the reference's records have those branches."""
-    have: dict[int, set] = {}
-    for f, _ in ref.values():
-        if f["model"] == label and f["layer"] == "input.latent_in":
-            have.setdefault(f["step"], set()).add(f["branch"])
+    """The MMDiT calls impl makes, per step: its CFG batch (the branches in impl's batch order; cond and uncond
+    contexts of other lengths as two calls, cond first: ``cfg_lengths=split``) and the skip-layer call, where the
+    reference's records have those branches."""
+    have: dict[int, dict] = {}  # step -> branch -> the rows of its context
+    for f, v in ref.values():
+        if f["model"] == label and f["layer"] == "input.context":
+            have.setdefault(f["step"], {})[f["branch"]] = v.shape[1]
     order = ["uncond", "cond"] if form.cfg_batch == "uncond_first" else ["cond", "uncond"]
     out = []
     for step in sorted(have):
         batch = [b for b in order if b in have[step]]
-        out += [(step, batch)] if batch else []
+        if len({have[step][b] for b in batch}) > 1:
+            out += [(step, [b]) for b in ("cond", "uncond")]
+        else:
+            out += [(step, batch)] if batch else []
         out += [(step, ["skip"])] if "skip" in have[step] else []
     return out
 
@@ -293,8 +298,8 @@ def _steps(run, model, ref: R.Side, rec: R.Recorder, ss, calls):
                 branches = ["skip"]
             elif x_in.shape[0] == 2:
                 branches = ["uncond", "cond"] if form.cfg_batch == "uncond_first" else ["cond", "uncond"]
-            else:
-                branches = ["cond"]
+            else:  # cond alone, or cond then uncond as two calls (cfg_lengths=split)
+                branches = ["uncond"] if any(bs == ["cond"] for bs, _ in seen) else ["cond"]
             seen.append((branches, (x_in, t, context, y)))
             if any(outputs[b] is None for b in branches):
                 raise _Missing

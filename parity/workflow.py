@@ -5,8 +5,9 @@ Both formats ComfyUI saves are read: the API format (``{"3": {"class_type": "KSa
 [...], "inputs": [{"name": "model", "link": 9}, ...]}], "links": [[9, from, slot, to, slot, type], ...]}``), whose
 widget values are positional in the order of ``WIDGETS``. The run's settings come from the one ``KSampler`` and
 what feeds it: its seed, steps, cfg, sampler and scheduler, denoise; the prompt of the ``CLIPTextEncode`` on its
-positive input; the negative, which must be the empty prompt (``CLIPTextEncode``, or ``CLIPTextEncodeSD3`` with
-three empty texts: its ``empty_padding`` is ``--empty-padding``), its ``ConditioningZeroOut``, or the older SD3
+positive input, or the three texts of a ``CLIPTextEncodeSD3`` there (``--prompt-clip-g`` / ``--prompt-t5``); the
+negative, which must be the empty prompt (``CLIPTextEncode``, or ``CLIPTextEncodeSD3`` with three empty texts: the
+``empty_padding`` of these nodes is ``--empty-padding``), its ``ConditioningZeroOut``, or the older SD3
 workflows' ``ConditioningCombine`` of the empty prompt on ``ConditioningSetTimestepRange(0, p)`` and its zeros on
 ``(p, 1)`` (``--negative-zero``); the size of an
 ``EmptySD3LatentImage`` or, through ``VAEEncode``, img2img from a ``LoadImage`` (the picture itself is ``--image``);
@@ -48,7 +49,7 @@ class Node:
 
 @dataclass
 class Settings:
-    prompt: str
+    prompt: str | tuple[str, str, str]  # CLIPTextEncode's text, or CLIPTextEncodeSD3's clip_l, clip_g, t5xxl
     seed: int
     steps: int
     guidance: float
@@ -59,7 +60,7 @@ class Settings:
     shift: float | None = None
     slg: tuple[int, ...] = ()
     negative_zero: float | None = None  # the zeroed negative (``--negative-zero``)
-    empty_padding: str = "empty_prompt"  # the negative's CLIPTextEncodeSD3 empty_padding (``--empty-padding``)
+    empty_padding: str = "empty_prompt"  # the CLIPTextEncodeSD3 nodes' empty_padding (``--empty-padding``)
     notes: list[str] = field(default_factory=list)
 
 
@@ -126,11 +127,19 @@ def settings(path: str | Path) -> Settings:
     def text(n: Node, what: str) -> str:
         if n.type != "CLIPTextEncode":
             raise Unsupported(f"--workflow {path}: the {what} comes from {n.type} {n.id}; the harness runs "
-                              "CLIPTextEncode conditioning into the sampler (and, for the negative, "
-                              "ConditioningZeroOut and the timestep ranges of the older SD3 workflows)")
+                              "CLIPTextEncode or CLIPTextEncodeSD3 conditioning into the sampler (and, for the "
+                              "negative, ConditioningZeroOut and the timestep ranges of the older SD3 workflows)")
         return str(n.values.get("text", ""))
 
-    padding = []  # the empty_padding of a CLIPTextEncodeSD3 negative
+    padding = []  # where it matters: each node's empty padding (CLIPTextEncode pads as "empty_prompt")
+
+    def positive(n: Node) -> str | tuple[str, str, str]:
+        if n.type != "CLIPTextEncodeSD3":
+            return text(n, "KSampler's positive")
+        texts = tuple(str(n.values.get(k, "")) for k in ("clip_l", "clip_g", "t5xxl"))
+        if not all(texts):  # an empty text: the node's padding decides its tokens
+            padding.append(str(n.values.get("empty_padding", "none")))
+        return texts[0] if all(texts) and len(set(texts)) == 1 else texts
 
     def empty(n: Node, what: str) -> None:
         if n.type == "CLIPTextEncodeSD3":
@@ -140,6 +149,7 @@ def settings(path: str | Path) -> Settings:
                                   "harness runs the empty negative")
             padding.append(str(n.values.get("empty_padding", "none")))
             return
+        padding.append("empty_prompt")
         t = text(n, what)
         if t != "":
             raise Unsupported(f"--workflow {path}: the negative prompt {t[:40]!r} ({what}); the harness runs the "
@@ -175,14 +185,17 @@ def settings(path: str | Path) -> Settings:
                           f"reproduces samplers {sorted(SAMPLERS)} and schedulers {sorted(SCHEDULERS)}")
     zero = negative(source(k, "negative"))
     try:
-        out = Settings(prompt=text(source(k, "positive"), "KSampler's positive"), seed=int(v["seed"]), steps=int(v["steps"]), guidance=float(v["cfg"]),
+        out = Settings(prompt=positive(source(k, "positive")), seed=int(v["seed"]), steps=int(v["steps"]),
+                       guidance=float(v["cfg"]),
                        flags={"sampler": SAMPLERS[v["sampler_name"]], "schedule": SCHEDULERS[v["scheduler"]]})
         denoise = float(v.get("denoise", 1.0))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"--workflow {path}: KSampler {k.id}: {type(e).__name__} {e}") from None
     out.negative_zero = zero
     if len(set(padding)) > 1:
-        raise Unsupported(f"--workflow {path}: the negative's CLIPTextEncodeSD3 nodes differ in empty_padding")
+        raise Unsupported(f"--workflow {path}: its text encoders pad empty texts differently ({sorted(set(padding))}: "
+                          "CLIPTextEncodeSD3's empty_padding, CLIPTextEncode pads as empty_prompt); the harness runs "
+                          "one rule (--empty-padding)")
     out.empty_padding = padding[0] if padding else "empty_prompt"
     latent = source(k, "latent_image")
     if latent.type == "EmptySD3LatentImage":

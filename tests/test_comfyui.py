@@ -78,6 +78,45 @@ def test_comfyui_profile_is_bitwise_equal_to_comfyui(options, ref_cache, image):
     assert source["sha256"] and source["path"] == COMFYUI
 
 
+# CLIPTextEncodeSD3 on the positive: CLIP-L's, CLIP-G's and T5's texts, its empty_padding, the ids each encoder
+# must receive from that node (77 per sequence; T5's at least 77 long) and the context's length: CLIP-G's one chunk
+# is padded with its empty chunk to CLIP-L's two, and a weighted text adds the empty sequence to its encoder's batch
+SD3_TEXTS = [
+    ((STRADDLE, "a (red:1.2) dog", "a bird"), "empty_prompt", {"clip-l": 2 * 77, "clip-g": 3 * 77, "t5": 77},
+     2 * 77 + 77),
+    (("a cat", "", "a bird"), "empty_prompt", {"clip-l": 77, "clip-g": 77, "t5": 77}, 77 + 77),  # "": the empty prompt
+    (("", "", "a (bird:1.2)"), "none", {"t5": 2 * 77}, 77),  # no CLIP rows, a zero pooled vector
+    (("a cat", "a dog", ""), "none", {"clip-l": 77, "clip-g": 77, "t5": 1}, 77 + 1),  # T5's end token alone
+]
+
+
+@needs_comfyui
+@pytest.mark.parametrize("texts, padding, ids, length", SD3_TEXTS, ids=["chunks-padded", "empty-clip-g", "t5-only",
+                                                                         "empty-t5"])
+def test_per_encoder_texts_are_comfyuis_clip_text_encode_sd3(texts, padding, ids, length, ref_cache):
+    report = comfy(ref_cache, prompts=(texts,), empty_padding=padding, families=("sd3.5-large",))
+    assert report.first_divergence is None and not report.failures
+    got = {r["component"]: r["shape"][0] for r in report.records if r["layer"] == "input_ids"}
+    assert got == ids  # what CLIPTextEncode would not give: the node's own tokens reached both sides
+    contexts = {r["prompt"]: r["shape"][1] for r in report.records if r["layer"] == "context"}
+    assert contexts == {0: length}
+    assert {"mmdit", "sampler", "vae"} <= {r["component"] for r in report.records}
+
+
+@needs_comfyui
+def test_teacher_forcing_follows_comfyuis_separate_cfg_calls(ref_cache):
+    """A context of another length than the negative's (an unpadded T5-only prompt against the unpadded empty
+    negative): ComfyUI calls cond and uncond apart, and so does impl on ComfyUI's inputs, each unit bitwise."""
+    report = comfy(ref_cache, prompts=(("", "", "a (bird:1.2)"),), empty_padding="none", families=("sd3.5-medium",),
+                   mode="both")
+    assert report.records and not report.failures
+    contexts = {r["branch"]: r["shape"][1] for r in report.records if r["layer"] == "input.context" and r["step"] == 0}
+    assert contexts == {"cond": 77, "uncond": 1}
+    finals = {(r["step"], r["branch"]) for r in report.records if r["component"] == "mmdit" and r["layer"] == "final"
+              and r["local"]["bitwise_equal"]}
+    assert finals == {(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")}
+
+
 @needs_other
 @pytest.mark.parametrize("options", [
     {"prompts": ("a photo of a cat", WEIGHTED, LONG)},
@@ -464,6 +503,49 @@ def test_clip_text_encode_sd3_negatives_are_read(tmp_path, capsys, padding):
     path.write_text(json.dumps(w))
     assert main(["check", "--profile", "comfyui", "--workflow", str(path)]) == 3
     assert "has the texts ['', '', 'blurry']" in capsys.readouterr().err
+
+
+def sd3_positive(fmt: str, texts: tuple, padding: str) -> dict:
+    """The test workflow (API or UI format) with its positive a CLIPTextEncodeSD3 node of these texts."""
+    import json
+
+    w = json.loads((DATA / f"workflow-{fmt}.json").read_text())
+    if fmt == "api":
+        w["16"] = {"class_type": "CLIPTextEncodeSD3", "inputs": {**dict(zip(("clip_l", "clip_g", "t5xxl"), texts)),
+                                                                  "empty_padding": padding, "clip": ["4", 1]}}
+    else:
+        node = next(n for n in w["nodes"] if n["id"] == 16)
+        node.update(type="CLIPTextEncodeSD3", widgets_values=[*texts, padding])
+    return w
+
+
+@needs_comfyui
+@pytest.mark.parametrize("fmt", ["api", "ui"])
+def test_clip_text_encode_sd3_positives_are_read(fmt, tmp_path, capsys):
+    import json
+
+    from parity.workflow import settings
+
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(sd3_positive(fmt, ("a fox", "", "a red fox in the snow"), "empty_prompt")))
+    assert (settings(path).prompt, settings(path).empty_padding) == (("a fox", "", "a red fox in the snow"),
+                                                                     "empty_prompt")
+    code = main(["check", "--profile", "comfyui", "--comfyui", COMFYUI, "--family", "sd3.5-medium", "--workflow",
+                 str(path), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["first_divergence"] is None
+    assert out["prompts"] == [["a fox", "", "a red fox in the snow"]]
+    path.write_text(json.dumps(sd3_positive(fmt, ("a fox",) * 3, "none")))  # CLIPTextEncode's, whatever the padding
+    assert (settings(path).prompt, settings(path).empty_padding) == ("a fox", "empty_prompt")
+
+
+def test_positive_and_negative_padding_empty_texts_differently_are_refused(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(sd3_positive("api", ("a fox", "", "a fox"), "none")))  # the negative: CLIPTextEncode
+    assert main(["check", "--profile", "comfyui", "--workflow", str(path)]) == 3
+    assert "pad empty texts differently (['empty_prompt', 'none']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("start, expected", [(None, 0.0), (0.1, 0.1)])

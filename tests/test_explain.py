@@ -32,7 +32,7 @@ def test_three_text_quirks_at_once(capsys):
 
 def test_two_image_quirks_at_once(capsys):
     """fp16 timestep rounding (from step 1: sigma 1 gives exactly 1000 at step 0) and guidance in x0 space
-    together, on one tiny family; each, left out, moves the latent and the image."""
+    together, on one tiny family; each, left out, moves the final latent."""
     code, out = _explain(capsys, "--family", "sd3-medium", "--steps", 2, "--prompt", "a cat",
                          "--flag", "timestep_dtype=float16", "--flag", "cfg_space=x0")
     assert code == 0
@@ -40,7 +40,9 @@ def test_two_image_quirks_at_once(capsys):
     moved = {e["flag"]: e["without_it"] for e in out["effects"]}
     assert moved["timestep_dtype"]["first_divergence"] == "embedded-sd3-medium sampler input.timestep 1 uncond"
     assert moved["cfg_space"]["first_divergence"] == "embedded-sd3-medium sampler x0 0"
-    assert all(m["latent_max_abs"] > 0 and m["image_max_abs"] > 0 for m in moved.values())
+    # the final latent moves; the uint8 image too on some CPUs: cfg_space's 5e-6 latent change leaves every pixel
+    # of this tiny run as it was on an AMD EPYC (Zen 4), and moves one on an Intel Xeon
+    assert all(m["latent_max_abs"] > 0 and m["image_max_abs"] is not None for m in moved.values())
 
 
 @needs_sai

@@ -125,7 +125,8 @@ def test_injected_weight_change_is_located(monkeypatch, capsys):
         "layer": "weight:joint_blocks.1.context_block.mlp.fc2.weight", "step": None, "branch": None, "block": None,
         "stream": None}
     first_op = next(r for r in out["records"] if not r["bitwise_equal"] and not r["layer"].startswith("weight:"))
-    assert (first_op["layer"], first_op["step"], first_op["branch"]) == ("block.1.context.mlp.fc2", 0, "uncond")
+    # in the branch whose products the ulp reaches first: uncond on an Intel Xeon, cond on an AMD EPYC (Zen 4)
+    assert (first_op["layer"], first_op["step"]) == ("block.1.context.mlp.fc2", 0)
 
 
 def test_damaged_cache_is_refused(tmp_path, monkeypatch, capsys):

@@ -39,6 +39,9 @@ def no_work(monkeypatch):
     (["--flag", "sampler=fast"], "--flag sampler: 'fast' is not one of"),
     (["--flag", "uint8=round", "--flag", "uint8=truncate"], "--flag given twice"),
     (["--checkpoint", "/nonexistent.safetensors"], "--checkpoint /nonexistent.safetensors: no such file"),
+    (["--prompt", "a dog", "--prompt-t5", "a bird"], "give exactly one --prompt"),
+    (["--profile", "sai", "--prompt-clip-g", "a dog"], "the SD3.5 code encodes one prompt for the three encoders"),
+    (["--prompt-t5", "", "--empty-padding", "none"], "--empty-padding none: CLIPTextEncodeSD3's unpadded"),
 ])
 def test_bad_options_are_refused_before_any_work(args, message, model_dir, no_work, capsys):
     args = [a.format(model=model_dir) for a in args]

@@ -66,6 +66,7 @@ FLIPS = [
     ("encoder_dtype", "float32", "a cat", "clip-l", "token_embedding"),  # float32 vs the pipeline's bfloat16
     ("text_encoder_storage", "float16", "a cat", "clip-l", "weight:text_model.embeddings.token_embedding.weight"),
     ("attention_kernel", "sub_quad", "a cat", "clip-l", "layers.0.self_attn.out_proj"),  # ComfyUI's CPU kernels
+    ("empty_encoder_text", "empty", ("a cat", "", "a dog"), "clip-g", "input_ids"),  # diffusers: prompt_2 or prompt
 ]
 
 
@@ -77,6 +78,27 @@ def test_flag_flip_changes_output(model_dir, ref_cache, name, value, prompt, com
     fd = report.first_divergence
     assert fd is not None and (fd["component"], fd["layer"]) == (component, layer)
     assert text([prompt], "diffusers", dtype, ref_cache).first_divergence is None  # the flag, not the prompt
+
+
+def test_per_encoder_texts_reach_each_encoder(stack, ref_cache, capsys):
+    """CLIP-L's, CLIP-G's and T5's own texts: diffusers' prompt, prompt_2 and prompt_3, bitwise; each encoder's ids
+    are its own text's; the image run takes them too."""
+    from impl.text import clip_ids, encode_prompt, t5_ids
+
+    texts = ("a photo of a cat", "wow!! a red dog", "an oil painting of a bird")
+    report = text([texts], "diffusers", cache=ref_cache)
+    assert report.first_divergence is None and not report.failures
+    s = F.settings(F.profile_values("diffusers"))
+    ids = encode_prompt(stack, texts, s).ids
+    assert ids["clip-l"] == clip_ids(stack, texts[0], s.clip_l_mode, s.clip_l_pad, s.split)
+    assert ids["clip-g"] == clip_ids(stack, texts[1], s.clip_g_mode, s.clip_g_pad, s.split) != \
+        clip_ids(stack, texts[0], s.clip_g_mode, s.clip_g_pad, s.split)
+    assert ids["t5"] == t5_ids(stack, texts[2], s) != t5_ids(stack, texts[0], s)
+    assert main(["check", "--family", "sd3.5-medium", "--prompt", texts[0], "--prompt-clip-g", texts[1],
+                 "--prompt-t5", texts[2]]) == 0
+    out = capsys.readouterr().out
+    assert "prompt 0: clip-l 'a photo of a cat', clip-g 'wow!! a red dog', t5 'an oil painting of a bird'" in out
+    assert "first divergence: none" in out
 
 
 def test_every_flag_is_flipped_or_has_a_reason():

@@ -5,7 +5,7 @@ ComfyUI (GPL-3.0) is not a dependency and nothing of it is copied here: the user
 
 * text: ``comfy.sd.load_clip`` (the three encoder files, ``CLIPType.SD3``: its ``SD3ClipModel``, its CLIP and T5
   modules, its ``SD3Tokenizer``) or, for a single file holding them, ``load_checkpoint_guess_config``'s CLIP
-  output, then the ``CLIPTextEncode`` node;
+  output, then the ``CLIPTextEncode`` node (``CLIPTextEncodeSD3`` for per-encoder texts and the unpadded negative);
 * image: ``comfy.sd.load_checkpoint_guess_config`` on the SAI single file (its model detection, ``SD3`` model,
   VAE), then the nodes ``EmptySD3LatentImage`` (img2img: ``LoadImage`` on a copy of the picture in its input
   folder, ``VAEEncode``), ``ModelSamplingSD3`` (only with ``--shift``), ``SkipLayerGuidanceSD3`` (with ``--slg``,
@@ -29,7 +29,9 @@ What the harness adapts, at the boundary, none of it computing:
   finds T5-XXL by a 24th block, and with it the T5's dtype and quantization) the third; its VAE configuration
   (``ch``, ``ch_mult``, ``num_res_blocks``, hard-coded in ``comfy/sd.py``) takes the file's; ``get_cond``'s
   ``F.pad(..., 4096 - width)`` pads to the model's T5 width; a T5 whose vocabulary is not T5-XXL's uses the model's
-  ``tokenizer_3`` instead of ComfyUI's bundled T5 tokenizer. Each adaptation made is listed in the report's notes.
+  ``tokenizer_3`` instead of ComfyUI's bundled T5 tokenizer; without CLIP rows (empty unpadded texts) its zero
+  pooled vector, 2048 wide whatever the encoders, is cut to the width of its own CLIP encoders. Each adaptation made
+  is listed in the report's notes.
 
 ComfyUI runs with its defaults otherwise (text-encoder weights in float16, the model and VAE dtypes it picks). The
 run's ``sampler`` and ``schedule`` flags are the ``KSampler`` node's sampler and scheduler.
@@ -393,10 +395,27 @@ def encoders(clip) -> dict:
     return {"clip-l": m.clip_l.transformer, "clip-g": m.clip_g.transformer, "t5": m.t5xxl.transformer}
 
 
-def encode(c: Comfy, clip, prompt: str, width: int):
-    """The ``CLIPTextEncode`` node: its conditioning's (context, pooled)."""
+def encode(c: Comfy, clip, prompt, width: int, padding: str = "empty_prompt", notes: list[str] | None = None):
+    """The ``CLIPTextEncode`` node on one text, or ``CLIPTextEncodeSD3`` on CLIP-L's, CLIP-G's and T5's texts with
+    this ``empty_padding``: its conditioning and that conditioning's (context, pooled). Without CLIP rows (empty
+    texts, no padding) its zero pooled vector is 2048 wide whatever the encoders (``torch.zeros((1, 768 + 1280))``
+    in ``sd3_clip.py``): for encoders of another width (the embedded ones) it is cut to theirs, zeros either way,
+    and the notes say so."""
     with running(c), joint_width(width):
-        cond = _node(c.nodes.CLIPTextEncode().encode(clip, prompt))[0]
+        if isinstance(prompt, str):
+            cond = _node(c.nodes.CLIPTextEncode().encode(clip, prompt))[0]
+        else:
+            cond = _node(c.nodes_sd3.CLIPTextEncodeSD3.execute(clip, *prompt, padding))[0]
+    pooled = cond[0][1]["pooled_output"]
+    own = sum(m.get_input_embeddings().weight.shape[1] for k, m in encoders(clip).items() if k != "t5")
+    if pooled.shape[-1] != own:
+        if pooled.any():
+            raise Unsupported(f"ComfyUI's pooled vector is {pooled.shape[-1]} wide and not zeros; its CLIP "
+                              f"encoders' is {own} wide")
+        cond = [[t, {**d, "pooled_output": d["pooled_output"][..., :own]}] for t, d in cond]
+        if notes is not None:
+            notes.append(f"ComfyUI {prompt!r}: no CLIP rows; its zero pooled vector ({pooled.shape[-1]} wide, the "
+                         f"released encoders') cut to its encoders' {own}")
     return cond, (cond[0][0], cond[0][1]["pooled_output"])
 
 
@@ -499,7 +518,7 @@ class ComfySide:
                              f"{comp} (ComfyUI)")
 
         def run_encode(prompt):
-            cond, out = encode(c, clip, prompt, width)
+            cond, out = encode(c, clip, prompt, width, run.spec.empty_padding, run.notes)
             self._conditioning[prompt] = cond
             return out
         ids_at = {comp: m.get_input_embeddings() for comp, m in mods.items()}
@@ -519,7 +538,7 @@ class ComfySide:
         clip, width = self._clip(c, run)
         for p in (s.prompts[0], ""):
             if p not in self._conditioning:
-                self._conditioning[p] = encode(c, clip, p, width)[0]
+                self._conditioning[p] = encode(c, clip, p, width, s.empty_padding, run.notes)[0]
         patcher, vae = load_image(c, model.single_file, run.dtype, run.notes)
         if s.shift is not None:  # ComfyUI's own shift (its SD3 model config) unless the run names one
             patcher = _node(c.advanced.ModelSamplingSD3().patch(patcher, s.shift))[0]
@@ -554,7 +573,7 @@ class ComfySide:
                 latent = _node(c.nodes.VAEEncode().encode(vae, pixels))[0]
             negative = self._conditioning[""]
             if s.empty_padding == "none":
-                negative = unpadded_negative(c, clip, width, model.mmdit.pooled_dim, run.notes)
+                negative = unpadded_negative(c, clip, width, run.notes)
             if s.negative_zero is not None:
                 negative = zeroed_negative(c, negative, s.negative_zero, run.notes)
             sampled = _node(c.nodes.KSampler().sample(patcher, s.seed, s.steps, s.guidance, sampler, scheduler,
@@ -607,22 +626,10 @@ class ComfySide:
             yield
 
 
-def unpadded_negative(c: Comfy, clip, width: int, pooled_dim: int, notes: list[str]):
-    """The ``CLIPTextEncodeSD3`` node on three empty texts with ``empty_padding="none"``. Its zero pooled vector is
-    2048 wide whatever the encoders (``torch.zeros((1, 768 + 1280))`` in ``sd3_clip.py``): for a model of another
-    pooled width (the embedded ones) it is cut to that width, zeros either way, and the notes say so."""
-    with running(c), joint_width(width):
-        cond = _node(c.nodes_sd3.CLIPTextEncodeSD3.execute(clip, "", "", "", "none"))[0]
+def unpadded_negative(c: Comfy, clip, width: int, notes: list[str]):
+    """The ``CLIPTextEncodeSD3`` node on three empty texts with ``empty_padding="none"`` (``encode``)."""
     notes.append("ComfyUI negative: CLIPTextEncodeSD3 with three empty texts, empty_padding none")
-    pooled = cond[0][1]["pooled_output"]
-    if pooled.shape[-1] != pooled_dim:
-        if pooled.any():
-            raise Unsupported(f"ComfyUI's unpadded empty pooled vector is {pooled.shape[-1]} wide and not zeros; the "
-                              f"model's is {pooled_dim} wide")
-        cond = [[t, {**d, "pooled_output": d["pooled_output"][..., :pooled_dim]}] for t, d in cond]
-        notes.append(f"ComfyUI negative: its zero pooled vector ({pooled.shape[-1]} wide, the released encoders') cut "
-                     f"to the model's {pooled_dim}")
-    return cond
+    return encode(c, clip, ("", "", ""), width, "none", notes)[0]
 
 
 def zeroed_negative(c: Comfy, negative, fraction: float, notes: list[str]):

@@ -256,6 +256,11 @@ def image_pipeline(model, run, img2img: bool, pagers: dict | None = None, text=N
     return pipe
 
 
+def texts(prompt) -> tuple:
+    """``prompt``, ``prompt_2`` (CLIP-G) and ``prompt_3`` (T5) of diffusers' pipeline: None is the prompt."""
+    return (prompt, None, None) if isinstance(prompt, str) else prompt
+
+
 class DiffusersSide:
     name = "diffusers"
     covers = None  # every component
@@ -291,7 +296,7 @@ class DiffusersSide:
             points[comp] = pts
 
         def encode(prompt):
-            context, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
+            context, _, pooled, _ = pipe.encode_prompt(*texts(prompt), do_classifier_free_guidance=False,
                                                        max_sequence_length=run.values["t5_max_length"])
             if run.spec.stream and prompt == run.spec.prompts[0]:  # the image run's: not encoded (paged) twice
                 self._conds[prompt] = context, pooled
@@ -348,7 +353,9 @@ class DiffusersSide:
             given = self._conds.get(s.prompts[0])  # streamed: the text run's encoding of it, by the same encoders
             if given is not None:
                 kwargs.update(prompt_embeds=given[0], pooled_prompt_embeds=given[1])
-            image = pipe(None if given else s.prompts[0], negative_prompt="", height=s.height, width=s.width,
+            else:
+                kwargs.update(zip(("prompt", "prompt_2", "prompt_3"), texts(s.prompts[0])))
+            image = pipe(negative_prompt="", height=s.height, width=s.width,
                          num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="pil",
                          max_sequence_length=run.values["t5_max_length"],
                          generator=torch.Generator("cpu").manual_seed(s.seed), **kwargs).images[0]

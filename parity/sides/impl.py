@@ -278,6 +278,7 @@ class ImplSide:
 
     def text(self, run) -> R.Side:
         from impl.text import encode_prompt
+        from parity.run import unpadded
 
         stack, settings = self.stack(run), run.text
         out_dtype = settings.encoder_dtype or run.dtype
@@ -287,7 +288,8 @@ class ImplSide:
         states = {c: self._pagers[a].state() for c, a in ENCODERS if c in models and a in self._pagers}
 
         def encode(prompt):
-            cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim)
+            cond = encode_prompt(stack, prompt, settings, out_dtype, run.text_model.joint_dim,
+                                 unpadded(run.spec, prompt))
             if run.spec.stream and prompt == run.spec.prompts[0]:  # the image run's: not encoded (paged) twice
                 self._conds[prompt] = cond
             return cond.context, cond.pooled
@@ -301,6 +303,7 @@ class ImplSide:
     def image(self, run, model, init) -> R.Side:
         from impl import sampling
         from impl.pipeline import PipelineSettings, generate
+        from parity.run import unpadded
 
         s, opts = run.spec, run.opts
         form = opts["form"]
@@ -316,7 +319,8 @@ class ImplSide:
         ss = sampler_settings(run, model)
         ps = PipelineSettings(sampler=ss, seed=s.seed, height=s.height, width=s.width, strength=s.strength,
                               uint8=opts["uint8"], autocast=opts["autocast"],
-                              unpadded_negative=s.empty_padding == "none")
+                              unpadded_negative=s.empty_padding == "none",
+                              unpadded_prompt=unpadded(s, s.prompts[0]))
         image, start, plan = None, 0, ss
         if init is not None:  # the layout of each reference's preprocessing (S7)
             to_tensor = sampling.sai_image_to_tensor if form.img2img == "noise_scaling" else sampling.image_to_tensor
