@@ -8,8 +8,8 @@ Goldens live in ``<golden_root>/<test file stem>/<test name>/<tensor name>.safet
 ``golden_root``, default ``tests/goldens``). A mismatch fails the test and writes ``<golden>.obtained`` beside it
 (a missing golden too). Each golden records the CPU it was written on: CPU kernels round differently per
 processor, so on another CPU the check is skipped with both named. ``--golden-update`` rewrites the goldens from what the tests produce and still fails each
-test that changed one, so an update is never silent. After the session, goldens of tests that ran but were not
-checked, and goldens of tests that no longer exist in a collected file, fail the run.
+test that changed one, so an update is never silent. After the session, goldens of tests that ran (and did not
+skip) but were not checked, and goldens of tests that no longer exist in a collected file, fail the run.
 """
 from __future__ import annotations
 
@@ -124,8 +124,13 @@ def golden(request):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    """A test that rewrote goldens fails in its call phase, after all its checks ran."""
-    result = yield
+    """A test that rewrote goldens fails in its call phase, after all its checks ran. A test that skipped (a golden
+    recorded on another CPU) checked only part of its goldens: the rest are not reported as unused."""
+    try:
+        result = yield
+    except pytest.skip.Exception:
+        item.config.stash[_RAN].discard(item.nodeid)
+        raise
     g = getattr(item, "funcargs", {}).get("golden")
     if isinstance(g, Golden) and g.updated:
         pytest.fail(f"goldens updated: {', '.join(g.updated)}; rerun without --golden-update", pytrace=False)

@@ -74,3 +74,4 @@ def test_dtype_and_cpu_of_a_golden(pytester):
     r = _run(pytester, "-rs")
     r.assert_outcomes(skipped=1)
     r.stdout.fnmatch_lines(["*golden a was recorded on another CPU*another one*"])
+    assert r.ret == pytest.ExitCode.OK and "unused goldens" not in r.stdout.str()  # b: not reached, not unused
