@@ -203,15 +203,17 @@ def _explain(args) -> int:
         raise ValueError(f"--between {' '.join(between)}: two profiles of {', '.join(PROFILES)}")
     s = spec_from(args)
 
+    shown = not args.json and sys.stderr.isatty()  # a line redrawn in place: on a terminal only
+
     def progress(n, values):
-        if not args.json:
+        if shown:
             print(f"\r  run {n}: {', '.join(f'{k}={v}' for k, v in values) or 'as given'}"[:100].ljust(100), end="",
                   file=sys.stderr, flush=True)
     if args.html:
         _html_available()
     result = explain(s, between, progress)
     start = result.pop("report")
-    if not args.json:
+    if shown:
         print(file=sys.stderr)
     if args.html:
         from parity.html import render

@@ -16,6 +16,13 @@ def test_nothing_to_explain(capsys):
     assert code == 0 and out["found"] == [] and out["runs"] == 1 and out["verdict"].startswith("nothing to explain")
 
 
+def test_progress_is_drawn_on_a_terminal_only(capsys):
+    """The progress line is redrawn in place with carriage returns: to a file or a pipe it would be noise."""
+    assert main(["explain", "--text-only", "--prompt", "a cat"]) == 0
+    out = capsys.readouterr()
+    assert "run 1" not in out.err and "nothing to explain" in out.out
+
+
 def test_three_text_quirks_at_once(capsys):
     """impl run with three quirks of the SD3.5 code against diffusers: the search names exactly the three values
     that undo them, and each one, left out, leaves its own records failing."""
