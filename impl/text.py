@@ -259,13 +259,19 @@ def encode_prompt(stack: TextStack, prompt: Prompt, s: TextSettings, dtype: torc
         t5_hidden = t5_result(stack.encoder("t5", run_dtype, s.weight_storage)(
             t5_in, attention_mask=mask, attention=s.t5_attention, activation=s.t5_activation), rows, n)
     if not outs:
-        widths = [c.config.projection_dim if projected else c.config.width
-                  for c, projected in ((stack.clip_l, s.clip_l_pooled_projected), (stack.clip_g, True))]
-        t5_rows = t5_hidden.to(dtype)
-        return Conditioning(t5_rows, torch.zeros(1, sum(widths), dtype=dtype), ids, None, None, t5_rows)
+        context, pooled = without_clip(stack, t5_hidden, s, dtype)
+        return Conditioning(context, pooled, ids, None, None, context)
     width = joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
     context, pooled, t5_hidden = conditioning(outs["clip-l"], outs["clip-g"], t5_hidden, s, dtype, width)
     return Conditioning(context, pooled, ids, outs["clip-l"], outs["clip-g"], t5_hidden)
+
+
+def without_clip(stack: TextStack, t5_hidden: Tensor, s: TextSettings, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(context, pooled) in ``dtype`` without CLIP rows: T5's rows alone, and zeros as wide as the CLIP encoders'
+    pooled vector."""
+    widths = [c.config.projection_dim if projected else c.config.width
+              for c, projected in ((stack.clip_l, s.clip_l_pooled_projected), (stack.clip_g, True))]
+    return t5_hidden.to(dtype), torch.zeros(1, sum(widths), dtype=dtype)
 
 
 def conditioning(l_out: ClipOutput, g_out: ClipOutput, t5_hidden: Tensor | None, s: TextSettings, dtype: torch.dtype,

@@ -104,7 +104,7 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
     import torch
 
     from impl.clip import ClipOutput, pooled_index
-    from impl.text import clip_result, conditioning, encoder_rows, t5_result
+    from impl.text import clip_result, conditioning, encoder_rows, t5_result, without_clip
     from parity.run import unpadded
     from parity.sides.impl import ENCODERS, load_stack, streamed_text_stack, text_points
 
@@ -161,9 +161,13 @@ def _text(run, ref: R.Side, rec: R.Recorder) -> None:
         if "clip-l" in outs and "clip-g" in outs and (settings.t5_absent is not None or outs.get("t5") is not None):
             width = run.text_model.joint_dim or (stack.t5.config.d_model if stack.t5 is not None else None)
             context, pooled, _ = conditioning(outs["clip-l"], outs["clip-g"], outs.get("t5"), settings, dtype, width)
-            where = {"model": label, "prompt": pi, "component": "conditioning"}
-            rec.put(context, layer="context", **where)
-            rec.put(pooled, layer="pooled", **where)
+        elif not {"clip-l", "clip-g"} & set(plan) and outs.get("t5") is not None:  # empty unpadded CLIP texts
+            context, pooled = without_clip(stack, outs["t5"], settings, dtype)
+        else:
+            continue
+        where = {"model": label, "prompt": pi, "component": "conditioning"}
+        rec.put(context, layer="context", **where)
+        rec.put(pooled, layer="pooled", **where)
     run.notes.extend(pagers[a].summary(f"impl {c} (teacher forcing)") for c, a in ENCODERS if a in pagers)
 
 

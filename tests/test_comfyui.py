@@ -106,10 +106,13 @@ def test_per_encoder_texts_are_comfyuis_clip_text_encode_sd3(texts, padding, ids
 @needs_comfyui
 def test_teacher_forcing_follows_comfyuis_separate_cfg_calls(ref_cache):
     """A context of another length than the negative's (an unpadded T5-only prompt against the unpadded empty
-    negative): ComfyUI calls cond and uncond apart, and so does impl on ComfyUI's inputs, each unit bitwise."""
+    negative): ComfyUI calls cond and uncond apart, and so does impl on ComfyUI's inputs, each unit bitwise (the
+    T5-only conditioning too)."""
     report = comfy(ref_cache, prompts=(("", "", "a (bird:1.2)"),), empty_padding="none", families=("sd3.5-medium",),
                    mode="both")
     assert report.records and not report.failures
+    assert all(r["local"]["bitwise_equal"] for r in report.records), [r["layer"] for r in report.records
+                                                                      if not r.get("local", {}).get("bitwise_equal")]
     contexts = {r["branch"]: r["shape"][1] for r in report.records if r["layer"] == "input.context" and r["step"] == 0}
     assert contexts == {"cond": 77, "uncond": 1}
     finals = {(r["step"], r["branch"]) for r in report.records if r["component"] == "mmdit" and r["layer"] == "final"
