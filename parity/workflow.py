@@ -137,8 +137,9 @@ def settings(path: str | Path) -> Settings:
         if n.type != "CLIPTextEncodeSD3":
             return text(n, "KSampler's positive")
         texts = tuple(str(n.values.get(k, "")) for k in ("clip_l", "clip_g", "t5xxl"))
-        if not all(texts):  # an empty text: the node's padding decides its tokens
-            padding.append(str(n.values.get("empty_padding", "none")))
+        if not texts[2] or not (texts[0] or texts[1]):  # the node's padding decides the tokens of an empty T5
+            padding.append(str(n.values.get("empty_padding", "none")))  # text or two empty CLIP texts (one is
+            #                                       padded to the other's chunks with its empty prompt either way)
         return texts[0] if all(texts) and len(set(texts)) == 1 else texts
 
     def empty(n: Node, what: str) -> None:

@@ -85,14 +85,15 @@ SD3_TEXTS = [
     ((STRADDLE, "a (red:1.2) dog", "a bird"), "empty_prompt", {"clip-l": 2 * 77, "clip-g": 3 * 77, "t5": 77},
      2 * 77 + 77),
     (("a cat", "", "a bird"), "empty_prompt", {"clip-l": 77, "clip-g": 77, "t5": 77}, 77 + 77),  # "": the empty prompt
+    (("", "a dog", "a bird"), "none", {"clip-l": 77, "clip-g": 77, "t5": 77}, 77 + 77),  # no tokens, padded to 1 chunk
     (("", "", "a (bird:1.2)"), "none", {"t5": 2 * 77}, 77),  # no CLIP rows, a zero pooled vector
     (("a cat", "a dog", ""), "none", {"clip-l": 77, "clip-g": 77, "t5": 1}, 77 + 1),  # T5's end token alone
 ]
 
 
 @needs_comfyui
-@pytest.mark.parametrize("texts, padding, ids, length", SD3_TEXTS, ids=["chunks-padded", "empty-clip-g", "t5-only",
-                                                                         "empty-t5"])
+@pytest.mark.parametrize("texts, padding, ids, length", SD3_TEXTS, ids=["chunks-padded", "empty-clip-g",
+                                                                         "unpadded-clip-l", "t5-only", "empty-t5"])
 def test_per_encoder_texts_are_comfyuis_clip_text_encode_sd3(texts, padding, ids, length, ref_cache):
     report = comfy(ref_cache, prompts=(texts,), empty_padding=padding, families=("sd3.5-large",))
     assert report.first_divergence is None and not report.failures
@@ -540,13 +541,17 @@ def test_clip_text_encode_sd3_positives_are_read(fmt, tmp_path, capsys):
     assert out["prompts"] == [["a fox", "", "a red fox in the snow"]]
     path.write_text(json.dumps(sd3_positive(fmt, ("a fox",) * 3, "none")))  # CLIPTextEncode's, whatever the padding
     assert (settings(path).prompt, settings(path).empty_padding) == ("a fox", "empty_prompt")
+    # one empty CLIP text is padded to the other's chunks with its empty prompt whatever the padding: the
+    # CLIPTextEncode negative's rule runs it
+    path.write_text(json.dumps(sd3_positive(fmt, ("", "a fox", "a fox"), "none")))
+    assert (settings(path).prompt, settings(path).empty_padding) == (("", "a fox", "a fox"), "empty_prompt")
 
 
 def test_positive_and_negative_padding_empty_texts_differently_are_refused(tmp_path, capsys):
     import json
 
     path = tmp_path / "w.json"
-    path.write_text(json.dumps(sd3_positive("api", ("a fox", "", "a fox"), "none")))  # the negative: CLIPTextEncode
+    path.write_text(json.dumps(sd3_positive("api", ("a fox", "a fox", ""), "none")))  # the negative: CLIPTextEncode
     assert main(["check", "--profile", "comfyui", "--workflow", str(path)]) == 3
     assert "pad empty texts differently (['empty_prompt', 'none']" in capsys.readouterr().err
 
